@@ -1,0 +1,708 @@
+//! Configuration: TOML in, a validated [`Config`] out.
+//!
+//! Every key is declared once, in [`KEYS`], with its type, default and
+//! meaning. The loader accepts only those keys, and reports every problem in
+//! a file at once, each with its path (`registry[1].endpoint: ...`), rather
+//! than stopping at the first. `docs/configuration.md` embeds
+//! [`reference_markdown`], and a test keeps the two equal.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+use url::Url;
+
+/// One documented configuration key.
+pub struct Key {
+    pub path: &'static str,
+    pub kind: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every key damselfly accepts, in the order the reference lists them.
+pub const KEYS: &[Key] = &[
+    Key {
+        path: "mirror.listen",
+        kind: "address",
+        default: "127.0.0.1:4001",
+        doc: "Where the registry mirror listens. containerd's hosts.toml points here.",
+    },
+    Key {
+        path: "mirror.default_registry",
+        kind: "string",
+        default: "(none)",
+        doc: "Registry used for requests that carry no `?ns=`. Must name a `[[registry]]` host. Without it such requests get a 400.",
+    },
+    Key {
+        path: "mirror.tag_stale_for",
+        kind: "duration",
+        default: "15m",
+        doc: "How long the last good answer for a tag may be served while the origin is unreachable. `0s` turns the fallback off.",
+    },
+    Key {
+        path: "mirror.max_header_size",
+        kind: "size",
+        default: "16KiB",
+        doc: "Largest total size of a request's headers; larger requests get a 431.",
+    },
+    Key {
+        path: "mirror.drain_timeout",
+        kind: "duration",
+        default: "10s",
+        doc: "On SIGTERM, how long in-flight requests may finish before they are cut.",
+    },
+    Key {
+        path: "store.dir",
+        kind: "path",
+        default: "/var/lib/damselfly as root, else $XDG_CACHE_HOME/damselfly or ~/.cache/damselfly",
+        doc: "The content-addressed cache. Blobs live in `blobs/sha256/<hex>`.",
+    },
+    Key {
+        path: "store.max_size",
+        kind: "size",
+        default: "100GiB",
+        doc: "Quota for committed blobs. Least recently used blobs are evicted past it; blobs being read are never evicted.",
+    },
+    Key {
+        path: "telemetry.listen",
+        kind: "address",
+        default: "127.0.0.1:4002",
+        doc: "Serves `/metrics` (Prometheus), `/healthz` and `/readyz`.",
+    },
+    Key {
+        path: "telemetry.log_format",
+        kind: "\"text\" or \"json\"",
+        default: "text",
+        doc: "Log line format on stderr.",
+    },
+    Key {
+        path: "telemetry.log_level",
+        kind: "filter",
+        default: "info",
+        doc: "A tracing filter such as `info` or `damselfly=debug`. `RUST_LOG` overrides it.",
+    },
+    Key {
+        path: "origin.connect_timeout",
+        kind: "duration",
+        default: "5s",
+        doc: "TCP and TLS connect timeout towards origin registries.",
+    },
+    Key {
+        path: "origin.read_timeout",
+        kind: "duration",
+        default: "30s",
+        doc: "A response that sends nothing for this long counts as broken; blob downloads then resume with `Range`.",
+    },
+    Key {
+        path: "origin.retries",
+        kind: "integer",
+        default: "5",
+        doc: "Retries for an idempotent origin request (with exponential backoff from 100ms, capped at 2s).",
+    },
+    Key {
+        path: "registry[].host",
+        kind: "string",
+        default: "(required)",
+        doc: "The registry name containerd sends as `?ns=`, with its port if it has one. With no `[[registry]]` at all, any registry is mirrored over HTTPS.",
+    },
+    Key {
+        path: "registry[].endpoint",
+        kind: "URL",
+        default: "https://<host>; docker.io maps to https://registry-1.docker.io",
+        doc: "Where the registry really is. `http://` for plain-HTTP registries.",
+    },
+    Key {
+        path: "registry[].username",
+        kind: "string",
+        default: "(none)",
+        doc: "Credentials for basic auth or the token flow. Needs `password_file`. A puller's own `Authorization` header wins over them.",
+    },
+    Key {
+        path: "registry[].password_file",
+        kind: "path",
+        default: "(none)",
+        doc: "File holding the password (trailing newline ignored). Read once at start-up.",
+    },
+    Key {
+        path: "registry[].ca_file",
+        kind: "path",
+        default: "(none)",
+        doc: "Extra PEM CA certificates trusted for this registry, on top of the system and webpki roots.",
+    },
+];
+
+/// The validated configuration. Every field is filled; defaults were applied
+/// at load time.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mirror: MirrorConfig,
+    pub store: StoreConfig,
+    pub telemetry: TelemetryConfig,
+    pub origin: OriginConfig,
+    /// Empty means: mirror any registry over HTTPS.
+    pub registries: Vec<RegistryConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub listen: SocketAddr,
+    pub default_registry: Option<String>,
+    pub tag_stale_for: Duration,
+    pub max_header_size: u64,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+    /// Bytes.
+    pub max_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub retries: u32,
+}
+
+#[derive(Clone)]
+pub struct RegistryConfig {
+    pub host: String,
+    pub endpoint: Url,
+    pub credentials: Option<Credentials>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Basic credentials. The password never appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("host", &self.host)
+            .field("endpoint", &self.endpoint.as_str())
+            .field("credentials", &self.credentials)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// One problem in a config file, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", issues.len(), render_issues(issues))]
+    Invalid { path: PathBuf, issues: Vec<Issue> },
+}
+
+fn render_issues(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  {}: {}", i.path, i.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// The built-in defaults, as used when no config file is given. They
+    /// go through the same validation as a file (an empty one).
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Config::parse("", Path::new("<built-in defaults>"))
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text. `origin` names the file in errors, and relative
+    /// paths inside it (`password_file`, `ca_file`) resolve against its folder.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let base = origin.parent().unwrap_or(Path::new("."));
+        Config::from_table(&table, base).map_err(|issues| ConfigError::Invalid {
+            path: origin.to_owned(),
+            issues,
+        })
+    }
+
+    fn from_table(root: &Table, base: &Path) -> Result<Config, Vec<Issue>> {
+        let mut v = Validator {
+            issues: Vec::new(),
+            base: base.to_owned(),
+        };
+        let sections: HashSet<&str> = KEYS
+            .iter()
+            .map(|k| section_of(k.path).trim_end_matches("[]"))
+            .collect();
+        for key in root.keys() {
+            if !sections.contains(key.as_str()) {
+                v.issue(key, "unknown section or key");
+            }
+        }
+        let empty = Table::new();
+        let mirror = v.section(root, "mirror").unwrap_or(&empty);
+        let store = v.section(root, "store").unwrap_or(&empty);
+        let telemetry = v.section(root, "telemetry").unwrap_or(&empty);
+        let origin = v.section(root, "origin").unwrap_or(&empty);
+
+        let mirror_cfg = MirrorConfig {
+            listen: v.addr(mirror, "mirror", "listen", "127.0.0.1:4001"),
+            default_registry: v.opt_string(mirror, "mirror", "default_registry"),
+            tag_stale_for: v.duration(mirror, "mirror", "tag_stale_for", "15m"),
+            max_header_size: v.size(mirror, "mirror", "max_header_size", "16KiB"),
+            drain_timeout: v.duration(mirror, "mirror", "drain_timeout", "10s"),
+        };
+        let store_cfg = StoreConfig {
+            dir: v
+                .opt_path(store, "store", "dir")
+                .unwrap_or_else(default_store_dir),
+            max_size: v.size(store, "store", "max_size", "100GiB"),
+        };
+        let log_format = match v.opt_string(telemetry, "telemetry", "log_format").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                v.issue(
+                    "telemetry.log_format",
+                    &format!("must be \"text\" or \"json\", not {other:?}"),
+                );
+                LogFormat::Text
+            }
+        };
+        let telemetry_cfg = TelemetryConfig {
+            listen: v.addr(telemetry, "telemetry", "listen", "127.0.0.1:4002"),
+            log_format,
+            log_level: v
+                .opt_string(telemetry, "telemetry", "log_level")
+                .unwrap_or_else(|| "info".into()),
+        };
+        let origin_cfg = OriginConfig {
+            connect_timeout: v.duration(origin, "origin", "connect_timeout", "5s"),
+            read_timeout: v.duration(origin, "origin", "read_timeout", "30s"),
+            retries: v.integer(origin, "origin", "retries", 5, 0..=100) as u32,
+        };
+        let registries = v.registries(root);
+
+        if let Some(default) = &mirror_cfg.default_registry {
+            if !registries.iter().any(|r| &r.host == default) {
+                v.issue(
+                    "mirror.default_registry",
+                    &format!("{default:?} is not the host of any [[registry]]"),
+                );
+            }
+        }
+        if mirror_cfg.listen == telemetry_cfg.listen {
+            v.issue(
+                "telemetry.listen",
+                "must differ from mirror.listen (both are HTTP servers)",
+            );
+        }
+        if store_cfg.max_size == 0 {
+            v.issue("store.max_size", "must be larger than zero");
+        }
+
+        if v.issues.is_empty() {
+            Ok(Config {
+                mirror: mirror_cfg,
+                store: store_cfg,
+                telemetry: telemetry_cfg,
+                origin: origin_cfg,
+                registries,
+            })
+        } else {
+            Err(v.issues)
+        }
+    }
+
+    /// The registry config for a `?ns=` value, or `None` when it is not
+    /// mirrored. With no registries configured, any syntactically valid host
+    /// is mirrored over HTTPS.
+    pub fn registry_for(&self, ns: &str) -> Option<RegistryConfig> {
+        if self.registries.is_empty() {
+            valid_host(ns).ok()?;
+            return Some(RegistryConfig {
+                host: ns.to_owned(),
+                endpoint: default_endpoint(ns)?,
+                credentials: None,
+                ca_file: None,
+            });
+        }
+        self.registries.iter().find(|r| r.host == ns).cloned()
+    }
+}
+
+fn section_of(path: &str) -> &str {
+    path.split_once('.').map_or(path, |(s, _)| s)
+}
+
+/// Where registry `host` really lives when no endpoint is configured.
+pub fn default_endpoint(host: &str) -> Option<Url> {
+    let real = if host == "docker.io" {
+        "registry-1.docker.io"
+    } else {
+        host
+    };
+    Url::parse(&format!("https://{real}")).ok()
+}
+
+/// `host` or `host:port`, as containerd sends in `?ns=`.
+pub fn valid_host(host: &str) -> Result<(), String> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (host, None),
+    };
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("invalid port in {host:?}"));
+        }
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("invalid registry host {host:?}"));
+    }
+    Ok(())
+}
+
+fn default_store_dir() -> PathBuf {
+    if running_as_root() {
+        return PathBuf::from("/var/lib/damselfly");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("damselfly");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache/damselfly"),
+        None => std::env::temp_dir().join("damselfly"),
+    }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the process's effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Collects issues while it converts raw TOML values.
+struct Validator {
+    issues: Vec<Issue>,
+    base: PathBuf,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &str, message: &str) {
+        self.issues.push(Issue {
+            path: path.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+
+    fn section<'a>(&mut self, root: &'a Table, name: &str) -> Option<&'a Table> {
+        match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => {
+                self.check_keys(t, name, name);
+                Some(t)
+            }
+            Some(_) => {
+                self.issue(name, "must be a table ([section])");
+                None
+            }
+        }
+    }
+
+    /// Reports keys of `table` that KEYS does not declare under `schema`.
+    fn check_keys(&mut self, table: &Table, schema: &str, shown: &str) {
+        let prefix = format!("{schema}.");
+        for key in table.keys() {
+            let full = format!("{prefix}{key}");
+            if !KEYS.iter().any(|k| k.path == full) {
+                self.issue(&format!("{shown}.{key}"), "unknown key");
+            }
+        }
+    }
+
+    fn opt_string(&mut self, t: &Table, section: &str, key: &str) -> Option<String> {
+        match t.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.issue(
+                    &format!("{section}.{key}"),
+                    &format!("must be a string, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn opt_path(&mut self, t: &Table, section: &str, key: &str) -> Option<PathBuf> {
+        let s = self.opt_string(t, section, key)?;
+        if s.is_empty() {
+            self.issue(&format!("{section}.{key}"), "must not be empty");
+            return None;
+        }
+        let p = PathBuf::from(s);
+        Some(if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        })
+    }
+
+    fn addr(&mut self, t: &Table, section: &str, key: &str, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some(s) = self.opt_string(t, section, key) else {
+            return fallback;
+        };
+        s.parse().unwrap_or_else(|_| {
+            self.issue(
+                &format!("{section}.{key}"),
+                &format!("{s:?} is not an IP:port address"),
+            );
+            fallback
+        })
+    }
+
+    fn duration(&mut self, t: &Table, section: &str, key: &str, default: &str) -> Duration {
+        let parse = |s: &str| humantime::parse_duration(s);
+        let fallback = parse(default).unwrap_or_default();
+        let Some(s) = self.opt_string(t, section, key) else {
+            return fallback;
+        };
+        parse(&s).unwrap_or_else(|e| {
+            self.issue(
+                &format!("{section}.{key}"),
+                &format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"),
+            );
+            fallback
+        })
+    }
+
+    fn size(&mut self, t: &Table, section: &str, key: &str, default: &str) -> u64 {
+        let parse = |s: &str| s.parse::<bytesize::ByteSize>().map(|b| b.as_u64());
+        let fallback = parse(default).unwrap_or_default();
+        match t.get(key) {
+            None => fallback,
+            Some(Value::Integer(n)) if *n >= 0 => *n as u64,
+            Some(Value::String(s)) => parse(s).unwrap_or_else(|e| {
+                self.issue(
+                    &format!("{section}.{key}"),
+                    &format!("{s:?} is not a size like \"512MiB\" or \"100GiB\": {e}"),
+                );
+                fallback
+            }),
+            Some(other) => {
+                self.issue(
+                    &format!("{section}.{key}"),
+                    &format!(
+                        "must be a size string or a byte count, not {}",
+                        other.type_str()
+                    ),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &Table,
+        section: &str,
+        key: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
+        match t.get(key) {
+            None => default,
+            Some(Value::Integer(n)) if range.contains(n) => *n,
+            Some(other) => {
+                self.issue(
+                    &format!("{section}.{key}"),
+                    &format!(
+                        "must be an integer in {}..={}, got {other}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn registries(&mut self, root: &Table) -> Vec<RegistryConfig> {
+        let items = match root.get("registry") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.issue("registry", "must be an array of tables ([[registry]])");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("registry[{i}]");
+            let Value::Table(t) = item else {
+                self.issue(&at, "must be a table");
+                continue;
+            };
+            self.check_keys(t, "registry[]", &at);
+            let Some(host) = self.opt_string(t, &at, "host") else {
+                if !t.contains_key("host") {
+                    self.issue(&format!("{at}.host"), "is required");
+                }
+                continue;
+            };
+            if let Err(e) = valid_host(&host) {
+                self.issue(&format!("{at}.host"), &e);
+                continue;
+            }
+            if !seen.insert(host.clone()) {
+                self.issue(&format!("{at}.host"), &format!("{host:?} is listed twice"));
+            }
+            let endpoint = match self.opt_string(t, &at, "endpoint") {
+                None => default_endpoint(&host),
+                Some(s) => match Url::parse(&s) {
+                    Ok(u)
+                        if matches!(u.scheme(), "http" | "https")
+                            && u.host_str().is_some()
+                            && u.path() == "/"
+                            && u.query().is_none()
+                            && u.username().is_empty() =>
+                    {
+                        Some(u)
+                    }
+                    Ok(_) => {
+                        self.issue(
+                            &format!("{at}.endpoint"),
+                            &format!("{s:?} must be http(s)://host[:port] with no path, query or user"),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.issue(&format!("{at}.endpoint"), &format!("{s:?}: {e}"));
+                        None
+                    }
+                },
+            };
+            let username = self.opt_string(t, &at, "username");
+            let password_file = self.opt_path(t, &at, "password_file");
+            let credentials = match (username, password_file) {
+                (Some(username), Some(file)) => match std::fs::read_to_string(&file) {
+                    Ok(p) => Some(Credentials {
+                        username,
+                        password: p.trim_end_matches(['\r', '\n']).to_owned(),
+                    }),
+                    Err(e) => {
+                        self.issue(
+                            &format!("{at}.password_file"),
+                            &format!("cannot read {}: {e}", file.display()),
+                        );
+                        None
+                    }
+                },
+                (Some(_), None) => {
+                    self.issue(&format!("{at}.password_file"), "is required with username");
+                    None
+                }
+                (None, Some(_)) => {
+                    self.issue(&format!("{at}.username"), "is required with password_file");
+                    None
+                }
+                (None, None) => None,
+            };
+            let ca_file = self.opt_path(t, &at, "ca_file");
+            if let Some(ca) = &ca_file {
+                if let Err(e) = std::fs::metadata(ca) {
+                    self.issue(
+                        &format!("{at}.ca_file"),
+                        &format!("cannot read {}: {e}", ca.display()),
+                    );
+                }
+            }
+            if let Some(endpoint) = endpoint {
+                out.push(RegistryConfig {
+                    host,
+                    endpoint,
+                    credentials,
+                    ca_file,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The configuration reference, generated from [`KEYS`].
+pub fn reference_markdown() -> String {
+    let mut out = String::from("| key | type | default | meaning |\n|---|---|---|---|\n");
+    for k in KEYS {
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            k.path,
+            k.kind.replace('|', "\\|"),
+            k.default,
+            k.doc
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/damselfly/test.toml"))
+}
+
+fn issues(text: &str) -> Vec<Issue> {
+    match parse(text) {
+        Err(ConfigError::Invalid { issues, .. }) => issues,
+        other => panic!("expected validation issues, got {other:?}"),
+    }
+}
+
+#[test]
+fn defaults_validate() {
+    let c = Config::defaults().unwrap();
+    assert_eq!(c.mirror.listen, "127.0.0.1:4001".parse().unwrap());
+    assert_eq!(c.telemetry.listen, "127.0.0.1:4002".parse().unwrap());
+    assert_eq!(c.store.max_size, 100 << 30);
+    assert_eq!(c.mirror.tag_stale_for, Duration::from_secs(900));
+    assert_eq!(c.origin.retries, 5);
+    assert!(c.registries.is_empty());
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_its_path() {
+    let got = issues(
+        r#"
+        colour = "blue"
+        [mirror]
+        listen = "nowhere"
+        tag_stale_for = "soon"
+        [store]
+        max_size = "lots"
+        extra = 1
+        [telemetry]
+        log_format = "xml"
+        [origin]
+        retries = -1
+        [[registry]]
+        endpoint = "ftp://x"
+        [[registry]]
+        host = "a.test"
+        endpoint = "http://127.0.0.1:5000/path"
+        username = "u"
+        [[registry]]
+        host = "a.test"
+        bogus = true
+        "#,
+    );
+    let paths: Vec<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    for want in [
+        "colour",
+        "mirror.listen",
+        "mirror.tag_stale_for",
+        "store.max_size",
+        "store.extra",
+        "telemetry.log_format",
+        "origin.retries",
+        "registry[0].host",
+        "registry[1].endpoint",
+        "registry[1].password_file",
+        "registry[2].host",
+        "registry[2].bogus",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}
+
+#[test]
+fn error_message_lists_each_issue() {
+    let err = parse("[mirror]\nlisten = 1\nnope = 2\n").unwrap_err().to_string();
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(err.contains("mirror.listen: must be a string, not integer"), "{err}");
+    assert!(err.contains("mirror.nope: unknown key"), "{err}");
+}
+
+#[test]
+fn syntax_errors_name_the_file() {
+    let err = parse("[mirror\n").unwrap_err().to_string();
+    assert!(err.contains("/etc/damselfly/test.toml is not valid TOML"), "{err}");
+}
+
+#[test]
+fn registries_and_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let cfg = Config::parse(
+        r#"
+        [mirror]
+        default_registry = "origin.test:5000"
+        [[registry]]
+        host = "origin.test:5000"
+        endpoint = "http://127.0.0.1:5000"
+        username = "bob"
+        password_file = "pw"
+        [[registry]]
+        host = "docker.io"
+        "#,
+        &dir.path().join("damselfly.toml"),
+    )
+    .unwrap();
+    let r = cfg.registry_for("origin.test:5000").unwrap();
+    assert_eq!(r.endpoint.as_str(), "http://127.0.0.1:5000/");
+    assert_eq!(r.credentials.as_ref().unwrap().password, "s3cret");
+    assert!(!format!("{r:?}").contains("s3cret"));
+    let d = cfg.registry_for("docker.io").unwrap();
+    assert_eq!(d.endpoint.as_str(), "https://registry-1.docker.io/");
+    assert!(cfg.registry_for("evil.test").is_none());
+}
+
+#[test]
+fn no_registries_means_any_host_over_https() {
+    let cfg = Config::defaults().unwrap();
+    let r = cfg.registry_for("quay.io").unwrap();
+    assert_eq!(r.endpoint.as_str(), "https://quay.io/");
+    assert!(cfg.registry_for("bad host").is_none());
+    assert!(cfg.registry_for("a.test:0").is_none());
+    assert!(cfg.registry_for("a.test:99999").is_none());
+}
+
+#[test]
+fn default_registry_must_exist() {
+    let got = issues("[mirror]\ndefault_registry = \"x.test\"\n");
+    assert_eq!(got[0].path, "mirror.default_registry");
+}
+
+#[test]
+fn sizes_accept_strings_and_integers() {
+    let c = parse("[store]\nmax_size = 1048576\n").unwrap();
+    assert_eq!(c.store.max_size, 1 << 20);
+    let c = parse("[store]\nmax_size = \"2GiB\"\n").unwrap();
+    assert_eq!(c.store.max_size, 2 << 30);
+}
+
+/// The reference in docs/configuration.md is generated from KEYS; this keeps
+/// the two equal, and keeps the doc's full example valid and complete.
+#[test]
+fn docs_reference_matches_keys() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    assert!(
+        doc.contains(&reference_markdown()),
+        "docs/configuration.md is out of date: paste the output of \
+         `damselfly config reference` between the markers"
+    );
+    let example = doc
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/configuration.md has a ```toml example");
+    // The example names files that do not exist here, so only unknown keys
+    // and type errors count, not unreadable files.
+    let table: Table = example.parse().unwrap();
+    for key in KEYS {
+        let (section, field) = key.path.split_once('.').unwrap();
+        let present = match table.get(section.trim_end_matches("[]")) {
+            Some(Value::Table(t)) => t.contains_key(field),
+            Some(Value::Array(a)) => a
+                .iter()
+                .any(|t| t.as_table().is_some_and(|t| t.contains_key(field))),
+            _ => false,
+        };
+        assert!(present, "the example in docs/configuration.md lacks {}", key.path);
+    }
+    if let Err(ConfigError::Invalid { issues, .. }) = Config::parse(example, &doc_path) {
+        let real: Vec<_> = issues
+            .iter()
+            .filter(|i| !i.message.starts_with("cannot read"))
+            .collect();
+        assert!(real.is_empty(), "example has issues: {real:?}");
+    }
+}

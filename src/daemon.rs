@@ -1,0 +1,100 @@
+//! Wires the parts together and owns the daemon's lifetime.
+
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::origin::{Origin, OriginError};
+use crate::registry::{self, Mirror};
+use crate::store::{Store, StoreError};
+use crate::telemetry::{self, Health, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot open the store at {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Listen(std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` fires, then drains and returns.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let (store, recovery) =
+        Store::open(&cfg.store.dir, cfg.store.max_size).map_err(|source| DaemonError::Store {
+            dir: cfg.store.dir.clone(),
+            source,
+        })?;
+    tracing::info!(dir = %cfg.store.dir.display(), blobs = recovery.blobs, bytes = recovery.bytes,
+        partials = recovery.partials, removed = recovery.removed, "store opened");
+
+    let prom = Registry::new();
+    let metrics = Metrics::new(&prom)?;
+    let usage = store.usage();
+    metrics.store_bytes.set(usage.bytes as i64);
+    metrics.store_blobs.set(usage.blobs as i64);
+    metrics.store_max_bytes.set(usage.max_size as i64);
+
+    let origin = Origin::new(&cfg, metrics.clone())?;
+    let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone());
+    let mirror = Mirror::new(&cfg, fetcher, metrics);
+
+    let mirror_listener = telemetry::bind(cfg.mirror.listen, "the mirror")
+        .await
+        .map_err(DaemonError::Listen)?;
+    let telemetry_listener = telemetry::bind(cfg.telemetry.listen, "telemetry")
+        .await
+        .map_err(DaemonError::Listen)?;
+    let health = Health::default();
+    let telemetry_stop = CancellationToken::new();
+    let telemetry_task = tokio::spawn(telemetry::serve(
+        telemetry_listener,
+        prom,
+        health.clone(),
+        telemetry_stop.clone(),
+    ));
+
+    let registries: Vec<&str> = cfg.registries.iter().map(|r| r.host.as_str()).collect();
+    tracing::info!(
+        mirror = %mirror_listener.local_addr().map_err(DaemonError::Listen)?,
+        telemetry = %cfg.telemetry.listen,
+        registries = ?registries,
+        "damselfly ready"
+    );
+    health.set_ready(true);
+
+    let serve_stop = shutdown.clone();
+    let not_ready = health.clone();
+    tokio::spawn(async move {
+        serve_stop.cancelled().await;
+        not_ready.set_ready(false);
+    });
+    registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
+    telemetry_stop.cancel();
+    let _ = telemetry_task.await;
+    tracing::info!("damselfly stopped");
+    Ok(())
+}
+
+/// Fires `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}

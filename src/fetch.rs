@@ -1,0 +1,667 @@
+//! The fetch engine: where a blob or manifest comes from.
+//!
+//! A blob is served from the store when it is there. Otherwise the request
+//! joins the one download of that digest on this node (single flight), or
+//! starts it. The download writes to `tmp/<hex>.partial`, hashing as it
+//! goes, and publishes its progress on a watch channel. Every reader streams
+//! from that growing file, so the first byte goes out long before the blob is
+//! complete. The last byte of a blob is held back until the digest has been
+//! checked and the blob committed: a client can never receive a complete
+//! body whose content is wrong. When a download fails, readers see their
+//! connection end early; the partial file stays, and the next request
+//! re-hashes it and resumes with `Range`.
+
+mod manifest;
+mod tags;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::oci::Digest;
+use crate::origin::{self, Origin, OriginError, Upstream};
+use crate::store::{Lease, Store, StoreError};
+use crate::telemetry::Metrics;
+
+pub use manifest::Manifest;
+
+/// Bytes written to disk (and hashed) per batch while downloading.
+const WRITE_BATCH: usize = 1 << 20;
+/// Bytes per frame sent to a client.
+const READ_CHUNK: u64 = 512 << 10;
+const RESUME_BACKOFF_START: Duration = Duration::from_millis(200);
+const RESUME_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("content from the origin does not match {expected}: got {actual}")]
+    DigestMismatch { expected: Digest, actual: String },
+    #[error("origin sent {got} bytes for {digest}, more than the {expected} it announced")]
+    Oversized {
+        digest: Digest,
+        expected: u64,
+        got: u64,
+    },
+    #[error("origin's answer for {what} is unusable: {reason}")]
+    BadOriginResponse { what: String, reason: String },
+    #[error("download of {digest} failed after {attempts} attempts: {last}")]
+    Exhausted {
+        digest: Digest,
+        attempts: u32,
+        last: String,
+    },
+    #[error("manifest is larger than {limit} bytes")]
+    ManifestTooLarge { limit: u64 },
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("download of {0} was abandoned")]
+    Abandoned(Digest),
+    /// A download's failure, as seen by each request that waited on it.
+    #[error(transparent)]
+    Shared(Arc<FetchError>),
+}
+
+impl FetchError {
+    /// The underlying error, through any sharing.
+    pub fn root(&self) -> &FetchError {
+        match self {
+            FetchError::Shared(e) => e.root(),
+            e => e,
+        }
+    }
+}
+
+/// Where the bytes of an answer came from, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Local,
+    Origin,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Origin => "origin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// The blob's size, known once the origin answered.
+    total: Option<u64>,
+    /// Bytes on disk in the partial file.
+    written: u64,
+    /// Set once: committed, or failed.
+    done: Option<Result<(), Arc<FetchError>>>,
+}
+
+/// One download in flight.
+struct Download {
+    digest: Digest,
+    progress: watch::Sender<Progress>,
+    /// A read handle on the partial file. It stays valid across the rename
+    /// that commits the blob.
+    file: Arc<File>,
+}
+
+/// A blob ready to stream: its size and where its bytes come from.
+pub struct Blob {
+    pub size: u64,
+    pub source: Source,
+    body: BlobBody,
+}
+
+enum BlobBody {
+    Local { file: Arc<File>, lease: Lease },
+    Growing(Arc<Download>),
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    origin: Origin,
+    metrics: Metrics,
+    retries: u32,
+    inflight: Mutex<HashMap<Digest, Arc<Download>>>,
+    tags: tags::TagCache,
+}
+
+impl Fetcher {
+    pub fn new(cfg: &Config, store: Store, origin: Origin, metrics: Metrics) -> Fetcher {
+        Fetcher {
+            inner: Arc::new(Inner {
+                tags: tags::TagCache::new(store.tags_dir(), cfg.mirror.tag_stale_for),
+                store,
+                origin,
+                metrics,
+                retries: cfg.origin.retries,
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.inner.origin
+    }
+
+    /// Opens blob `digest` of `repo`: from the store, or by joining or
+    /// starting its download. Returns once the size is known.
+    #[tracing::instrument(skip_all, fields(digest = %digest, registry = %up.host()))]
+    pub async fn blob(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        digest: &Digest,
+        client_auth: Option<&HeaderValue>,
+    ) -> Result<Blob, FetchError> {
+        let m = &self.inner.metrics;
+        if let Some(opened) = self.inner.store.open_blob(digest)? {
+            m.cache_lookups.with_label_values(&["blob", "hit"]).inc();
+            return Ok(Blob {
+                size: opened.size,
+                source: Source::Local,
+                body: BlobBody::Local {
+                    file: Arc::new(opened.file),
+                    lease: opened.lease,
+                },
+            });
+        }
+        let (dl, started) = self.join_or_start(up, repo, digest, client_auth)?;
+        m.cache_lookups
+            .with_label_values(&["blob", if started { "miss" } else { "joined" }])
+            .inc();
+        let mut rx = dl.progress.subscribe();
+        let size = loop {
+            {
+                let p = rx.borrow_and_update();
+                if let Some(Err(e)) = &p.done {
+                    return Err(FetchError::Shared(e.clone()));
+                }
+                if let Some(total) = p.total {
+                    break total;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Abandoned(digest.clone()));
+            }
+        };
+        Ok(Blob {
+            size,
+            source: Source::Origin,
+            body: BlobBody::Growing(dl),
+        })
+    }
+
+    fn join_or_start(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        digest: &Digest,
+        client_auth: Option<&HeaderValue>,
+    ) -> Result<(Arc<Download>, bool), FetchError> {
+        let mut inflight = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dl) = inflight.get(digest) {
+            return Ok((dl.clone(), false));
+        }
+        let path = self.inner.store.partial_path(digest);
+        let io = |source| FetchError::Io {
+            what: path.display().to_string(),
+            source,
+        };
+        let writer = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let reader = File::open(&path).map_err(io)?;
+        let dl = Arc::new(Download {
+            digest: digest.clone(),
+            progress: watch::Sender::new(Progress::default()),
+            file: Arc::new(reader),
+        });
+        inflight.insert(digest.clone(), dl.clone());
+        drop(inflight);
+        self.inner.metrics.downloads_in_flight.inc();
+        let job = DownloadJob {
+            fetcher: self.clone(),
+            dl: dl.clone(),
+            up: up.clone(),
+            repo: repo.to_owned(),
+            client_auth: client_auth.cloned(),
+            writer: Arc::new(writer),
+        };
+        tokio::spawn(job.run());
+        Ok((dl, true))
+    }
+}
+
+struct DownloadJob {
+    fetcher: Fetcher,
+    dl: Arc<Download>,
+    up: Upstream,
+    repo: String,
+    client_auth: Option<HeaderValue>,
+    writer: Arc<File>,
+}
+
+impl DownloadJob {
+    async fn run(self) {
+        let inner = self.fetcher.inner.clone();
+        let digest = self.dl.digest.clone();
+        let result = self.download().await;
+        if let Err(e) = &result {
+            tracing::warn!(digest = %digest, error = %e, "blob download failed");
+            if matches!(e, FetchError::DigestMismatch { .. }) {
+                inner.metrics.digest_mismatches.inc();
+            }
+        }
+        // Commit happened inside download(); only now may a new request
+        // start another download of this digest, and it will find the blob.
+        inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&digest);
+        inner.metrics.downloads_in_flight.dec();
+        self.dl
+            .progress
+            .send_modify(|p| p.done = Some(result.map_err(Arc::new)));
+    }
+
+    async fn download(&self) -> Result<(), FetchError> {
+        let inner = &self.fetcher.inner;
+        let digest = &self.dl.digest;
+        let (mut hasher, mut written) = rehash(self.writer.clone()).await.map_err(|source| {
+            FetchError::Io {
+                what: "partial download".into(),
+                source,
+            }
+        })?;
+        if written > 0 {
+            tracing::info!(digest = %digest, bytes = written, "resuming partial download");
+            self.dl.progress.send_modify(|p| p.written = written);
+        }
+        let mut total: Option<u64> = None;
+        let mut failures = 0u32;
+        let mut backoff = RESUME_BACKOFF_START;
+        loop {
+            if total == Some(written) {
+                break;
+            }
+            match self.transfer(&mut hasher, &mut written, &mut total).await {
+                Ok(()) => continue,
+                Err(e) if is_final(&e) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    if failures > inner.retries {
+                        return Err(FetchError::Exhausted {
+                            digest: digest.clone(),
+                            attempts: failures,
+                            last: e.to_string(),
+                        });
+                    }
+                    inner.metrics.origin_resumes.inc();
+                    tracing::warn!(digest = %digest, error = %e, at = written, attempt = failures,
+                        "blob transfer broke, resuming");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RESUME_BACKOFF_CAP);
+                }
+            }
+        }
+        let actual = Digest::from_sha256(&hasher.finalize());
+        let path = inner.store.partial_path(digest);
+        if &actual != digest {
+            let _ = std::fs::remove_file(&path);
+            return Err(FetchError::DigestMismatch {
+                expected: digest.clone(),
+                actual: actual.to_string(),
+            });
+        }
+        inner
+            .store
+            .commit(digest, &path, &actual, written, total, None)?;
+        let usage = inner.store.usage();
+        inner.metrics.store_bytes.set(usage.bytes as i64);
+        inner.metrics.store_blobs.set(usage.blobs as i64);
+        tracing::info!(digest = %digest, bytes = written, "blob committed");
+        Ok(())
+    }
+
+    /// One origin request, from `written` on, until the body ends.
+    async fn transfer(
+        &self,
+        hasher: &mut sha2::Sha256,
+        written: &mut u64,
+        total: &mut Option<u64>,
+    ) -> Result<(), FetchError> {
+        let inner = &self.fetcher.inner;
+        let digest = &self.dl.digest;
+        let bad = |reason: String| FetchError::BadOriginResponse {
+            what: digest.to_string(),
+            reason,
+        };
+        let mut headers = HeaderMap::new();
+        if *written > 0 {
+            let range = format!("bytes={}-", *written);
+            headers.insert(
+                http::header::RANGE,
+                HeaderValue::from_str(&range).map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        let req = origin::Request {
+            method: Method::GET,
+            path: origin::blob_path(&self.repo, digest),
+            scope: origin::pull_scope(&self.repo),
+            headers,
+            client_auth: self.client_auth.as_ref(),
+            kind: "blob",
+        };
+        let resp = inner.origin.send(&self.up, &req).await?;
+        // Where the body starts, and the blob's full size.
+        let (start, size) = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = resp
+                    .headers()
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| bad("206 without a usable Content-Range".into()))?;
+                (cr.0, cr.1)
+            }
+            StatusCode::OK => {
+                let len = resp
+                    .content_length()
+                    .ok_or_else(|| bad("no Content-Length".into()))?;
+                (0, len)
+            }
+            s => return Err(bad(format!("unexpected status {s}"))),
+        };
+        match *total {
+            Some(t) if t != size => {
+                return Err(bad(format!("size changed from {t} to {size} between requests")))
+            }
+            _ => {}
+        }
+        if start > *written {
+            return Err(bad(format!("range starts at {start}, wanted {}", *written)));
+        }
+        if *written > size {
+            return Err(FetchError::Oversized {
+                digest: digest.clone(),
+                expected: size,
+                got: *written,
+            });
+        }
+        if total.is_none() {
+            *total = Some(size);
+            self.dl.progress.send_modify(|p| p.total = Some(size));
+        }
+        // A server that ignored our Range resends what we already have.
+        let mut skip = *written - start;
+        let mut body = resp.bytes_stream();
+        let mut batch = BytesMut::new();
+        loop {
+            let first = match body.next().await {
+                None => break,
+                Some(chunk) => chunk,
+            };
+            let mut chunk = Some(first);
+            // Gather what is already buffered, up to a batch, so the disk
+            // and hasher see large writes.
+            while let Some(c) = chunk.take() {
+                let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
+                let c = if skip > 0 {
+                    let n = skip.min(c.len() as u64);
+                    skip -= n;
+                    c.slice(n as usize..)
+                } else {
+                    c
+                };
+                batch.extend_from_slice(&c);
+                if batch.len() >= WRITE_BATCH {
+                    break;
+                }
+                chunk = body.next().now_or_never().flatten();
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let data = batch.split().freeze();
+            if *written + data.len() as u64 > size {
+                return Err(FetchError::Oversized {
+                    digest: digest.clone(),
+                    expected: size,
+                    got: *written + data.len() as u64,
+                });
+            }
+            let n = data.len() as u64;
+            let h = std::mem::take(hasher);
+            let (h, res) = write_and_hash(self.writer.clone(), *written, data, h).await;
+            *hasher = h;
+            res.map_err(|source| FetchError::Io {
+                what: "writing partial download".into(),
+                source,
+            })?;
+            *written += n;
+            inner.metrics.origin_bytes.inc_by(n);
+            let now = *written;
+            self.dl.progress.send_modify(|p| p.written = now);
+        }
+        if *written < size {
+            return Err(bad(format!("body ended at {} of {size} bytes", *written)));
+        }
+        Ok(())
+    }
+}
+
+/// Errors that another attempt would not fix.
+fn is_final(e: &FetchError) -> bool {
+    match e {
+        FetchError::Origin(o) => !o.is_unavailable(),
+        FetchError::Store(_) | FetchError::Io { .. } | FetchError::Oversized { .. } => true,
+        _ => false,
+    }
+}
+
+async fn write_and_hash(
+    file: Arc<File>,
+    at: u64,
+    data: Bytes,
+    mut hasher: sha2::Sha256,
+) -> (sha2::Sha256, io::Result<()>) {
+    let joined = tokio::task::spawn_blocking(move || {
+        hasher.update(&data);
+        let r = file.write_all_at(&data, at);
+        (hasher, r)
+    })
+    .await;
+    joined.unwrap_or_else(|e| (sha2::Sha256::new(), Err(io::Error::other(e))))
+}
+
+/// Hashes what a partial file already holds, so a download can resume.
+async fn rehash(file: Arc<File>) -> io::Result<(sha2::Sha256, u64)> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; WRITE_BATCH];
+        let mut pos = 0u64;
+        loop {
+            let n = file.read_at(&mut buf, pos)?;
+            if n == 0 {
+                return Ok((hasher, pos));
+            }
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Parses `bytes <start>-<end>/<size>`.
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, size) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, size): (u64, u64, u64) =
+        (start.parse().ok()?, end.parse().ok()?, size.parse().ok()?);
+    (start <= end && end < size).then_some((start, size))
+}
+
+async fn read_chunk(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than expected",
+                ));
+            }
+            filled += n;
+        }
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+impl Blob {
+    /// Streams bytes `start..end` of the blob. For a download in progress
+    /// the stream follows the file as it grows; it ends with an error (and
+    /// so a cut connection) if the download fails.
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+        metrics: Metrics,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let source = self.source;
+        let counter = metrics.bytes_served.with_label_values(&[source.as_str()]);
+        let (file, rx, lease) = match self.body {
+            BlobBody::Local { file, lease } => (file, None, Some(lease)),
+            BlobBody::Growing(dl) => (dl.file.clone(), Some(dl.progress.subscribe()), None),
+        };
+        let size = self.size;
+        let state = ReadState {
+            pos: start,
+            end: end.min(size),
+            size,
+            rx,
+            file,
+            _lease: lease,
+        };
+        futures_util::stream::unfold(state, move |mut st| {
+            let counter = counter.clone();
+            async move {
+                if st.pos >= st.end {
+                    return None;
+                }
+                let readable = match st.readable().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        st.pos = st.end;
+                        return Some((Err(e), st));
+                    }
+                };
+                let len = (readable - st.pos).min(READ_CHUNK);
+                match read_chunk(st.file.clone(), st.pos, len).await {
+                    Ok(b) => {
+                        st.pos += len;
+                        counter.inc_by(len);
+                        Some((Ok(b), st))
+                    }
+                    Err(e) => {
+                        st.pos = st.end;
+                        Some((Err(e), st))
+                    }
+                }
+            }
+        })
+    }
+}
+
+struct ReadState {
+    pos: u64,
+    end: u64,
+    size: u64,
+    rx: Option<watch::Receiver<Progress>>,
+    file: Arc<File>,
+    _lease: Option<Lease>,
+}
+
+impl ReadState {
+    /// Waits until bytes past `pos` may be sent, and returns how far.
+    async fn readable(&mut self) -> io::Result<u64> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(self.end);
+        };
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                let limit = match &p.done {
+                    Some(Ok(())) => self.size,
+                    Some(Err(e)) => {
+                        return Err(io::Error::other(format!("download failed: {e}")));
+                    }
+                    // The final byte waits for the digest check.
+                    None => p.written.min(self.size.saturating_sub(1)),
+                };
+                let limit = limit.min(self.end);
+                if limit > self.pos {
+                    return Ok(limit);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(io::Error::other("download abandoned"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 10-19/20"), Some((10, 20)));
+        assert_eq!(parse_content_range("bytes 0-0/1"), Some((0, 1)));
+        assert_eq!(parse_content_range("bytes 10-9/20"), None);
+        assert_eq!(parse_content_range("bytes 10-20/20"), None);
+        assert_eq!(parse_content_range("bytes */20"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+}

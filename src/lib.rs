@@ -1,0 +1,40 @@
+//! damselfly: a node-local container image distribution daemon.
+//!
+//! containerd pulls through damselfly's registry mirror (wired in by
+//! `hostsd`). The mirror fetches each blob from the origin registry once,
+//! verifies it against its digest while it streams, keeps it in a
+//! content-addressed cache, and serves every later pull from that cache.
+//!
+//! # Layout
+//!
+//! Read the modules in the order a blob travels:
+//!
+//! - [`config`]: TOML to a validated [`config::Config`]; every key has a
+//!   documented default, and [`config::reference_markdown`] generates the
+//!   reference in `docs/configuration.md`.
+//! - [`oci`]: the distribution spec's vocabulary: digests, repository names,
+//!   tags, and the error codes that the mirror answers with.
+//! - [`registry`]: the mirror's HTTP surface (`/v2/...`). It parses and
+//!   validates requests, picks the upstream from containerd's `?ns=`, and maps
+//!   every error to OCI error JSON in one place.
+//! - [`origin`]: the client for upstream registries: bearer-token and basic
+//!   auth, retries with backoff, redirects that never carry credentials to
+//!   another host.
+//! - [`fetch`]: the engine. Single flight per digest, resumable downloads
+//!   that readers stream from while they grow, tag resolution with a bounded
+//!   stale fallback.
+//! - [`store`]: the content-addressed cache on disk: verified commits by
+//!   atomic rename, LRU eviction under a quota, crash recovery.
+//! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
+//!   `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`daemon`]: wires the parts together and owns graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod daemon;
+pub mod fetch;
+pub mod oci;
+pub mod origin;
+pub mod registry;
+pub mod store;
+pub mod telemetry;

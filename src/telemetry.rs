@@ -1,0 +1,260 @@
+//! Logs, metrics and health.
+//!
+//! Metrics live in one [`prometheus::Registry`] that the daemon creates and
+//! passes in; [`Metrics`] holds typed handles to each family. HTTP request
+//! metrics are recorded once, in the mirror's service layer.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Sets up tracing on stderr. `RUST_LOG`, when set, overrides the
+/// configured level.
+pub fn init_logging(cfg: &TelemetryConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests start several daemons in one process) is fine to
+    // ignore: the first subscriber stays.
+    let _ = match cfg.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Handles to every metric family damselfly exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    /// Blob bytes sent to clients, by where they came from.
+    pub bytes_served: IntCounterVec,
+    /// Blob bytes received from origin registries.
+    pub origin_bytes: IntCounter,
+    pub origin_requests: IntCounterVec,
+    pub origin_resumes: IntCounter,
+    pub cache_lookups: IntCounterVec,
+    pub digest_mismatches: IntCounter,
+    pub stale_tags_served: IntCounter,
+    pub downloads_in_flight: IntGauge,
+    pub store_bytes: IntGauge,
+    pub store_blobs: IntGauge,
+    pub store_max_bytes: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            c: T,
+        ) -> Result<T, prometheus::Error> {
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let latency_buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            300.0,
+        ];
+        Ok(Metrics {
+            http_requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_http_requests_total",
+                        "Mirror requests by route, method and status.",
+                    ),
+                    &["route", "method", "status"],
+                )?,
+            )?,
+            http_duration: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "damselfly_http_request_duration_seconds",
+                        "Time from request to the end of the response body, by route.",
+                    )
+                    .buckets(latency_buckets),
+                    &["route"],
+                )?,
+            )?,
+            bytes_served: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_bytes_served_total",
+                        "Blob bytes sent to clients, by source (local, origin).",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            origin_bytes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_origin_bytes_total",
+                    "Blob bytes received from origin registries.",
+                )?,
+            )?,
+            origin_requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_origin_requests_total",
+                        "Requests to origin registries by kind (manifest, blob, token) and status.",
+                    ),
+                    &["kind", "status"],
+                )?,
+            )?,
+            origin_resumes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_origin_resumes_total",
+                    "Blob downloads that broke and were resumed with Range.",
+                )?,
+            )?,
+            cache_lookups: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_cache_lookups_total",
+                        "Cache lookups by kind (blob, manifest) and result (hit, miss, joined).",
+                    ),
+                    &["kind", "result"],
+                )?,
+            )?,
+            digest_mismatches: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_digest_mismatches_total",
+                    "Downloads discarded because their content did not match the digest.",
+                )?,
+            )?,
+            stale_tags_served: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_stale_tags_served_total",
+                    "Tag resolutions answered from the last good answer while the origin was unreachable.",
+                )?,
+            )?,
+            downloads_in_flight: reg(
+                registry,
+                IntGauge::new(
+                    "damselfly_downloads_in_flight",
+                    "Blob downloads in progress.",
+                )?,
+            )?,
+            store_bytes: reg(
+                registry,
+                IntGauge::new("damselfly_store_bytes", "Bytes of committed blobs in the store.")?,
+            )?,
+            store_blobs: reg(
+                registry,
+                IntGauge::new("damselfly_store_blobs", "Committed blobs in the store.")?,
+            )?,
+            store_max_bytes: reg(
+                registry,
+                IntGauge::new("damselfly_store_max_bytes", "The store's quota in bytes.")?,
+            )?,
+        })
+    }
+}
+
+/// Readiness as the health endpoint reports it.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "telemetry accept failed");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = answer(&req, &registry, &health);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match req.uri().path() {
+        "/metrics" => {
+            let mut buf = Vec::new();
+            let encoder = TextEncoder::new();
+            match encoder.encode(&registry.gather(), &mut buf) {
+                Ok(()) => Response::builder()
+                    .header(http::header::CONTENT_TYPE, encoder.format_type())
+                    .body(Full::new(Bytes::from(buf)))
+                    .unwrap_or_default(),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Binds a listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
+    })
+}
