@@ -1,0 +1,216 @@
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use super::*;
+
+#[test]
+fn challenges() {
+    let c = parse_challenge(
+        r#"Bearer realm="https://auth.test/token",service="registry.test",scope="repository:a/b:pull,push""#,
+    )
+    .unwrap();
+    assert_eq!(c.scheme, "bearer");
+    assert_eq!(c.params["realm"], "https://auth.test/token");
+    assert_eq!(c.params["service"], "registry.test");
+    assert_eq!(c.params["scope"], "repository:a/b:pull,push");
+
+    let c = parse_challenge(r#"Basic realm="r \"q\"", charset=UTF-8"#).unwrap();
+    assert_eq!(c.scheme, "basic");
+    assert_eq!(c.params["realm"], r#"r "q""#);
+    assert_eq!(c.params["charset"], "UTF-8");
+
+    assert_eq!(parse_challenge("Basic").unwrap().params.len(), 0);
+    assert!(parse_challenge("").is_none());
+    assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_none());
+    assert!(parse_challenge("Bearer realm").is_none());
+}
+
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A tiny HTTP server on `ip` that records each request's path and
+/// Authorization, and answers with `answer(path, auth)`.
+async fn server(
+    ip: [u8; 4],
+    answer: impl Fn(&str, Option<&str>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+) -> (std::net::SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let answer = Arc::new(answer);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (answer, log) = (answer.clone(), log.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let path = req.uri().path().to_owned();
+                    log.lock().unwrap().push((path.clone(), auth.clone()));
+                    let resp = answer(&path, auth.as_deref());
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+use http::Response;
+
+fn origin_for(endpoint: &str, creds: Option<Credentials>) -> (Origin, Upstream) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!("[[registry]]\nhost = \"origin.test\"\nendpoint = \"{endpoint}\"\n");
+    if let Some(c) = &creds {
+        std::fs::write(dir.path().join("pw"), &c.password).unwrap();
+        text += &format!("username = \"{}\"\npassword_file = \"pw\"\n", c.username);
+    }
+    let cfg = Config::parse(&text, &dir.path().join("c.toml")).unwrap();
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let origin = Origin::new(&cfg, metrics).unwrap();
+    let up = origin.upstream("origin.test").unwrap();
+    (origin, up)
+}
+
+fn blob_request(client_auth: Option<&HeaderValue>) -> Request<'_> {
+    Request {
+        method: Method::GET,
+        path: "/v2/a/blobs/sha256:00".into(),
+        scope: pull_scope("a"),
+        headers: HeaderMap::new(),
+        client_auth,
+        kind: "blob",
+    }
+}
+
+/// Credentials, configured or the puller's, never follow a redirect to
+/// another host (S3 and CDNs get only the presigned URL).
+#[tokio::test]
+async fn credentials_never_follow_a_redirect_to_another_host() {
+    let (cdn, cdn_seen) = server([127, 0, 0, 2], |_, _| Response::new(Full::from("data"))).await;
+    let (reg, reg_seen) = server([127, 0, 0, 1], move |_, auth| match auth {
+        None => Response::builder()
+            .status(401)
+            .header("www-authenticate", "Basic realm=\"r\"")
+            .body(Full::default())
+            .unwrap(),
+        Some(_) => Response::builder()
+            .status(307)
+            .header("location", format!("http://{cdn}/presigned?sig=1"))
+            .body(Full::default())
+            .unwrap(),
+    })
+    .await;
+    let creds = Credentials {
+        username: "bob".into(),
+        password: "pw".into(),
+    };
+    let (origin, up) = origin_for(&format!("http://{reg}"), Some(creds));
+
+    // Configured credentials, after a Basic challenge.
+    let resp = origin.send(&up, &blob_request(None)).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "data");
+    // A puller's own header.
+    let theirs = HeaderValue::from_static("Bearer puller-token");
+    let resp = origin.send(&up, &blob_request(Some(&theirs))).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "data");
+
+    let reg_seen = reg_seen.lock().unwrap().clone();
+    assert_eq!(reg_seen.len(), 3, "{reg_seen:?}");
+    assert!(reg_seen[1].1.as_deref().unwrap().starts_with("Basic "));
+    assert_eq!(reg_seen[2].1.as_deref(), Some("Bearer puller-token"));
+    let cdn_seen = cdn_seen.lock().unwrap().clone();
+    assert_eq!(cdn_seen.len(), 2);
+    for (path, auth) in cdn_seen {
+        assert_eq!(path, "/presigned");
+        assert_eq!(auth, None, "credentials leaked to the redirect target");
+    }
+}
+
+/// The bearer flow: a 401 challenge, a token from the realm with the
+/// configured credentials, the retry, and the token reused from the cache.
+#[tokio::test]
+async fn bearer_tokens_are_fetched_once_and_cached_per_scope() {
+    let (auth, auth_seen) = server([127, 0, 0, 1], |_, _| {
+        Response::new(Full::from(r#"{"token":"t0k","expires_in":300}"#))
+    })
+    .await;
+    let (reg, reg_seen) = server([127, 0, 0, 1], move |_, a| match a {
+        Some("Bearer t0k") => Response::new(Full::from("ok")),
+        _ => Response::builder()
+            .status(401)
+            .header(
+                "www-authenticate",
+                format!(r#"Bearer realm="http://{auth}/token",service="svc""#),
+            )
+            .body(Full::default())
+            .unwrap(),
+    })
+    .await;
+    let creds = Credentials {
+        username: "bob".into(),
+        password: "pw".into(),
+    };
+    let (origin, up) = origin_for(&format!("http://{reg}"), Some(creds));
+    for _ in 0..3 {
+        let resp = origin.send(&up, &blob_request(None)).await.unwrap();
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    let auth_seen = auth_seen.lock().unwrap().clone();
+    assert_eq!(auth_seen.len(), 1, "token fetched more than once");
+    assert!(auth_seen[0].1.as_deref().unwrap().starts_with("Basic "));
+    // One challenged request, then three with the token.
+    assert_eq!(reg_seen.lock().unwrap().len(), 4);
+}
+
+/// A 401 the daemon cannot answer is passed on with the origin's challenge,
+/// so the puller can authenticate itself.
+#[tokio::test]
+async fn unanswerable_challenges_pass_through() {
+    let (reg, _) = server([127, 0, 0, 1], |_, _| {
+        Response::builder()
+            .status(401)
+            .header("www-authenticate", "Basic realm=\"private\"")
+            .body(Full::default())
+            .unwrap()
+    })
+    .await;
+    let (origin, up) = origin_for(&format!("http://{reg}"), None);
+    match origin.send(&up, &blob_request(None)).await {
+        Err(OriginError::Unauthorized { challenge, .. }) => {
+            assert_eq!(challenge.unwrap(), "Basic realm=\"private\"")
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+}
+
+/// 5xx answers are retried with backoff, up to `origin.retries`.
+#[tokio::test]
+async fn server_errors_are_retried() {
+    let count = Arc::new(Mutex::new(0));
+    let c = count.clone();
+    let (reg, _) = server([127, 0, 0, 1], move |_, _| {
+        let mut n = c.lock().unwrap();
+        *n += 1;
+        if *n < 3 {
+            Response::builder().status(503).body(Full::default()).unwrap()
+        } else {
+            Response::new(Full::from("ok"))
+        }
+    })
+    .await;
+    let (origin, up) = origin_for(&format!("http://{reg}"), None);
+    let resp = origin.send(&up, &blob_request(None)).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    assert_eq!(*count.lock().unwrap(), 3);
+}
