@@ -25,6 +25,8 @@ use crate::oci::Digest;
 pub enum StoreError {
     #[error("store I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("store {path} is in use by another damselfly process")]
+    Locked { path: PathBuf },
     #[error("blob {digest} has {actual_size} bytes hashing to {actual}, expected {expected_size} bytes")]
     Mismatch {
         digest: Digest,
@@ -86,6 +88,9 @@ struct Inner {
     root: PathBuf,
     max_size: u64,
     index: Mutex<Index>,
+    /// Held (with an exclusive lock) for the store's lifetime: two daemons
+    /// on one store would resume each other's partial files.
+    _lock: File,
 }
 
 /// Holds a blob open and in use: it is not evicted while a lease lives.
@@ -123,11 +128,23 @@ impl Store {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
+        let lock_path = root.join("lock");
+        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: root.to_owned(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
                 max_size,
                 index: Mutex::new(Index::default()),
+                _lock: lock,
             }),
         };
         let recovery = store.recover()?;
@@ -492,6 +509,18 @@ mod tests {
         assert!(!store.contains(&a));
         assert!(store.contains(&e));
         assert!(store.usage().bytes <= 10);
+    }
+
+    #[test]
+    fn one_process_per_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 100).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), 100),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(store);
+        assert!(Store::open(dir.path(), 100).is_ok());
     }
 
     #[test]
