@@ -107,9 +107,11 @@ impl ContainerdConfig {
         };
         let names = |key: &str, pick: &dyn Fn(&toml::Value) -> bool| -> Vec<String> {
             match registry.and_then(|r| r.get(key)) {
-                Some(toml::Value::Table(t)) => {
-                    t.iter().filter(|(_, v)| pick(v)).map(|(k, _)| k.clone()).collect()
-                }
+                Some(toml::Value::Table(t)) => t
+                    .iter()
+                    .filter(|(_, v)| pick(v))
+                    .map(|(k, _)| k.clone())
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -196,6 +198,11 @@ impl ContainerdConfig {
             path: self.path.clone(),
             table: self.registry_table(),
             suggested: suggested.display().to_string(),
+            note: if self.exists {
+                String::new()
+            } else {
+                " (the file does not exist: containerd runs on built-in defaults)".into()
+            },
         }
     }
 
@@ -253,7 +260,9 @@ fn lookup<'a>(table: &'a toml::Table, keys: &[&str]) -> Option<&'a toml::Value> 
 fn dotted(keys: &[&str]) -> String {
     keys.iter()
         .map(|k| {
-            if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            if k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
                 k.to_string()
             } else {
                 format!("\"{k}\"")
@@ -269,7 +278,9 @@ pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string()
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
         .collect::<Vec<_>>()
         .join(": ")
 }
@@ -277,7 +288,11 @@ pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
 /// The config text with `config_path = certs_dir` added, everything else kept
 /// as it was. `original` is `None` when there was no file: a minimal version 2
 /// config is created then (containerd 2.x migrates it).
-pub fn patch_config_path(cfg: &ContainerdConfig, original: Option<&str>, certs_dir: &Path) -> Result<String, Error> {
+pub fn patch_config_path(
+    cfg: &ContainerdConfig,
+    original: Option<&str>,
+    certs_dir: &Path,
+) -> Result<String, Error> {
     let bad = |reason: String| Error::ContainerdConfig {
         path: cfg.path.clone(),
         reason,

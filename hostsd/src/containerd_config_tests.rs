@@ -50,7 +50,8 @@ const V1: &str = r#"[plugins.cri.registry]
 config_path = "/opt/certs.d"
 "#;
 
-const V3_NO_PATH: &str = "version = 3\n[plugins.'io.containerd.cri.v1.images']\nmax_concurrent_downloads = 3\n";
+const V3_NO_PATH: &str =
+    "version = 3\n[plugins.'io.containerd.cri.v1.images']\nmax_concurrent_downloads = 3\n";
 
 struct Case {
     name: &'static str,
@@ -150,7 +151,12 @@ fn config_table() {
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(cfg.version, c.version, "{}", c.name);
         assert_eq!(cfg.config_path, c.config_path, "{}", c.name);
-        assert_eq!(cfg.first_root(), c.first_root.map(PathBuf::from), "{}", c.name);
+        assert_eq!(
+            cfg.first_root(),
+            c.first_root.map(PathBuf::from),
+            "{}",
+            c.name
+        );
         assert_eq!(cfg.conflict().is_some(), c.conflict, "{}", c.name);
     }
 }
@@ -179,7 +185,10 @@ fn conflict_messages_explain() {
     assert!(cfg.warnings().iter().any(|w| w.contains("deprecated")));
     let cfg = ContainerdConfig::parse(Path::new("/c.toml"), Some(V2_NO_PATH)).unwrap();
     let msg = cfg.missing_error(Path::new(DEFAULT_CERTS_DIR)).to_string();
-    assert!(msg.contains("--patch-config") && msg.contains("restart"), "{msg}");
+    assert!(
+        msg.contains("--patch-config") && msg.contains("restart"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -188,10 +197,16 @@ fn bad_configs_are_errors() {
         ("not toml", "version = "),
         ("version 4", "version = 4"),
         ("version string", "version = \"2\""),
-        ("config_path int", "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = 1\n"),
+        (
+            "config_path int",
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = 1\n",
+        ),
     ] {
         let err = ContainerdConfig::parse(Path::new("/c.toml"), Some(text)).unwrap_err();
-        assert!(matches!(err, Error::ContainerdConfig { .. }), "{name}: {err}");
+        assert!(
+            matches!(err, Error::ContainerdConfig { .. }),
+            "{name}: {err}"
+        );
         assert!(!err.to_string().contains('\n'), "{name}: one line: {err}");
     }
 }
@@ -201,14 +216,21 @@ fn patch_adds_config_path_and_keeps_the_rest() {
     let dir = Path::new("/etc/containerd/certs.d");
     for (name, text) in [
         ("v2 no registry table", V2_NO_PATH),
-        ("v2 empty config_path", "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"\"\n"),
+        (
+            "v2 empty config_path",
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"\"\n",
+        ),
         ("v3 no path", V3_NO_PATH),
         ("v1", "[plugins.cri]\nstream_server_port = \"0\"\n"),
     ] {
         let cfg = ContainerdConfig::parse(Path::new("/c.toml"), Some(text)).unwrap();
         let out = patch_config_path(&cfg, Some(text), dir).unwrap();
         let again = ContainerdConfig::parse(Path::new("/c.toml"), Some(&out)).unwrap();
-        assert_eq!(again.config_path, ConfigPath::Set(dir.display().to_string()), "{name}");
+        assert_eq!(
+            again.config_path,
+            ConfigPath::Set(dir.display().to_string()),
+            "{name}"
+        );
         assert!(again.patched_by_hostsd, "{name}");
         assert_eq!(again.version, cfg.version, "{name}");
         // Everything that was there is still there, byte for byte, up to
@@ -226,7 +248,10 @@ fn patch_creates_a_minimal_file() {
     assert!(created_by_hostsd(&out), "{out}");
     let again = ContainerdConfig::parse(Path::new("/c.toml"), Some(&out)).unwrap();
     assert_eq!(again.version, 2);
-    assert_eq!(again.config_path, ConfigPath::Set("/etc/containerd/certs.d".into()));
+    assert_eq!(
+        again.config_path,
+        ConfigPath::Set("/etc/containerd/certs.d".into())
+    );
     assert!(
         out.contains("[plugins.\"io.containerd.grpc.v1.cri\".registry]"),
         "{out}"

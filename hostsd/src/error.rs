@@ -22,7 +22,7 @@ pub enum Error {
 
     /// The config names no `config_path`, so the CRI plugin reads no hosts.toml.
     #[error(
-        "containerd config {}: no `config_path` in [{table}], so containerd's CRI plugin \
+        "containerd config {}{note}: no `config_path` in [{table}], so containerd's CRI plugin \
          reads no hosts.toml and pulls go straight to the origin. Rerun with --patch-config \
          (adds config_path = \"{suggested}\"; needs a containerd restart), or set it yourself",
         path.display()
@@ -31,6 +31,8 @@ pub enum Error {
         path: PathBuf,
         table: String,
         suggested: String,
+        /// Extra context, e.g. that the file does not exist.
+        note: String,
     },
 
     /// Inline registry settings that containerd refuses next to `config_path`.
@@ -77,7 +79,9 @@ pub enum Error {
     },
 
     /// Nothing to do: no registry given, none from ECR either.
-    #[error("no registries: give at least one --registry, ECR account and region, or --ecr-discover")]
+    #[error(
+        "no registries: give at least one --registry, ECR account and region, or --ecr-discover"
+    )]
     NoRegistries,
 
     /// An existing hosts.toml that hostsd does not own and cannot merge with,

@@ -31,10 +31,14 @@ pub struct Capabilities {
 
 impl std::fmt::Display for Capabilities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = [(self.pull, "pull"), (self.resolve, "resolve"), (self.push, "push")]
-            .into_iter()
-            .filter_map(|(on, n)| on.then_some(n))
-            .collect();
+        let names: Vec<&str> = [
+            (self.pull, "pull"),
+            (self.resolve, "resolve"),
+            (self.push, "push"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
         write!(f, "{}", names.join(","))
     }
 }
@@ -115,10 +119,18 @@ fn invalid(s: impl Into<String>) -> DecodeError {
 fn parse(text: &str) -> Result<Parsed, DecodeError> {
     // The serde parser must accept it too: that is the check the daemon and
     // any other reader would do.
-    text.parse::<toml::Table>()
-        .map_err(|e| invalid(format!("not TOML: {}", crate::containerd_config::one_line(&e))))?;
-    let doc = ImDocument::parse(text)
-        .map_err(|e| invalid(format!("not TOML: {}", crate::containerd_config::one_line(&e))))?;
+    text.parse::<toml::Table>().map_err(|e| {
+        invalid(format!(
+            "not TOML: {}",
+            crate::containerd_config::one_line(&e)
+        ))
+    })?;
+    let doc = ImDocument::parse(text).map_err(|e| {
+        invalid(format!(
+            "not TOML: {}",
+            crate::containerd_config::one_line(&e)
+        ))
+    })?;
     let root = doc.as_table();
     let server = match root.get("server") {
         None => None,
@@ -152,7 +164,11 @@ fn parse(text: &str) -> Result<Parsed, DecodeError> {
     keyed.sort_by_key(|(pos, _, _)| *pos);
     let host_keys = keyed.iter().map(|(_, k, _)| k.clone()).collect();
     let mut hosts: Vec<HostEntry> = keyed.into_iter().map(|(_, _, h)| h).collect();
-    hosts.push(host_entry(server.as_deref().unwrap_or(""), &root_fields, true)?);
+    hosts.push(host_entry(
+        server.as_deref().unwrap_or(""),
+        &root_fields,
+        true,
+    )?);
     Ok(Parsed {
         has_host_tree,
         hosts,
@@ -219,7 +235,10 @@ fn check_fields(t: &dyn toml_edit::TableLike, at: &str) -> Result<Fields, Decode
             _ => false,
         };
         if !ok {
-            return Err(wrong("client", "a path, or an array of paths or [cert, key] pairs"));
+            return Err(wrong(
+                "client",
+                "a path, or an array of paths or [cert, key] pairs",
+            ));
         }
     }
     if let Some(item) = t.get("skip_verify") {
@@ -229,7 +248,9 @@ fn check_fields(t: &dyn toml_edit::TableLike, at: &str) -> Result<Fields, Decode
     }
     let override_path = match t.get("override_path") {
         None => false,
-        Some(item) => item.as_bool().ok_or_else(|| wrong("override_path", "true or false"))?,
+        Some(item) => item
+            .as_bool()
+            .ok_or_else(|| wrong("override_path", "true or false"))?,
     };
     if let Some(item) = t.get("header") {
         let h = item
@@ -247,7 +268,9 @@ fn check_fields(t: &dyn toml_edit::TableLike, at: &str) -> Result<Fields, Decode
     let dial_timeout = match t.get("dial_timeout") {
         None => None,
         Some(item) => {
-            let s = item.as_str().ok_or_else(|| wrong("dial_timeout", "a duration string"))?;
+            let s = item
+                .as_str()
+                .ok_or_else(|| wrong("dial_timeout", "a duration string"))?;
             // containerd 2.1+ rejects the file when this does not parse.
             parse_go_duration(s).map_err(|e| invalid(format!("{at}: {e}")))?;
             Some(s.to_string())
@@ -373,6 +396,7 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
     let mut root_tables: Vec<(String, Item)> = Vec::new();
     let mut foreign_hosts: Vec<(String, Table)> = Vec::new();
     let mut foreign_server = None;
+    let mut server_comment: Option<String> = None;
     let mut trailing = String::new();
 
     if let Some(text) = foreign {
@@ -383,13 +407,26 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
                     .into(),
             );
         }
-        let fdoc: DocumentMut = text
-            .parse()
-            .map_err(|e| invalid(format!("not TOML: {}", crate::containerd_config::one_line(&e))))?;
+        let fdoc: DocumentMut = text.parse().map_err(|e| {
+            invalid(format!(
+                "not TOML: {}",
+                crate::containerd_config::one_line(&e)
+            ))
+        })?;
         trailing = fdoc.trailing().as_str().unwrap_or_default().to_string();
         for (key, item) in fdoc.as_table().iter() {
             match key {
-                "server" => foreign_server = item.as_str().map(str::to_string),
+                "server" => {
+                    foreign_server = item.as_str().map(str::to_string);
+                    // Comments above `server` (often the file's own header)
+                    // belong to its key; carry them over.
+                    server_comment = fdoc
+                        .as_table()
+                        .key(key)
+                        .and_then(|k| k.leaf_decor().prefix())
+                        .and_then(|p| p.as_str())
+                        .map(|p| p.trim_start_matches('\n').to_string());
+                }
                 "host" => {}
                 _ if item.is_table() => root_tables.push((key.to_string(), item.clone())),
                 _ => root_values.push((key.to_string(), item.clone())),
@@ -398,7 +435,9 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
         let tree = fdoc.get("host").and_then(Item::as_table_like);
         for key in &parsed.host_keys {
             if host_key_origin(key) == d.mirror {
-                notes.push(format!("replaced the original's own [host.{key:?}] with hostsd's"));
+                notes.push(format!(
+                    "replaced the original's own [host.{key:?}] with hostsd's"
+                ));
                 continue;
             }
             let Some(item) = tree.and_then(|t| t.get(key)) else {
@@ -421,7 +460,10 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
         }
         if !foreign_hosts.is_empty() {
             let keys: Vec<&str> = foreign_hosts.iter().map(|(k, _)| k.as_str()).collect();
-            notes.push(format!("kept the original's hosts after the mirror: {}", keys.join(", ")));
+            notes.push(format!(
+                "kept the original's hosts after the mirror: {}",
+                keys.join(", ")
+            ));
         }
     }
 
@@ -441,6 +483,9 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
     };
     if let Some(s) = &server {
         doc.insert("server", toml_edit::value(s.as_str()));
+        if let (Some(comment), Some(mut key)) = (server_comment, doc.key_mut("server")) {
+            key.leaf_decor_mut().set_prefix(comment);
+        }
     }
     for (k, item) in root_values {
         doc.insert(&k, item);
@@ -476,9 +521,8 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
     };
     let body = doc.to_string();
     let text = format!(
-        "{header}\n# containerd tries each [host] below in order, then `server`.\n{}{}",
-        if body.starts_with('\n') { "" } else { "\n" },
-        body
+        "{header}\n# containerd tries each [host] below in order, then `server`.\n\n{}",
+        body.trim_start_matches('\n')
     );
     Ok(Rendered { text, notes })
 }
@@ -486,7 +530,7 @@ pub fn render(d: &Desired, foreign: Option<&str>) -> Result<Rendered, DecodeErro
 /// Gives every table an explicit position in visiting order, so that tables
 /// cloned from a foreign file keep the order hostsd chose rather than the
 /// positions they had there.
-fn renumber(t: &mut Table, next: &mut isize) {
+fn renumber(t: &mut Table, next: &mut usize) {
     for (_, item) in t.iter_mut() {
         match item {
             Item::Table(sub) => {
@@ -511,7 +555,9 @@ fn space_tables(t: &mut Table) {
         if let Item::Table(sub) = item {
             if !sub.is_implicit() && !sub.is_dotted() {
                 let prefix = sub.decor().prefix().and_then(|p| p.as_str()).unwrap_or("");
-                let comments = prefix.trim_start_matches(['\n', ' ', '\t', '\r']);
+                let comments = prefix
+                    .trim_start_matches(['\n', ' ', '\t', '\r'])
+                    .to_string();
                 sub.decor_mut().set_prefix(format!("\n{comments}"));
             }
             space_tables(sub);

@@ -162,7 +162,9 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, Error> {
         return Err(bad("must be positive"));
     }
     if total > 3600.0 {
-        return Err(bad("longer than an hour: the mirror would never be skipped"));
+        return Err(bad(
+            "longer than an hour: the mirror would never be skipped",
+        ));
     }
     Ok(Duration::from_secs_f64(total))
 }

@@ -47,8 +47,9 @@ impl RegistrySpec {
             Some(server) if self.host == DEFAULT_DIR => Err(Error::InvalidServer {
                 registry: self.host.clone(),
                 server: server.clone(),
-                reason: "_default must not name a server: it would send every registry to one origin"
-                    .into(),
+                reason:
+                    "_default must not name a server: it would send every registry to one origin"
+                        .into(),
             }),
             Some(server) => {
                 validate_url(server).map_err(|reason| Error::InvalidServer {
@@ -155,7 +156,11 @@ pub fn validate_host(host: &str) -> Result<(), Error> {
         let (inside, after) = rest
             .split_once(']')
             .ok_or_else(|| bad("unclosed '[' in an IPv6 address"))?;
-        if inside.is_empty() || !inside.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+        if inside.is_empty()
+            || !inside
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        {
             return Err(bad("not an IPv6 address"));
         }
         match after {
@@ -195,7 +200,10 @@ fn validate_dns_name(name: &str) -> Result<&str, String> {
         if label.len() > 63 {
             return Err("host name label longer than 63 characters".into());
         }
-        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err("host names use letters, digits, '-' and '.' only".into());
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -276,7 +284,10 @@ mod tests {
             default_server("docker.io").as_deref(),
             Some("https://registry-1.docker.io")
         );
-        assert_eq!(default_server("ghcr.io").as_deref(), Some("https://ghcr.io"));
+        assert_eq!(
+            default_server("ghcr.io").as_deref(),
+            Some("https://ghcr.io")
+        );
         assert_eq!(
             default_server("127.0.0.1:5000").as_deref(),
             Some("https://127.0.0.1:5000")
@@ -287,12 +298,18 @@ mod tests {
     #[test]
     fn specs_parse() {
         let s: RegistrySpec = "127.0.0.1:5000=http://127.0.0.1:5000/".parse().unwrap();
-        assert_eq!(s.validate().unwrap().as_deref(), Some("http://127.0.0.1:5000"));
+        assert_eq!(
+            s.validate().unwrap().as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
         assert!("_default=https://x.io".parse::<RegistrySpec>().is_err());
         assert!("ghcr.io=ftp://x".parse::<RegistrySpec>().is_err());
         assert!("ghcr.io=https://u:p@x.io".parse::<RegistrySpec>().is_err());
         let d: RegistrySpec = "docker.io".parse().unwrap();
-        assert_eq!(d.validate().unwrap().as_deref(), Some("https://registry-1.docker.io"));
+        assert_eq!(
+            d.validate().unwrap().as_deref(),
+            Some("https://registry-1.docker.io")
+        );
     }
 
     #[test]
@@ -310,7 +327,10 @@ mod tests {
             candidate_dirs(root, "docker.io"),
             vec![PathBuf::from("/c/docker.io"), PathBuf::from("/c/_default")]
         );
-        assert_eq!(candidate_dirs(root, "_default"), vec![PathBuf::from("/c/_default")]);
+        assert_eq!(
+            candidate_dirs(root, "_default"),
+            vec![PathBuf::from("/c/_default")]
+        );
         assert_eq!(port_dir_name("[::1]").as_deref(), Some("[:_1]_"));
         assert_eq!(port_dir_name("[::1]:5000").as_deref(), Some("[::1]_5000_"));
     }
