@@ -202,10 +202,16 @@ impl Origin {
                     challenged = true;
                     match self
                         .answer_challenge(up, req, challenge.as_ref(), creds)
-                        .await?
+                        .await
                     {
-                        Some(next) => auth = Some(next),
-                        None => return Err(OriginError::Unauthorized { host, challenge }),
+                        Ok(Some(next)) => auth = Some(next),
+                        // Nothing to try, or the token service refused our
+                        // identity: hand the origin's challenge on, so the
+                        // puller can authenticate itself.
+                        Ok(None) | Err(OriginError::Unauthorized { .. }) => {
+                            return Err(OriginError::Unauthorized { host, challenge })
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 StatusCode::UNAUTHORIZED => {

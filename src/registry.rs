@@ -311,8 +311,15 @@ impl Mirror {
         m.http_duration
             .with_label_values(&[route_label])
             .observe(started.elapsed().as_secs_f64());
+        // The scheme only: the credential itself never reaches a log.
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("none");
         tracing::debug!(method = %method, path = %req.uri().path(), status = resp.status().as_u16(),
-            route = route_label, "answered");
+            route = route_label, auth, "answered");
         resp
     }
 

@@ -119,13 +119,15 @@ impl Fetcher {
         accept: Option<&HeaderValue>,
         client_auth: Option<&HeaderValue>,
     ) -> Result<Manifest, FetchError> {
+        // A client that names no manifest type (curl's or reqwest's `*/*`)
+        // would get a 404 for an OCI manifest from distribution; ask for every
+        // type on its behalf. A client that names types gets exactly those.
+        let accept = accept
+            .filter(|a| a.to_str().is_ok_and(|s| s.contains("manifest")))
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static(DEFAULT_ACCEPT));
         let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::ACCEPT,
-            accept
-                .cloned()
-                .unwrap_or_else(|| HeaderValue::from_static(DEFAULT_ACCEPT)),
-        );
+        headers.insert(http::header::ACCEPT, accept);
         let req = origin::Request {
             method: Method::GET,
             path: format!("/v2/{repo}/manifests/{reference}"),
