@@ -1,1 +1,212 @@
-fn main() {}
+//! Mirror benchmarks, each against a baseline measured in the same run:
+//!
+//! 1. cache-hit throughput of one blob through the mirror, against
+//!    `docker-registry` serving the same blob (goal: at least 1.0x);
+//! 2. a cold pull through the mirror (origin to mirror to client), against
+//!    the same client pulling straight from the origin (goal: at least 0.9x);
+//! 3. the daemon's peak RSS while it streams a large blob cold (goal: at
+//!    most 100 MiB whatever the blob size), and its CPU time per GiB.
+//!
+//! ```text
+//! cargo bench --bench mirror                 # 1 GiB and 4 GiB blobs
+//! DAMSELFLY_BENCH_QUICK=1 cargo bench --bench mirror   # 256 MiB / 512 MiB
+//! ```
+//!
+//! The client streams each body and drops the bytes; it is the same client
+//! for the baseline and for damselfly. Everything runs on loopback, on the
+//! same cores, so the figures compare software, not networks.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/daemon/mod.rs"]
+mod daemon;
+
+use std::time::{Duration, Instant};
+
+use common::{push_blob, BlobSource, Registry, RegistryAuth};
+use daemon::Daemon;
+use futures_util::StreamExt;
+
+const RUNS: usize = 3;
+const MIB: f64 = (1u64 << 20) as f64;
+
+struct Pull {
+    secs: f64,
+    bytes: u64,
+    ttfb: f64,
+}
+
+impl Pull {
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / MIB / self.secs
+    }
+}
+
+async fn pull(client: &reqwest::Client, url: &str) -> Pull {
+    let start = Instant::now();
+    let resp = client.get(url).send().await.expect("request");
+    assert!(resp.status().is_success(), "{url}: {}", resp.status());
+    let mut body = resp.bytes_stream();
+    let mut bytes = 0u64;
+    let mut ttfb = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("body");
+        ttfb.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        bytes += chunk.len() as u64;
+    }
+    Pull {
+        secs: start.elapsed().as_secs_f64(),
+        bytes,
+        ttfb: ttfb.unwrap_or(0.0),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident set (VmHWM) and CPU seconds (user + system) of a process.
+fn process_usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
+    let clk_tck = 100.0;
+    (hwm_kib * 1024, (ticks(11) + ticks(12)) / clk_tck)
+}
+
+fn daemon_for(reg: &Registry) -> Daemon {
+    Daemon::start_with(daemon::Options {
+        store: "max_size = \"64GiB\"".into(),
+        extra: format!(
+            "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+            reg.host(),
+            reg.url()
+        ),
+        ..Default::default()
+    })
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing
+    // useful either way. Run only when asked to benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("mirror bench: run with `cargo bench --bench mirror`");
+        return;
+    }
+    common::require_tools();
+    let quick = std::env::var_os("DAMSELFLY_BENCH_QUICK").is_some();
+    let (size, big) = if quick {
+        (256u64 << 20, 512u64 << 20)
+    } else {
+        (1u64 << 30, 4u64 << 30)
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("client");
+
+    let reg = Registry::start(RegistryAuth::None).expect("registry");
+    eprintln!("pushing {} MiB and {} MiB blobs...", size >> 20, big >> 20);
+    let (digest, _) =
+        push_blob(&reg.url(), "bench/blob", BlobSource::random(1, size), None).expect("push");
+    let (big_digest, _) =
+        push_blob(&reg.url(), "bench/big", BlobSource::random(2, big), None).expect("push big");
+    let origin_url = format!("{}/v2/bench/blob/blobs/{digest}", reg.url());
+
+    // 1 and 2: direct, cold through the mirror, then hits.
+    let mut direct = Vec::new();
+    let mut cold = Vec::new();
+    let mut hits = Vec::new();
+    let mut hit_ttfb = Vec::new();
+    for run in 0..RUNS {
+        direct.push(rt.block_on(pull(&client, &origin_url)));
+        let d = daemon_for(&reg);
+        let mirror_url = format!("{}/v2/bench/blob/blobs/{digest}?ns={}", d.url(), reg.host());
+        cold.push(rt.block_on(pull(&client, &mirror_url)));
+        let h = rt.block_on(pull(&client, &mirror_url));
+        hit_ttfb.push(h.ttfb);
+        hits.push(h);
+        eprintln!(
+            "run {run}: direct {:.0} MiB/s, cold {:.0} MiB/s, hit {:.0} MiB/s",
+            direct[run].mib_s(),
+            cold[run].mib_s(),
+            hits[run].mib_s()
+        );
+        // One more origin pull after the hit, so the baseline sees the same
+        // page-cache state as the mirror did.
+        direct.push(rt.block_on(pull(&client, &origin_url)));
+    }
+    let direct_mib = median(direct.iter().map(Pull::mib_s).collect());
+    let cold_mib = median(cold.iter().map(Pull::mib_s).collect());
+    let hit_mib = median(hits.iter().map(Pull::mib_s).collect());
+
+    // 3: peak RSS and CPU streaming a big blob cold.
+    let d = daemon_for(&reg);
+    let (rss_before, _) = process_usage(d.pid());
+    let big_url = format!(
+        "{}/v2/bench/big/blobs/{big_digest}?ns={}",
+        d.url(),
+        reg.host()
+    );
+    let big_pull = rt.block_on(pull(&client, &big_url));
+    // Let the commit finish before reading the counters.
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss_peak, cpu) = process_usage(d.pid());
+    let gib = big as f64 / (1u64 << 30) as f64;
+
+    let machine = format!(
+        "{} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c
+                .lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
+            .unwrap_or_default()
+    );
+    println!("\n## mirror bench ({machine})\n");
+    println!("| measure | baseline | damselfly | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| cache hit, {} MiB blob (median of {RUNS}) | docker-registry {direct_mib:.0} MiB/s | {hit_mib:.0} MiB/s | {:.2}x | >= 1.0x |",
+        size >> 20,
+        hit_mib / direct_mib
+    );
+    println!(
+        "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.9x |",
+        size >> 20,
+        cold_mib / direct_mib
+    );
+    println!(
+        "| peak RSS streaming {} MiB cold | idle daemon {:.1} MiB | {:.1} MiB | | <= 100 MiB |",
+        big >> 20,
+        rss_before as f64 / MIB,
+        rss_peak as f64 / MIB
+    );
+    println!(
+        "| daemon CPU streaming {} MiB cold ({:.0} MiB/s) | | {:.2} CPU-s per GiB | | |",
+        big >> 20,
+        big_pull.mib_s(),
+        cpu / gib
+    );
+    println!(
+        "| time to first byte, cache hit (median) | | {:.1} ms | | |",
+        median(hit_ttfb) * 1000.0
+    );
+}

@@ -265,10 +265,12 @@ impl Config {
     /// Validates config text. `origin` names the file in errors, and relative
     /// paths inside it (`password_file`, `ca_file`) resolve against its folder.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        let table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            path: origin.to_owned(),
-            message: e.message().to_owned(),
-        })?;
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: e.message().to_owned(),
+            })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         Config::from_table(&table, base).map_err(|issues| ConfigError::Invalid {
             path: origin.to_owned(),
@@ -309,7 +311,10 @@ impl Config {
                 .unwrap_or_else(default_store_dir),
             max_size: v.size(store, "store", "max_size", "100GiB"),
         };
-        let log_format = match v.opt_string(telemetry, "telemetry", "log_format").as_deref() {
+        let log_format = match v
+            .opt_string(telemetry, "telemetry", "log_format")
+            .as_deref()
+        {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
@@ -506,7 +511,9 @@ impl Validator {
     }
 
     fn addr(&mut self, t: &Table, section: &str, key: &str, default: &str) -> SocketAddr {
-        let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let fallback: SocketAddr = default
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
         let Some(s) = self.opt_string(t, section, key) else {
             return fallback;
         };
@@ -618,28 +625,30 @@ impl Validator {
             }
             let endpoint = match self.opt_string(t, &at, "endpoint") {
                 None => default_endpoint(&host),
-                Some(s) => match Url::parse(&s) {
-                    Ok(u)
-                        if matches!(u.scheme(), "http" | "https")
-                            && u.host_str().is_some()
-                            && u.path() == "/"
-                            && u.query().is_none()
-                            && u.username().is_empty() =>
-                    {
-                        Some(u)
-                    }
-                    Ok(_) => {
-                        self.issue(
+                Some(s) => {
+                    match Url::parse(&s) {
+                        Ok(u)
+                            if matches!(u.scheme(), "http" | "https")
+                                && u.host_str().is_some()
+                                && u.path() == "/"
+                                && u.query().is_none()
+                                && u.username().is_empty() =>
+                        {
+                            Some(u)
+                        }
+                        Ok(_) => {
+                            self.issue(
                             &format!("{at}.endpoint"),
                             &format!("{s:?} must be http(s)://host[:port] with no path, query or user"),
                         );
-                        None
+                            None
+                        }
+                        Err(e) => {
+                            self.issue(&format!("{at}.endpoint"), &format!("{s:?}: {e}"));
+                            None
+                        }
                     }
-                    Err(e) => {
-                        self.issue(&format!("{at}.endpoint"), &format!("{s:?}: {e}"));
-                        None
-                    }
-                },
+                }
             };
             let username = self.opt_string(t, &at, "username");
             let password_file = self.opt_path(t, &at, "password_file");

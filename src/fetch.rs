@@ -228,7 +228,11 @@ impl Fetcher {
         digest: &Digest,
         client_auth: Option<&HeaderValue>,
     ) -> Result<(Arc<Download>, bool), FetchError> {
-        let mut inflight = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(dl) = inflight.get(digest) {
             return Ok((dl.clone(), false));
         }
@@ -302,12 +306,13 @@ impl DownloadJob {
     async fn download(&self) -> Result<(), FetchError> {
         let inner = &self.fetcher.inner;
         let digest = &self.dl.digest;
-        let (mut hasher, mut written) = rehash(self.writer.clone()).await.map_err(|source| {
-            FetchError::Io {
-                what: "partial download".into(),
-                source,
-            }
-        })?;
+        let (mut hasher, mut written) =
+            rehash(self.writer.clone())
+                .await
+                .map_err(|source| FetchError::Io {
+                    what: "partial download".into(),
+                    source,
+                })?;
         if written > 0 {
             tracing::info!(digest = %digest, bytes = written, "resuming partial download");
             self.dl.progress.send_modify(|p| p.written = written);
@@ -409,7 +414,9 @@ impl DownloadJob {
         };
         match *total {
             Some(t) if t != size => {
-                return Err(bad(format!("size changed from {t} to {size} between requests")))
+                return Err(bad(format!(
+                    "size changed from {t} to {size} between requests"
+                )))
             }
             _ => {}
         }

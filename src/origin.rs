@@ -224,9 +224,7 @@ impl Origin {
                         what: req.kind,
                     })
                 }
-                StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(OriginError::TooManyRequests { host })
-                }
+                StatusCode::TOO_MANY_REQUESTS => return Err(OriginError::TooManyRequests { host }),
                 _ => return Err(OriginError::Status { host, status }),
             }
         }
@@ -241,7 +239,10 @@ impl Origin {
         challenge: Option<&HeaderValue>,
         creds: Option<&Credentials>,
     ) -> Result<Option<HeaderValue>, OriginError> {
-        let Some(ch) = challenge.and_then(|c| c.to_str().ok()).and_then(parse_challenge) else {
+        let Some(ch) = challenge
+            .and_then(|c| c.to_str().ok())
+            .and_then(parse_challenge)
+        else {
             return Ok(None);
         };
         // The puller's basic credentials may be used to get a token for it;
@@ -249,7 +250,10 @@ impl Origin {
         let client_basic = req
             .client_auth
             .and_then(|h| h.to_str().ok())
-            .and_then(|s| s.strip_prefix("Basic ").or_else(|| s.strip_prefix("basic ")))
+            .and_then(|s| {
+                s.strip_prefix("Basic ")
+                    .or_else(|| s.strip_prefix("basic "))
+            })
             .map(str::to_owned);
         if req.client_auth.is_some() && client_basic.is_none() {
             return Ok(None);
@@ -299,8 +303,8 @@ impl Origin {
             realm: realm.clone(),
             reason,
         };
-        let mut url = url::Url::parse(&realm)
-            .map_err(|e| token_err(format!("realm is not a URL: {e}")))?;
+        let mut url =
+            url::Url::parse(&realm).map_err(|e| token_err(format!("realm is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(token_err("realm is not http(s)".into()));
         }
@@ -400,7 +404,10 @@ impl Origin {
     }
 
     fn lock_basic(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.inner.basic_hosts.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .basic_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn send_with_retries(
@@ -423,7 +430,9 @@ impl Origin {
             }
             let result = rb.send().await;
             let retryable = match &result {
-                Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
+                Ok(r) => {
+                    r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS
+                }
                 Err(e) => !e.is_builder() && !e.is_redirect(),
             };
             let label = match &result {
@@ -443,7 +452,9 @@ impl Origin {
             }
             attempt += 1;
             match &result {
-                Ok(r) => tracing::warn!(status = %r.status(), attempt, "origin request failed, retrying"),
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), attempt, "origin request failed, retrying")
+                }
                 Err(e) => tracing::warn!(error = %e, attempt, "origin request failed, retrying"),
             }
             tokio::time::sleep(jitter(backoff)).await;
@@ -458,8 +469,8 @@ fn jitter(d: Duration) -> Duration {
 }
 
 fn basic_header(c: &Credentials) -> HeaderValue {
-    let raw = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", c.username, c.password));
+    let raw =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
     let mut h = HeaderValue::from_str(&format!("Basic {raw}"))
         .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
     h.set_sensitive(true);
@@ -485,10 +496,11 @@ fn build_client(
             host: host.clone(),
             reason: format!("cannot read ca_file {}: {e}", ca.display()),
         })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| OriginError::Setup {
-            host: host.clone(),
-            reason: format!("ca_file {} is not PEM: {e}", ca.display()),
-        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| OriginError::Setup {
+                host: host.clone(),
+                reason: format!("ca_file {} is not PEM: {e}", ca.display()),
+            })?;
         if certs.is_empty() {
             return Err(OriginError::Setup {
                 host,
@@ -520,7 +532,11 @@ pub fn parse_challenge(s: &str) -> Option<Challenge> {
         Some((a, b)) => (a, b.trim_start()),
         None => (s, ""),
     };
-    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return None;
     }
     let mut params = HashMap::new();

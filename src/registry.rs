@@ -153,6 +153,12 @@ pub fn parse_route(path: &str, query: Option<&str>) -> Result<Route, ApiError> {
         p => p.strip_prefix("/v2/").ok_or_else(not_found)?,
     };
     let segments: Vec<&str> = rest.split('/').collect();
+    if segments.iter().any(|s| *s == ".." || *s == ".") {
+        return Err(bad_request(
+            ErrorCode::NameInvalid,
+            "path contains a '.' or '..' segment",
+        ));
+    }
     if segments.len() < 3 {
         return Err(not_found());
     }
@@ -163,13 +169,12 @@ pub fn parse_route(path: &str, query: Option<&str>) -> Result<Route, ApiError> {
         "manifests" => {
             oci::validate_repository(&name).map_err(|m| bad_request(ErrorCode::NameInvalid, m))?;
             let reference = if tail[1].contains(':') {
-                Reference::Digest(
-                    tail[1]
-                        .parse()
-                        .map_err(|e: oci::DigestError| bad_request(ErrorCode::DigestInvalid, e.to_string()))?,
-                )
+                Reference::Digest(tail[1].parse().map_err(|e: oci::DigestError| {
+                    bad_request(ErrorCode::DigestInvalid, e.to_string())
+                })?)
             } else {
-                oci::validate_tag(tail[1]).map_err(|m| bad_request(ErrorCode::ManifestInvalid, m))?;
+                oci::validate_tag(tail[1])
+                    .map_err(|m| bad_request(ErrorCode::ManifestInvalid, m))?;
                 Reference::Tag(tail[1].to_owned())
             };
             Ok(Route::Manifest {
@@ -180,9 +185,9 @@ pub fn parse_route(path: &str, query: Option<&str>) -> Result<Route, ApiError> {
         }
         "blobs" => {
             oci::validate_repository(&name).map_err(|m| bad_request(ErrorCode::NameInvalid, m))?;
-            let digest = tail[1]
-                .parse()
-                .map_err(|e: oci::DigestError| bad_request(ErrorCode::DigestInvalid, e.to_string()))?;
+            let digest = tail[1].parse().map_err(|e: oci::DigestError| {
+                bad_request(ErrorCode::DigestInvalid, e.to_string())
+            })?;
             Ok(Route::Blob { ns, name, digest })
         }
         _ => Err(not_found()),
@@ -402,7 +407,8 @@ impl Mirror {
                     .await
                     .map_err(|e| ApiError::from(&e))?;
                 let size = blob.size;
-                let (status, start, end) = match parse_range(headers.get(http::header::RANGE), size) {
+                let (status, start, end) = match parse_range(headers.get(http::header::RANGE), size)
+                {
                     RangeSpec::Full => (StatusCode::OK, 0, size),
                     RangeSpec::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
                     RangeSpec::Unsatisfiable => {
@@ -438,7 +444,11 @@ impl Mirror {
                     StreamBody::new(stream.map_ok(Frame::data)).boxed()
                 };
                 b.body(body).map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, e.to_string())
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        ErrorCode::Unknown,
+                        e.to_string(),
+                    )
                 })
             }
         }
@@ -472,7 +482,12 @@ fn manifest_response(m: Manifest, head_only: bool) -> Response<Body> {
 
 /// Serves the mirror on `listener` until `shutdown` fires, then lets
 /// in-flight requests finish for up to `drain`.
-pub async fn serve(listener: TcpListener, mirror: Mirror, shutdown: CancellationToken, drain: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    mirror: Mirror,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let max_buf = (mirror.inner.cfg.mirror.max_header_size as usize)
         .saturating_mul(4)
@@ -511,7 +526,10 @@ pub async fn serve(listener: TcpListener, mirror: Mirror, shutdown: Cancellation
     }
     drop(listener);
     tracing::info!(drain_s = drain.as_secs_f64(), "mirror draining");
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout passed; cutting remaining connections");
     }
 }

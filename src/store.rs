@@ -27,7 +27,9 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("store {path} is in use by another damselfly process")]
     Locked { path: PathBuf },
-    #[error("blob {digest} has {actual_size} bytes hashing to {actual}, expected {expected_size} bytes")]
+    #[error(
+        "blob {digest} has {actual_size} bytes hashing to {actual}, expected {expected_size} bytes"
+    )]
     Mismatch {
         digest: Digest,
         actual: String,
@@ -173,7 +175,10 @@ impl Store {
 
     /// Where the resumable download of `d` lives.
     pub fn partial_path(&self, d: &Digest) -> PathBuf {
-        self.inner.root.join("tmp").join(format!("{}.partial", d.hex()))
+        self.inner
+            .root
+            .join("tmp")
+            .join(format!("{}.partial", d.hex()))
     }
 
     pub fn tags_dir(&self) -> PathBuf {
@@ -341,11 +346,11 @@ impl Store {
         media_type: Option<&str>,
     ) -> Result<(), StoreError> {
         use sha2::Digest as _;
-        let tmp = self
-            .inner
-            .root
-            .join("tmp")
-            .join(format!("{}.small.{}", d.hex(), rand::random::<u32>()));
+        let tmp = self.inner.root.join("tmp").join(format!(
+            "{}.small.{}",
+            d.hex(),
+            rand::random::<u32>()
+        ));
         std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
         let actual = Digest::from_sha256(&sha2::Sha256::digest(bytes));
         self.commit(d, &tmp, &actual, bytes.len() as u64, None, media_type)
@@ -453,7 +458,14 @@ mod tests {
         let tmp = store.partial_path(&d);
         std::fs::write(&tmp, data).unwrap();
         store
-            .commit(&d, &tmp, &d, data.len() as u64, Some(data.len() as u64), None)
+            .commit(
+                &d,
+                &tmp,
+                &d,
+                data.len() as u64,
+                Some(data.len() as u64),
+                None,
+            )
             .unwrap();
         d
     }
@@ -467,7 +479,9 @@ mod tests {
         let wrong = digest_of(b"other");
         let tmp = store.partial_path(&wrong);
         std::fs::write(&tmp, b"hello").unwrap();
-        let err = store.commit(&wrong, &tmp, &d, 5, Some(5), None).unwrap_err();
+        let err = store
+            .commit(&wrong, &tmp, &d, 5, Some(5), None)
+            .unwrap_err();
         assert!(matches!(err, StoreError::Mismatch { .. }));
         assert!(!tmp.exists(), "mismatched data must be discarded");
         assert!(!store.contains(&wrong));

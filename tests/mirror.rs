@@ -8,8 +8,8 @@ mod daemon;
 use std::sync::OnceLock;
 
 use common::{
-    build_image_cached, push_image, write_hosts_toml, Containerd, ImageSpec, PushedImage,
-    Registry, RegistryAuth, TokenServer,
+    build_image_cached, push_image, write_hosts_toml, Containerd, ImageSpec, PushedImage, Registry,
+    RegistryAuth, TokenServer,
 };
 use daemon::Daemon;
 
@@ -36,7 +36,10 @@ fn registry_toml(host: &str, endpoint: &str) -> String {
 fn with_credentials(dir: &std::path::Path, user: &str, pass: &str) -> String {
     let pw = dir.join("password");
     std::fs::write(&pw, pass).expect("write password");
-    format!("username = \"{user}\"\npassword_file = \"{}\"\n", pw.display())
+    format!(
+        "username = \"{user}\"\npassword_file = \"{}\"\n",
+        pw.display()
+    )
 }
 
 /// The core promise: the first pull goes origin -> mirror -> containerd, the
@@ -53,7 +56,11 @@ fn containerd_pulls_through_the_mirror_and_then_from_the_cache() {
     let mark = reg.mark();
     let first = Containerd::start().unwrap();
     let out = first.pull(&img.reference, hosts.path(), &[]).unwrap();
-    assert!(out.success(), "first pull failed: {out:?}\n{}", d.log_tail(30));
+    assert!(
+        out.success(),
+        "first pull failed: {out:?}\n{}",
+        d.log_tail(30)
+    );
 
     let seen: Vec<_> = reg
         .requests_since(mark)
@@ -144,7 +151,10 @@ async fn manifests_carry_the_distribution_headers() {
     }
     let base = client.get(format!("{}/v2/", d.url())).send().await.unwrap();
     assert_eq!(base.status(), 200);
-    assert_eq!(base.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        base.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
 }
 
 /// An origin with htpasswd basic auth: the daemon's own credentials work
@@ -165,7 +175,11 @@ fn basic_auth_origin() {
     write_hosts_toml(hosts.path(), &reg.host(), &with_creds.url()).unwrap();
     let c = Containerd::start().unwrap();
     let out = c.pull(&img.reference, hosts.path(), &[]).unwrap();
-    assert!(out.success(), "pull with daemon credentials: {out:?}\n{}", with_creds.log_tail(30));
+    assert!(
+        out.success(),
+        "pull with daemon credentials: {out:?}\n{}",
+        with_creds.log_tail(30)
+    );
     assert_eq!(
         with_creds.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
         img.total_size
@@ -178,9 +192,15 @@ fn basic_auth_origin() {
     let out = c
         .pull(&img.reference, hosts.path(), &["--user", "puller:s3cret"])
         .unwrap();
-    assert!(out.success(), "pull with puller credentials: {out:?}\n{}", without.log_tail(30));
     assert!(
-        without.metric(r#"damselfly_http_requests_total{method="HEAD",route="manifest",status="401"}"#) >= 1.0,
+        out.success(),
+        "pull with puller credentials: {out:?}\n{}",
+        without.log_tail(30)
+    );
+    assert!(
+        without.metric(
+            r#"damselfly_http_requests_total{method="HEAD",route="manifest",status="401"}"#
+        ) >= 1.0,
         "the mirror should have passed the origin's challenge on"
     );
     assert_eq!(
@@ -189,7 +209,10 @@ fn basic_auth_origin() {
     );
     let c = Containerd::start().unwrap();
     let out = c.pull(&img.reference, hosts.path(), &[]).unwrap();
-    assert!(!out.success(), "an anonymous pull of a private image must fail");
+    assert!(
+        !out.success(),
+        "an anonymous pull of a private image must fail"
+    );
 }
 
 /// An origin with token auth (distribution's `auth.token` and a token
@@ -227,7 +250,11 @@ fn token_auth_origin() {
     let out = c
         .pull(&img.reference, hosts.path(), &["--user", "puller:s3cret"])
         .unwrap();
-    assert!(out.success(), "pull with puller credentials: {out:?}\n{}", anon.log_tail(30));
+    assert!(
+        out.success(),
+        "pull with puller credentials: {out:?}\n{}",
+        anon.log_tail(30)
+    );
     assert_eq!(
         anon.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
         img.total_size,

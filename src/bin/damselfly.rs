@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use damselfly::config::{self, Config};
 
 #[derive(Parser)]
-#[command(name = "damselfly", version, about = "Node-local image distribution: a verified registry mirror for containerd")]
+#[command(
+    name = "damselfly",
+    version,
+    about = "Node-local image distribution: a verified registry mirror for containerd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,7 +20,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: the registry mirror, the cache, and telemetry.
-    #[command(after_help = "Examples:\n  damselfly daemon\n  damselfly daemon --config /etc/damselfly/damselfly.toml")]
+    #[command(
+        after_help = "Examples:\n  damselfly daemon\n  damselfly daemon --config /etc/damselfly/damselfly.toml"
+    )]
     Daemon {
         /// TOML config file. Without it the built-in defaults apply.
         #[arg(long, short, env = "DAMSELFLY_CONFIG")]

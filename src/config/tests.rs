@@ -69,16 +69,24 @@ fn every_error_is_reported_at_once_with_its_path() {
 
 #[test]
 fn error_message_lists_each_issue() {
-    let err = parse("[mirror]\nlisten = 1\nnope = 2\n").unwrap_err().to_string();
+    let err = parse("[mirror]\nlisten = 1\nnope = 2\n")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("2 problem(s)"), "{err}");
-    assert!(err.contains("mirror.listen: must be a string, not integer"), "{err}");
+    assert!(
+        err.contains("mirror.listen: must be a string, not integer"),
+        "{err}"
+    );
     assert!(err.contains("mirror.nope: unknown key"), "{err}");
 }
 
 #[test]
 fn syntax_errors_name_the_file() {
     let err = parse("[mirror\n").unwrap_err().to_string();
-    assert!(err.contains("/etc/damselfly/test.toml is not valid TOML"), "{err}");
+    assert!(
+        err.contains("/etc/damselfly/test.toml is not valid TOML"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,7 +169,11 @@ fn docs_reference_matches_keys() {
                 .any(|t| t.as_table().is_some_and(|t| t.contains_key(field))),
             _ => false,
         };
-        assert!(present, "the example in docs/configuration.md lacks {}", key.path);
+        assert!(
+            present,
+            "the example in docs/configuration.md lacks {}",
+            key.path
+        );
     }
     if let Err(ConfigError::Invalid { issues, .. }) = Config::parse(example, &doc_path) {
         let real: Vec<_> = issues

@@ -50,7 +50,10 @@ impl Fetcher {
             lookups.with_label_values(&["manifest", "miss"]).inc();
         }
         let key = format!("{}/{repo}:{reference}", up.host());
-        match self.origin_manifest(up, repo, reference, accept, client_auth).await {
+        match self
+            .origin_manifest(up, repo, reference, accept, client_auth)
+            .await
+        {
             Ok(m) => {
                 if let Reference::Tag(_) = reference {
                     self.inner
@@ -216,7 +219,9 @@ mod tests {
     #[test]
     fn media_type_sniffing() {
         assert_eq!(
-            sniff_media_type(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#),
+            sniff_media_type(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            ),
             "application/vnd.docker.distribution.manifest.v2+json"
         );
         assert_eq!(

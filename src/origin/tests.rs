@@ -37,14 +37,18 @@ async fn server(
     ip: [u8; 4],
     answer: impl Fn(&str, Option<&str>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 ) -> (std::net::SocketAddr, Seen) {
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Seen = Arc::default();
     let answer = Arc::new(answer);
     let log = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let (answer, log) = (answer.clone(), log.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -122,7 +126,10 @@ async fn credentials_never_follow_a_redirect_to_another_host() {
     assert_eq!(resp.text().await.unwrap(), "data");
     // A puller's own header.
     let theirs = HeaderValue::from_static("Bearer puller-token");
-    let resp = origin.send(&up, &blob_request(Some(&theirs))).await.unwrap();
+    let resp = origin
+        .send(&up, &blob_request(Some(&theirs)))
+        .await
+        .unwrap();
     assert_eq!(resp.text().await.unwrap(), "data");
 
     let reg_seen = reg_seen.lock().unwrap().clone();
@@ -203,7 +210,10 @@ async fn server_errors_are_retried() {
         let mut n = c.lock().unwrap();
         *n += 1;
         if *n < 3 {
-            Response::builder().status(503).body(Full::default()).unwrap()
+            Response::builder()
+                .status(503)
+                .body(Full::default())
+                .unwrap()
         } else {
             Response::new(Full::from("ok"))
         }

@@ -36,23 +36,88 @@ fn routes() {
 #[test]
 fn bad_requests_get_the_right_code() {
     let cases: &[(&str, Option<&str>, StatusCode, ErrorCode)] = &[
-        ("/v2/../etc/blobs/x", None, StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-        ("/v2/a/../../blobs/sha256:00", None, StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-        ("/v2/a%2f..%2fb/manifests/v1", None, StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-        ("/v2/a/blobs/sha256:zz", None, StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
-        ("/v2/a/blobs/md5:00", None, StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
-        ("/v2/a/blobs/latest", None, StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
-        ("/v2/a/manifests/-bad", None, StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
-        ("/v2/a/manifests/v1", Some("ns=a%20b"), StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-        ("/v2/a/manifests/v1", Some("ns=a&ns=b"), StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-        ("/v2/a/tags/list", None, StatusCode::NOT_FOUND, ErrorCode::Unsupported),
-        ("/v2/a/blobs/uploads/", None, StatusCode::NOT_FOUND, ErrorCode::Unsupported),
-        ("/v1/a/blobs/x", None, StatusCode::NOT_FOUND, ErrorCode::Unsupported),
+        (
+            "/v2/../etc/blobs/x",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+        ),
+        (
+            "/v2/a/../../blobs/sha256:00",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+        ),
+        (
+            "/v2/a%2f..%2fb/manifests/v1",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+        ),
+        (
+            "/v2/a/blobs/sha256:zz",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::DigestInvalid,
+        ),
+        (
+            "/v2/a/blobs/md5:00",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::DigestInvalid,
+        ),
+        (
+            "/v2/a/blobs/latest",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::DigestInvalid,
+        ),
+        (
+            "/v2/a/manifests/-bad",
+            None,
+            StatusCode::BAD_REQUEST,
+            ErrorCode::ManifestInvalid,
+        ),
+        (
+            "/v2/a/manifests/v1",
+            Some("ns=a%20b"),
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+        ),
+        (
+            "/v2/a/manifests/v1",
+            Some("ns=a&ns=b"),
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+        ),
+        (
+            "/v2/a/tags/list",
+            None,
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unsupported,
+        ),
+        (
+            "/v2/a/blobs/uploads/",
+            None,
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unsupported,
+        ),
+        (
+            "/v1/a/blobs/x",
+            None,
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unsupported,
+        ),
         ("/", None, StatusCode::NOT_FOUND, ErrorCode::Unsupported),
     ];
     for (path, q, status, code) in cases {
         let e = route(path, *q).expect_err(path);
-        assert_eq!((e.status, e.code), (*status, *code), "{path} {q:?}: {}", e.message);
+        assert_eq!(
+            (e.status, e.code),
+            (*status, *code),
+            "{path} {q:?}: {}",
+            e.message
+        );
     }
 }
 
@@ -77,7 +142,10 @@ fn ranges() {
     assert_eq!(r("bytes=-3", 10), RangeSpec::Partial { start: 7, end: 10 });
     assert_eq!(r("bytes=-30", 10), RangeSpec::Full);
     assert_eq!(r("bytes=0-", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=8-100", 10), RangeSpec::Partial { start: 8, end: 10 });
+    assert_eq!(
+        r("bytes=8-100", 10),
+        RangeSpec::Partial { start: 8, end: 10 }
+    );
     assert_eq!(r("bytes=10-", 10), RangeSpec::Unsatisfiable);
     assert_eq!(r("bytes=10-20", 10), RangeSpec::Unsatisfiable);
     assert_eq!(r("bytes=-0", 10), RangeSpec::Unsatisfiable);

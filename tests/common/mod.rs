@@ -24,9 +24,11 @@
 //!   spawned with `PR_SET_PDEATHSIG`, and the lab removes its temp dirs at
 //!   process exit, so a component kept in a `static OnceLock` (never dropped)
 //!   does not outlive the test binary.
-//! - Helpers return `anyhow::Result` with the component's log tail in the
-//!   error rather than panicking; only assertion-style helpers
-//!   ([`require_tools`], [`CmdOutput::check`]'s callers) panic.
+//! - Helpers return `anyhow::Result` (with the component's log tail in the
+//!   error) rather than panicking on odd input; [`require_tools`] is the one
+//!   assertion. Non-zero exits of `ctr` and friends come back as a
+//!   [`CmdOutput`] for the test to judge ([`CmdOutput::check`] turns them
+//!   into errors).
 //! - Set `DAMSELFLY_LAB_KEEP=1` to keep every temp dir (logs, configs,
 //!   storage) for debugging; their paths are printed.
 //!
@@ -55,16 +57,29 @@ mod server;
 pub mod token;
 pub mod util;
 
+// Each test binary uses a different subset of these re-exports.
+#[allow(unused_imports)]
 pub use blob::{
     fetch_manifest, get_blob, push_blob, push_blob_async, verify_blob, BlobSource, Endpoint,
-    FetchedManifest, PushedBlob, RegistryClient,
+    FetchedManifest, RegistryClient,
 };
-pub use containerd::{write_direct_hosts_toml, write_hosts_toml, Containerd};
-pub use image::{build_image, build_image_cached, push_image, ImageSpec, LayerSpec, OciLayout, PushedImage};
-pub use proxy::{Fault, FaultProxy, ProxyRequest};
+#[allow(unused_imports)]
+pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml, Containerd};
+#[allow(unused_imports)]
+pub use image::{
+    build_image, build_image_cached, push_image, ImageSpec, LayerSpec, OciLayout, PushedImage,
+};
+#[allow(unused_imports)]
+pub use proxy::{Fault, FaultProxy, ProxyRequest, ALWAYS};
+#[allow(unused_imports)]
 pub use random::{random_bytes, random_digest, RandomReader};
-pub use registry::{parse_access_log_line, OriginRequest, Registry, RegistryAuth, RegistryOptions};
+#[allow(unused_imports)]
+pub use registry::{
+    parse_access_log_line, OriginRequest, Registry, RegistryAuth, RegistryOptions, TokenAuth,
+};
+#[allow(unused_imports)]
 pub use token::{TokenServer, TokenServerOptions};
+#[allow(unused_imports)]
 pub use util::{
     block_on, free_port, missing_tools, require_tools, run_command, sha256_hex, wait_for_http,
     CmdOutput, TestDir,

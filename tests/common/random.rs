@@ -34,7 +34,7 @@ pub fn fill_random(seed: u64, offset: u64, buf: &mut [u8]) {
     let mut pos = offset;
     let mut out = buf;
     // Unaligned head.
-    while pos % 8 != 0 && !out.is_empty() {
+    while !pos.is_multiple_of(8) && !out.is_empty() {
         out[0] = word(key, pos / 8)[(pos % 8) as usize];
         out = &mut out[1..];
         pos += 1;

@@ -22,7 +22,7 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -246,7 +246,10 @@ impl Registry {
 
     /// Starts a pull-through cache of `remote_url` (no client auth), the
     /// "central cache" baseline.
-    pub fn start_proxy(remote_url: &str, credentials: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+    pub fn start_proxy(
+        remote_url: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> anyhow::Result<Registry> {
         Registry::start_with(RegistryOptions {
             auth: RegistryAuth::None,
             proxy_remote_url: Some(remote_url.to_string()),
@@ -266,7 +269,11 @@ impl Registry {
             Some(url) => {
                 let mut s = format!("proxy:\n  remoteurl: {}\n", yaml_str(url));
                 if let Some((user, pass)) = &options.proxy_credentials {
-                    s += &format!("  username: {}\n  password: {}\n", yaml_str(user), yaml_str(pass));
+                    s += &format!(
+                        "  username: {}\n  password: {}\n",
+                        yaml_str(user),
+                        yaml_str(pass)
+                    );
                 }
                 s
             }
@@ -306,7 +313,9 @@ impl Registry {
                 Err(SpawnError::Other(e)) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| anyhow!("no attempt made")).context("registry could not bind a port in 5 attempts"))
+        Err(last_error
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context("registry could not bind a port in 5 attempts"))
     }
 
     fn spawn_and_wait(&self) -> Result<(), SpawnError> {
@@ -317,28 +326,42 @@ impl Registry {
                 .open(path)
                 .with_context(|| format!("open {}", path.display()))
         };
-        let mut cmd = Command::new("docker-registry");
+        let mut cmd = util::command("docker-registry");
         cmd.arg("serve")
             .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(open(&self.access_log)?)
             .stderr(open(&self.error_log)?);
+        // Only this run's part of the (appended) log counts.
+        let log_start = std::fs::metadata(&self.error_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let this_run_log = || {
+            let bytes = std::fs::read(&self.error_log).unwrap_or_default();
+            let start = (log_start as usize).min(bytes.len());
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        };
+        // Logged right after the listener is bound: an answer on the port
+        // before this line may come from another process that took it.
+        let bound_line = format!("listening on 127.0.0.1:{}", self.port);
         let mut child = ChildGuard::spawn(cmd, "docker-registry")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((status, _)) = raw_http_request(
-                &self.host(),
-                "GET",
-                &format!("/v2/?{LAB_MARKER}probe"),
-                Duration::from_secs(2),
-            ) {
-                if status == 200 || status == 401 {
-                    break;
+            let log = this_run_log();
+            if log.contains(&bound_line) {
+                if let Ok((status, _)) = raw_http_request(
+                    &self.host(),
+                    "GET",
+                    &format!("/v2/?{LAB_MARKER}probe"),
+                    Duration::from_secs(2),
+                ) {
+                    if status == 200 || status == 401 {
+                        break;
+                    }
                 }
             }
             if let Some(status) = child.try_wait().context("wait for docker-registry")? {
-                let log = std::fs::read_to_string(&self.error_log).unwrap_or_default();
-                if log.contains("address already in use") {
+                if this_run_log().contains("address already in use") {
                     return Err(SpawnError::PortInUse);
                 }
                 return Err(anyhow!(
@@ -405,7 +428,11 @@ impl Registry {
 
     /// The last `lines` lines of both logs, for assertion messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        format!("{}\n{}", log_tail(&self.access_log, lines), log_tail(&self.error_log, lines))
+        format!(
+            "{}\n{}",
+            log_tail(&self.access_log, lines),
+            log_tail(&self.error_log, lines)
+        )
     }
 
     /// Kills the registry (connections are refused until [`Registry::restart`]).
@@ -419,38 +446,44 @@ impl Registry {
     pub fn restart(&self) -> anyhow::Result<()> {
         self.stop();
         self.spawn_and_wait().map_err(|e| match e {
-            SpawnError::PortInUse => anyhow!("port {} was taken while the registry was down", self.port),
+            SpawnError::PortInUse => {
+                anyhow!("port {} was taken while the registry was down", self.port)
+            }
             SpawnError::Other(e) => e,
         })
     }
 
-    /// Freezes the process (SIGSTOP): connections are accepted by the kernel
-    /// but never answered, like a hung origin. Undo with [`Registry::resume`].
+    /// Freezes the process (SIGSTOP, and waits until every thread is
+    /// stopped): connections are accepted by the kernel but never answered,
+    /// like a hung origin. Undo with [`Registry::resume`].
     pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(libc::SIGSTOP)
+        let guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let child = guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("registry is stopped"))?;
+        child.stop_process().context("pause docker-registry")
     }
 
     /// Resumes a paused registry (SIGCONT).
     pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(libc::SIGCONT)
-    }
-
-    fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
         let guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let child = guard.as_ref().ok_or_else(|| anyhow!("registry is stopped"))?;
-        child.signal(signal).context("signal docker-registry")
+        let child = guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("registry is stopped"))?;
+        child.continue_process().context("resume docker-registry")
     }
 
     /// Waits until every request that completed before this call is in the
-    /// access log: sends a marked sentinel request and waits (at most 2 s)
-    /// for its line, which the registry writes after the earlier ones. If the
-    /// registry is down or paused it instead waits for the log to stop
-    /// growing (bounded too).
+    /// access log: sends a marked sentinel request and waits for its line,
+    /// which the registry writes after the earlier ones (a few ms; bounded to
+    /// 5 s). If the registry is down or paused it instead waits for the log
+    /// to stop growing for 100 ms (same bound).
     pub fn sync_log(&self) {
         let n = self.sync_counter.fetch_add(1, Ordering::Relaxed);
         let marker = format!("/v2/?{LAB_MARKER}sync-{}-{n}", std::process::id());
         let deadline = Instant::now() + Duration::from_secs(2);
-        let sent = raw_http_request(&self.host(), "GET", &marker, Duration::from_millis(500)).is_ok();
+        let sent =
+            raw_http_request(&self.host(), "GET", &marker, Duration::from_millis(500)).is_ok();
         if sent {
             while Instant::now() < deadline {
                 let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
@@ -466,7 +499,9 @@ impl Registry {
         // Fallback: wait for two equal sizes 100 ms apart.
         let mut last = u64::MAX;
         while Instant::now() < deadline {
-            let size = std::fs::metadata(&self.access_log).map(|m| m.len()).unwrap_or(0);
+            let size = std::fs::metadata(&self.access_log)
+                .map(|m| m.len())
+                .unwrap_or(0);
             if size == last {
                 return;
             }
@@ -516,7 +551,10 @@ impl Registry {
 
     /// Number of blob GETs after `mark`.
     pub fn blob_gets_since(&self, mark: usize) -> usize {
-        self.requests_since(mark).iter().filter(|r| r.is_blob_get()).count()
+        self.requests_since(mark)
+            .iter()
+            .filter(|r| r.is_blob_get())
+            .count()
     }
 
     /// Number of blob GETs of `digest` after `mark`.
@@ -527,23 +565,65 @@ impl Registry {
             .count()
     }
 
-    /// Body bytes written for blob GETs so far.
-    pub fn blob_bytes_sent(&self) -> u64 {
-        self.blob_bytes_sent_since(0)
+    /// Requests for repository `repo` after `mark`: what to count when
+    /// other tests share the registry (give each test its own repo).
+    pub fn requests_in_repo(&self, repo: &str, mark: usize) -> Vec<OriginRequest> {
+        self.requests_since(mark)
+            .into_iter()
+            .filter(|r| r.repo() == Some(repo))
+            .collect()
     }
 
-    /// Body bytes written for blob GETs after `mark`.
-    pub fn blob_bytes_sent_since(&self, mark: usize) -> u64 {
+    /// Body bytes written for successful GETs of blob `digest` after `mark`.
+    pub fn blob_bytes_sent_of(&self, digest: &str, mark: usize) -> u64 {
         self.requests_since(mark)
             .iter()
-            .filter(|r| r.is_blob_get())
+            .filter(|r| {
+                r.is_blob_get() && r.digest() == Some(digest) && (200..300).contains(&r.status)
+            })
             .map(|r| r.bytes)
             .sum()
     }
 
+    /// Body bytes written for successful blob GETs so far.
+    pub fn blob_bytes_sent(&self) -> u64 {
+        self.blob_bytes_sent_since(0)
+    }
+
+    /// Body bytes written for successful (2xx) blob GETs after `mark`
+    /// (error bodies of 404s and the like do not count).
+    pub fn blob_bytes_sent_since(&self, mark: usize) -> u64 {
+        self.requests_since(mark)
+            .iter()
+            .filter(|r| r.is_blob_get() && (200..300).contains(&r.status))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// Whether the registry's storage holds blob `digest` (a committed
+    /// `.../blobs/sha256/<ab>/<hex>/data` file). A pull-through cache stores
+    /// a missed blob in the background, so tests can wait on this.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        let Some(hex) = digest.strip_prefix("sha256:") else {
+            return false;
+        };
+        if hex.len() < 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+            .is_file()
+    }
+
     /// Number of manifest requests (GET or HEAD) after `mark`.
     pub fn manifest_requests_since(&self, mark: usize) -> usize {
-        self.requests_since(mark).iter().filter(|r| r.is_manifest()).count()
+        self.requests_since(mark)
+            .iter()
+            .filter(|r| r.is_manifest())
+            .count()
     }
 }
 
@@ -576,12 +656,15 @@ fn auth_section(auth: &RegistryAuth, dir: &TestDir) -> anyhow::Result<String> {
             if user.is_empty() || user.contains(':') {
                 bail!("htpasswd user {user:?} must be non-empty and contain no ':'");
             }
-            let output = Command::new("htpasswd")
+            let output = util::command("htpasswd")
                 .args(["-Bbn", user, pass])
                 .output()
                 .context("run htpasswd (apache2-utils)")?;
             if !output.status.success() {
-                bail!("htpasswd failed: {}", String::from_utf8_lossy(&output.stderr));
+                bail!(
+                    "htpasswd failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
             }
             let line = String::from_utf8_lossy(&output.stdout).trim().to_string();
             let path = dir.join("htpasswd");

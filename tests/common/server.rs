@@ -27,20 +27,31 @@ pub type LabBody = BoxBody<Bytes, BoxError>;
 
 /// A complete body.
 pub fn full(bytes: impl Into<Bytes>) -> LabBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// An empty body.
 pub fn empty() -> LabBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A response with a status, a content type and a complete body.
-pub fn simple_response(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<LabBody> {
+pub fn simple_response(
+    status: u16,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<LabBody> {
     let mut response = Response::new(full(body));
-    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
 }
@@ -65,7 +76,9 @@ impl ServerThread {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let runtime = if worker_threads <= 1 {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
         } else {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads)

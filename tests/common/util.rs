@@ -63,6 +63,23 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
         })
 }
 
+/// A `Command` for `program` without proxy variables in its environment,
+/// so children talk to 127.0.0.1 directly.
+pub fn command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// Whether the test process runs as root (containerd needs it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -107,7 +124,12 @@ pub fn wait_for_http(url: &str, timeout: Duration) -> anyhow::Result<u16> {
     }
     let deadline = Instant::now() + timeout;
     loop {
-        match raw_http_request(&format!("{host}:{port}"), "GET", &path, Duration::from_secs(2)) {
+        match raw_http_request(
+            &format!("{host}:{port}"),
+            "GET",
+            &path,
+            Duration::from_secs(2),
+        ) {
             Ok((status, _)) => return Ok(status),
             Err(e) if Instant::now() >= deadline => {
                 return Err(anyhow!(e).context(format!("{url} did not answer within {timeout:?}")))
@@ -189,7 +211,12 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
             let start = all.len().saturating_sub(lines);
-            format!("--- last {} lines of {} ---\n{}", all.len() - start, path.display(), all[start..].join("\n"))
+            format!(
+                "--- last {} lines of {} ---\n{}",
+                all.len() - start,
+                path.display(),
+                all[start..].join("\n")
+            )
         }
         Err(e) => format!("--- cannot read {}: {e} ---", path.display()),
     }
@@ -210,7 +237,8 @@ pub struct TestDir {
 }
 
 impl TestDir {
-    /// Creates `<base>/<prefix>XXXXXX`. The prefix is cut to 8 characters.
+    /// Creates `<base>/dl-<prefix>-XXXXXX`; the prefix is cut to 8
+    /// characters of `[A-Za-z0-9-]`.
     pub fn new(prefix: &str) -> io::Result<TestDir> {
         let base = match std::env::var_os("DAMSELFLY_LAB_TMP") {
             Some(base) => PathBuf::from(base),
@@ -234,7 +262,10 @@ impl TestDir {
         }
         cleanup_registry().dirs.insert(path.clone());
         install_exit_hook();
-        Ok(TestDir { dir: Some(dir), path })
+        Ok(TestDir {
+            dir: Some(dir),
+            path,
+        })
     }
 
     /// The directory's path.
@@ -273,10 +304,13 @@ struct Cleanup {
     dirs: HashSet<PathBuf>,
 }
 
-fn cleanup_registry() -> MutexGuard<'static, Cleanup> {
+fn cleanup_mutex() -> &'static Mutex<Cleanup> {
     static CLEANUP: OnceLock<Mutex<Cleanup>> = OnceLock::new();
-    CLEANUP
-        .get_or_init(Default::default)
+    CLEANUP.get_or_init(Default::default)
+}
+
+fn cleanup_registry() -> MutexGuard<'static, Cleanup> {
+    cleanup_mutex()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -292,7 +326,13 @@ fn install_exit_hook() {
 }
 
 extern "C" fn cleanup_at_exit() {
-    let mut cleanup = cleanup_registry();
+    // Never block at exit: if another thread holds the lock, skip (the
+    // children still get PR_SET_PDEATHSIG).
+    let mut cleanup = match cleanup_mutex().try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
     for pid in cleanup.pids.drain() {
         // SAFETY: plain syscalls on a pid that is our own child.
         unsafe {
@@ -333,7 +373,14 @@ fn spawn_supervised(mut cmd: Command) -> io::Result<Child> {
     // SAFETY: the closure only makes async-signal-safe syscalls.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if libc::getppid() != parent {
@@ -366,7 +413,8 @@ impl ChildGuard {
     /// Spawns `cmd` (with PDEATHSIG). `name` is used in messages.
     pub fn spawn(cmd: Command, name: &str) -> anyhow::Result<ChildGuard> {
         let program = format!("{:?}", cmd.get_program());
-        let child = spawn_supervised(cmd).with_context(|| format!("cannot start {name} ({program})"))?;
+        let child =
+            spawn_supervised(cmd).with_context(|| format!("cannot start {name} ({program})"))?;
         Ok(ChildGuard {
             child,
             name: name.to_string(),
@@ -400,6 +448,51 @@ impl ChildGuard {
         Ok(())
     }
 
+    /// SIGSTOPs the process and waits (at most 5 s) until all its threads
+    /// are stopped; the signal alone takes effect asynchronously.
+    pub fn stop_process(&self) -> io::Result<()> {
+        self.signal(libc::SIGSTOP)?;
+        self.wait_for_threads(true)
+    }
+
+    /// SIGCONTs the process and waits (at most 5 s) until no thread is
+    /// stopped.
+    pub fn continue_process(&self) -> io::Result<()> {
+        self.signal(libc::SIGCONT)?;
+        self.wait_for_threads(false)
+    }
+
+    fn wait_for_threads(&self, stopped: bool) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        loop {
+            let mut all = true;
+            for entry in std::fs::read_dir(&tasks)? {
+                let stat = std::fs::read_to_string(entry?.path().join("stat")).unwrap_or_default();
+                // The state is the field after the parenthesised command.
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next());
+                let is_stopped = matches!(state, Some('T') | Some('t'));
+                all &= is_stopped == stopped;
+            }
+            if all {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} did not become {}",
+                        self.name,
+                        if stopped { "stopped" } else { "running" }
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// SIGKILLs the process and waits for it.
     pub fn kill(&mut self) {
         if self.reaped {
@@ -413,7 +506,9 @@ impl ChildGuard {
     fn mark_reaped(&mut self) {
         if !self.reaped {
             self.reaped = true;
-            cleanup_registry().pids.remove(&(self.child.id() as libc::pid_t));
+            cleanup_registry()
+                .pids
+                .remove(&(self.child.id() as libc::pid_t));
         }
     }
 
