@@ -49,6 +49,7 @@
 
 pub mod blob;
 pub mod containerd;
+pub mod cri;
 pub mod image;
 pub mod proxy;
 pub mod random;
@@ -65,6 +66,8 @@ pub use blob::{
 };
 #[allow(unused_imports)]
 pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml, Containerd};
+#[allow(unused_imports)]
+pub use cri::cri_pull;
 #[allow(unused_imports)]
 pub use image::{
     build_image, build_image_cached, push_image, ImageSpec, LayerSpec, OciLayout, PushedImage,
