@@ -68,6 +68,12 @@ pub const KEYS: &[Key] = &[
         doc: "Quota for committed blobs. Least recently used blobs are evicted past it; blobs being read are never evicted.",
     },
     Key {
+        path: "admin.socket",
+        kind: "path",
+        default: "<store.dir>/admin.sock",
+        doc: "Unix socket of the admin API that the `damselfly cache`, `images` and `peers` commands use. Created mode 0600: only its owner (root in the DaemonSet) may connect.",
+    },
+    Key {
         path: "telemetry.listen",
         kind: "address",
         default: "127.0.0.1:4002",
@@ -141,6 +147,7 @@ pub const KEYS: &[Key] = &[
 pub struct Config {
     pub mirror: MirrorConfig,
     pub store: StoreConfig,
+    pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
     pub origin: OriginConfig,
     /// Empty means: mirror any registry over HTTPS.
@@ -161,6 +168,12 @@ pub struct StoreConfig {
     pub dir: PathBuf,
     /// Bytes.
     pub max_size: u64,
+}
+
+/// The admin API for the CLI.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +324,12 @@ impl Config {
                 .unwrap_or_else(default_store_dir),
             max_size: v.size(store, "store", "max_size", "100GiB"),
         };
+        let admin = v.section(root, "admin").unwrap_or(&empty);
+        let admin_cfg = AdminConfig {
+            socket: v
+                .opt_path(admin, "admin", "socket")
+                .unwrap_or_else(|| store_cfg.dir.join("admin.sock")),
+        };
         let log_format = match v
             .opt_string(telemetry, "telemetry", "log_format")
             .as_deref()
@@ -361,6 +380,7 @@ impl Config {
             Ok(Config {
                 mirror: mirror_cfg,
                 store: store_cfg,
+                admin: admin_cfg,
                 telemetry: telemetry_cfg,
                 origin: origin_cfg,
                 registries,

@@ -3,6 +3,7 @@
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin;
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::origin::{Origin, OriginError};
@@ -24,6 +25,8 @@ pub enum DaemonError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Listen(std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
 }
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
@@ -45,6 +48,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
 
     let origin = Origin::new(&cfg, metrics.clone())?;
     let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone());
+    let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));
     let mirror = Mirror::new(&cfg, fetcher, metrics);
 
     let mirror_listener = telemetry::bind(cfg.mirror.listen, "the mirror")
@@ -53,12 +57,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let telemetry_listener = telemetry::bind(cfg.telemetry.listen, "telemetry")
         .await
         .map_err(DaemonError::Listen)?;
+    let admin_listener = admin::server::bind(&cfg.admin.socket)?;
     let health = Health::default();
     let telemetry_stop = CancellationToken::new();
     let telemetry_task = tokio::spawn(telemetry::serve(
         telemetry_listener,
         prom,
         health.clone(),
+        telemetry_stop.clone(),
+    ));
+    let admin_task = tokio::spawn(admin::server::serve(
+        admin_listener,
+        admin_node,
         telemetry_stop.clone(),
     ));
 
@@ -80,6 +90,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
     telemetry_stop.cancel();
     let _ = telemetry_task.await;
+    let _ = admin_task.await;
     tracing::info!("damselfly stopped");
     Ok(())
 }

@@ -12,7 +12,7 @@
 //! re-hashes it and resumes with `Range`.
 
 mod manifest;
-mod tags;
+pub mod tags;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,10 +30,10 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::oci::Digest;
 use crate::origin::{self, Origin, OriginError, Upstream};
-use crate::store::{Lease, Store, StoreError};
+use crate::store::{Lease, Provenance, Store, StoreError};
 use crate::telemetry::Metrics;
 
-pub use manifest::Manifest;
+pub use manifest::{Manifest, MAX_MANIFEST};
 
 /// Bytes written to disk (and hashed) per batch while downloading.
 const WRITE_BATCH: usize = 1 << 20;
@@ -124,6 +124,18 @@ struct Download {
     file: Arc<File>,
 }
 
+/// A download in flight, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadStatus {
+    pub digest: Digest,
+    /// Bytes on disk so far.
+    pub written: u64,
+    /// The blob's size, once the origin said.
+    pub total: Option<u64>,
+    /// Requests following the download right now.
+    pub readers: u32,
+}
+
 /// A blob ready to stream: its size and where its bytes come from.
 pub struct Blob {
     pub size: u64,
@@ -171,6 +183,27 @@ impl Fetcher {
 
     pub fn origin(&self) -> &Origin {
         &self.inner.origin
+    }
+
+    /// A snapshot of the downloads in flight, for the admin API.
+    pub fn downloads(&self) -> Vec<DownloadStatus> {
+        let inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        inflight
+            .values()
+            .map(|dl| {
+                let p = dl.progress.borrow();
+                DownloadStatus {
+                    digest: dl.digest.clone(),
+                    written: p.written,
+                    total: p.total,
+                    readers: dl.progress.receiver_count() as u32,
+                }
+            })
+            .collect()
     }
 
     /// Opens blob `digest` of `repo`: from the store, or by joining or
@@ -356,6 +389,10 @@ impl DownloadJob {
         inner
             .store
             .commit(digest, &path, &actual, written, total, None)?;
+        let prov = Provenance::origin(self.up.host(), &self.repo);
+        if let Err(e) = inner.store.set_provenance(digest, &prov) {
+            tracing::debug!(digest = %digest, error = %e, "cannot record provenance");
+        }
         let usage = inner.store.usage();
         inner.metrics.store_bytes.set(usage.bytes as i64);
         inner.metrics.store_blobs.set(usage.blobs as i64);

@@ -28,8 +28,15 @@
 //! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
 //!   `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`daemon`]: wires the parts together and owns graceful shutdown.
+//! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
+//!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
+//!   answers from the store, so the CLI can also read a store directly.
+//! - [`cli`]: `damselfly cache|images|peers`: the client of the admin API,
+//!   its tables and its JSON.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;

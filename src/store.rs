@@ -3,8 +3,10 @@
 //! ```text
 //! <dir>/blobs/sha256/<hex>      committed, verified content
 //! <dir>/meta/sha256/<hex>       media type of a committed manifest (optional)
+//! <dir>/meta/sha256/<hex>.source where the blob came from (JSON, optional)
 //! <dir>/tmp/<hex>.partial       a download in progress, resumable
 //! <dir>/tags/<sha256 of key>    last good answer for a manifest tag
+//! <dir>/pins/<sha256 of target>.json  a pin: digests exempt from eviction
 //! ```
 //!
 //! A blob only ever appears under `blobs/` by an atomic rename, after its
@@ -12,14 +14,31 @@
 //! an fsync. So whatever moment the process dies, `blobs/` holds only
 //! verified content, and `tmp/` holds only partials, which the next download
 //! re-hashes and resumes.
+//!
+//! [`Store::open_read_only`] opens the same directory without its lock and
+//! without ever writing to it, for the CLI while the daemon is down.
+//! Pinning, on-demand GC and verification live in the [`pins`] and
+//! [`maintain`] submodules.
 
-use std::collections::HashMap;
+mod maintain;
+mod pins;
+
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use crate::oci::Digest;
+
+pub use maintain::{BlobInfo, Evicted, GcReport, Provenance, VerifyProgress, VerifyReport};
+pub use maintain::{CorruptBlob, Fetched};
+pub use pins::PinRecord;
+
+/// How stale a blob's on-disk access time (its mtime) may get before a read
+/// refreshes it; bounds the metadata writes a hot blob causes.
+const ACCESS_PERSIST_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +46,10 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("store {path} is in use by another damselfly process")]
     Locked { path: PathBuf },
+    #[error("store {path} was opened read-only")]
+    ReadOnly { path: PathBuf },
+    #[error("no store at {path}")]
+    Missing { path: PathBuf },
     #[error(
         "blob {digest} has {actual_size} bytes hashing to {actual}, expected {expected_size} bytes"
     )]
@@ -50,6 +73,8 @@ struct Entry {
     size: u64,
     /// Logical clock of the last access; larger is more recent.
     last_access: u64,
+    /// Wall-clock time of the last access, for people.
+    accessed: SystemTime,
     readers: u32,
 }
 
@@ -58,6 +83,8 @@ struct Index {
     entries: HashMap<Digest, Entry>,
     total: u64,
     clock: u64,
+    /// Union of every pin record's digests; never evicted.
+    pinned: HashSet<Digest>,
 }
 
 /// Totals for metrics and the admin view.
@@ -91,8 +118,9 @@ struct Inner {
     max_size: u64,
     index: Mutex<Index>,
     /// Held (with an exclusive lock) for the store's lifetime: two daemons
-    /// on one store would resume each other's partial files.
-    _lock: File,
+    /// on one store would resume each other's partial files. `None` for a
+    /// read-only view, which never writes.
+    lock_file: Option<File>,
 }
 
 /// Holds a blob open and in use: it is not evicted while a lease lives.
@@ -126,7 +154,7 @@ impl Store {
     /// Opens (creating if needed) the store at `root` and recovers from
     /// whatever a crash left behind.
     pub fn open(root: &Path, max_size: u64) -> Result<(Store, Recovery), StoreError> {
-        for sub in ["blobs/sha256", "meta/sha256", "tmp", "tags"] {
+        for sub in ["blobs/sha256", "meta/sha256", "tmp", "tags", "pins"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -146,16 +174,53 @@ impl Store {
                 root: root.to_owned(),
                 max_size,
                 index: Mutex::new(Index::default()),
-                _lock: lock,
+                lock_file: Some(lock),
             }),
         };
-        let recovery = store.recover()?;
+        let recovery = store.recover(true)?;
+        store.load_pins();
         store.evict_over_quota();
         Ok((store, recovery))
     }
 
+    /// Opens the store at `root` as it is, without taking its lock and
+    /// without writing anything: stray files are skipped, not removed, and
+    /// every mutation fails with [`StoreError::ReadOnly`]. What it shows is
+    /// a snapshot; a daemon may be changing the directory meanwhile.
+    pub fn open_read_only(root: &Path, max_size: u64) -> Result<Store, StoreError> {
+        if !root.join("blobs/sha256").is_dir() {
+            return Err(StoreError::Missing {
+                path: root.to_owned(),
+            });
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                max_size,
+                index: Mutex::new(Index::default()),
+                lock_file: None,
+            }),
+        };
+        store.recover(false)?;
+        store.load_pins();
+        Ok(store)
+    }
+
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.lock_file.is_none()
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.is_read_only() {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.root.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
@@ -173,6 +238,26 @@ impl Store {
         self.inner.root.join("meta/sha256").join(d.hex())
     }
 
+    fn source_path(&self, d: &Digest) -> PathBuf {
+        self.inner
+            .root
+            .join("meta/sha256")
+            .join(format!("{}.source", d.hex()))
+    }
+
+    /// Removes a blob's file and its side files. The index is the caller's.
+    fn unlink(&self, d: &Digest) -> io::Result<bool> {
+        let path = self.blob_path(d);
+        let existed = match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        let _ = std::fs::remove_file(self.meta_path(d));
+        let _ = std::fs::remove_file(self.source_path(d));
+        Ok(existed)
+    }
+
     /// Where the resumable download of `d` lives.
     pub fn partial_path(&self, d: &Digest) -> PathBuf {
         self.inner
@@ -185,7 +270,9 @@ impl Store {
         self.inner.root.join("tags")
     }
 
-    fn recover(&self) -> Result<Recovery, StoreError> {
+    /// Rebuilds the index from `blobs/`. With `fix`, removes what a crash
+    /// left behind; without, only skips it (a read-only view).
+    fn recover(&self, fix: bool) -> Result<Recovery, StoreError> {
         let mut rec = Recovery::default();
         let tmp = self.inner.root.join("tmp");
         for entry in std::fs::read_dir(&tmp).map_err(io_err(&tmp))? {
@@ -197,7 +284,7 @@ impl Store {
                 .is_some_and(|hex| Digest::from_hex(hex).is_ok());
             if keep {
                 rec.partials += 1;
-            } else {
+            } else if fix {
                 remove_any(&entry.path());
                 rec.removed += 1;
             }
@@ -215,17 +302,18 @@ impl Store {
                 }
                 // Only our own renames put files here; anything else is
                 // not ours to serve.
-                _ => {
+                _ if fix => {
                     remove_any(&entry.path());
                     rec.removed += 1;
                 }
+                _ => {}
             }
         }
-        // Oldest first, so that the logical clock orders by commit time
-        // until real accesses reorder it.
+        // Oldest first, so that the logical clock orders by the last access
+        // that reached the disk (an mtime) until real accesses reorder it.
         found.sort_by_key(|(mtime, _, _)| *mtime);
         let mut index = self.lock();
-        for (_, d, size) in found {
+        for (mtime, d, size) in found {
             index.clock += 1;
             let clock = index.clock;
             index.total += size;
@@ -236,6 +324,7 @@ impl Store {
                 Entry {
                     size,
                     last_access: clock,
+                    accessed: mtime.unwrap_or(SystemTime::UNIX_EPOCH),
                     readers: 0,
                 },
             );
@@ -249,18 +338,24 @@ impl Store {
 
     /// Opens a committed blob for reading, marking it used and in use.
     pub fn open_blob(&self, d: &Digest) -> Result<Option<Opened>, StoreError> {
-        {
+        let now = SystemTime::now();
+        let persist = {
             let mut index = self.lock();
             index.clock += 1;
             let clock = index.clock;
             match index.entries.get_mut(d) {
                 Some(e) => {
+                    let stale = now
+                        .duration_since(e.accessed)
+                        .is_ok_and(|age| age >= ACCESS_PERSIST_INTERVAL);
                     e.last_access = clock;
+                    e.accessed = now;
                     e.readers += 1;
+                    stale
                 }
                 None => return Ok(None),
             }
-        }
+        };
         let lease = Lease {
             store: self.clone(),
             digest: d.clone(),
@@ -269,6 +364,11 @@ impl Store {
         match File::open(&path) {
             Ok(file) => {
                 let size = file.metadata().map_err(io_err(&path))?.len();
+                if persist && !self.is_read_only() {
+                    // The access time survives a restart as the mtime, which
+                    // recovery orders the LRU by. Best effort.
+                    let _ = file.set_modified(now);
+                }
                 Ok(Some(Opened { file, size, lease }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -299,6 +399,7 @@ impl Store {
         expected_size: Option<u64>,
         media_type: Option<&str>,
     ) -> Result<(), StoreError> {
+        self.writable()?;
         if verified != d || expected_size.is_some_and(|e| e != size) {
             remove_any(tmp);
             return Err(StoreError::Mismatch {
@@ -329,6 +430,7 @@ impl Store {
                 Entry {
                     size,
                     last_access: clock,
+                    accessed: SystemTime::now(),
                     readers: 0,
                 },
             );
@@ -346,6 +448,7 @@ impl Store {
         media_type: Option<&str>,
     ) -> Result<(), StoreError> {
         use sha2::Digest as _;
+        self.writable()?;
         let tmp = self.inner.root.join("tmp").join(format!(
             "{}.small.{}",
             d.hex(),
@@ -359,13 +462,8 @@ impl Store {
     /// Removes a blob (for example one found corrupt). Readers holding it
     /// open keep their file handle.
     pub fn remove(&self, d: &Digest) -> Result<bool, StoreError> {
-        let path = self.blob_path(d);
-        let existed = match std::fs::remove_file(&path) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let _ = std::fs::remove_file(self.meta_path(d));
+        self.writable()?;
+        let existed = self.unlink(d).map_err(io_err(&self.blob_path(d)))?;
         self.forget(d);
         Ok(existed)
     }
@@ -386,39 +484,17 @@ impl Store {
         }
     }
 
-    /// Evicts least recently used blobs that nobody reads until the store
-    /// fits its quota. Returns the evicted digests.
+    /// Evicts least recently used blobs that nobody reads and nobody
+    /// pinned until the store fits its quota. Returns the evicted digests.
     pub fn evict_over_quota(&self) -> Vec<Digest> {
-        let mut victims = Vec::new();
-        {
-            let mut index = self.lock();
-            if index.total <= self.inner.max_size {
-                return victims;
-            }
-            let mut candidates: Vec<(u64, Digest, u64)> = index
-                .entries
-                .iter()
-                .filter(|(_, e)| e.readers == 0)
-                .map(|(d, e)| (e.last_access, d.clone(), e.size))
-                .collect();
-            candidates.sort_unstable_by_key(|(t, _, _)| *t);
-            for (_, d, size) in candidates {
-                if index.total <= self.inner.max_size {
-                    break;
-                }
-                index.entries.remove(&d);
-                index.total -= size;
-                victims.push(d);
-            }
+        if self.is_read_only() {
+            return Vec::new();
         }
-        for d in &victims {
-            // Unlinking under a reader that opened it a moment ago is fine:
-            // its handle stays valid. The index no longer lists it either way.
-            let _ = std::fs::remove_file(self.blob_path(d));
-            let _ = std::fs::remove_file(self.meta_path(d));
-            tracing::debug!(digest = %d, "evicted");
+        if self.lock().total <= self.inner.max_size {
+            return Vec::new();
         }
-        victims
+        let victims = self.evict_to(self.inner.max_size, false).evicted;
+        victims.into_iter().map(|e| e.digest).collect()
     }
 }
 
@@ -445,124 +521,4 @@ fn sync_dir(dir: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use sha2::Digest as _;
-
-    fn digest_of(b: &[u8]) -> Digest {
-        Digest::from_sha256(&sha2::Sha256::digest(b))
-    }
-
-    fn put(store: &Store, data: &[u8]) -> Digest {
-        let d = digest_of(data);
-        let tmp = store.partial_path(&d);
-        std::fs::write(&tmp, data).unwrap();
-        store
-            .commit(
-                &d,
-                &tmp,
-                &d,
-                data.len() as u64,
-                Some(data.len() as u64),
-                None,
-            )
-            .unwrap();
-        d
-    }
-
-    #[test]
-    fn commit_verifies_and_recovery_rebuilds_the_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
-        let d = put(&store, b"hello");
-        assert!(store.contains(&d));
-        let wrong = digest_of(b"other");
-        let tmp = store.partial_path(&wrong);
-        std::fs::write(&tmp, b"hello").unwrap();
-        let err = store
-            .commit(&wrong, &tmp, &d, 5, Some(5), None)
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Mismatch { .. }));
-        assert!(!tmp.exists(), "mismatched data must be discarded");
-        assert!(!store.contains(&wrong));
-
-        // A crash leftover in tmp/ and a stray file in blobs/.
-        std::fs::write(dir.path().join("tmp/garbage"), b"x").unwrap();
-        std::fs::write(dir.path().join("blobs/sha256/not-a-digest"), b"x").unwrap();
-        std::fs::write(store.partial_path(&wrong), b"hel").unwrap();
-        drop(store);
-        let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(rec.blobs, 1);
-        assert_eq!(rec.bytes, 5);
-        assert_eq!(rec.partials, 1);
-        assert_eq!(rec.removed, 2);
-        assert!(store.contains(&d));
-        assert_eq!(store.usage().bytes, 5);
-    }
-
-    #[test]
-    fn lru_eviction_skips_blobs_in_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 10).unwrap();
-        let a = put(&store, b"aaaa");
-        let b = put(&store, b"bbbb");
-        let held = store.open_blob(&a).unwrap().unwrap(); // a is now most recent and in use
-        let c = put(&store, b"cccc"); // 12 bytes > 10: evict the LRU that is not read
-        assert!(store.contains(&a));
-        assert!(!store.contains(&b));
-        assert!(store.contains(&c));
-        // Touch c, then drop the lease on a: a is least recent but was in use.
-        drop(store.open_blob(&c).unwrap());
-        let d = put(&store, b"dddd");
-        assert!(store.contains(&a), "a is still held");
-        assert!(!store.contains(&c));
-        assert!(store.contains(&d));
-        drop(held);
-        assert_eq!(store.usage().bytes, 8);
-        let e = put(&store, b"eeee");
-        assert!(!store.contains(&a));
-        assert!(store.contains(&e));
-        assert!(store.usage().bytes <= 10);
-    }
-
-    #[test]
-    fn one_process_per_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 100).unwrap();
-        assert!(matches!(
-            Store::open(dir.path(), 100),
-            Err(StoreError::Locked { .. })
-        ));
-        drop(store);
-        assert!(Store::open(dir.path(), 100).is_ok());
-    }
-
-    #[test]
-    fn a_blob_removed_behind_our_back_is_forgotten() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 100).unwrap();
-        let d = put(&store, b"zz");
-        std::fs::remove_file(dir.path().join("blobs/sha256").join(d.hex())).unwrap();
-        assert!(store.open_blob(&d).unwrap().is_none());
-        assert!(!store.contains(&d));
-        assert_eq!(store.usage().bytes, 0);
-    }
-
-    #[test]
-    fn small_blobs_keep_their_media_type() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 100).unwrap();
-        let body = br#"{"schemaVersion":2}"#;
-        let d = digest_of(body);
-        store
-            .put_small(&d, body, Some("application/vnd.oci.image.manifest.v1+json"))
-            .unwrap();
-        assert_eq!(
-            store.media_type(&d).as_deref(),
-            Some("application/vnd.oci.image.manifest.v1+json")
-        );
-        let bad = digest_of(b"x");
-        assert!(store.put_small(&bad, body, None).is_err());
-        assert!(!store.contains(&bad));
-    }
-}
+mod tests;

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use damselfly::cli;
 use damselfly::config::{self, Config};
 
 #[derive(Parser)]
@@ -31,7 +32,58 @@ enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Inspect and manage this node's cache (through the daemon's admin socket).
+    #[command(after_help = CACHE_HELP)]
+    Cache {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(subcommand)]
+        command: cli::CacheCommand,
+    },
+    /// The images this node has seen, and how complete each is.
+    #[command(after_help = IMAGES_HELP)]
+    Images {
+        #[command(flatten)]
+        global: cli::Global,
+    },
+    /// Peers in the swarm: members, roles, latency, bytes each way.
+    #[command(after_help = PEERS_HELP)]
+    Peers {
+        #[command(flatten)]
+        global: cli::Global,
+    },
+    /// Print shell completions, e.g. `damselfly completions bash > /etc/bash_completion.d/damselfly`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
+
+const CACHE_HELP: &str = "Examples:
+  damselfly cache ls --sort size
+  damselfly cache inspect registry.example.com/team/model:v3
+  damselfly cache stats -o json
+  damselfly cache verify --repair
+  damselfly cache gc --dry-run --target 50GiB
+  damselfly cache pin registry.example.com/team/model:v3
+
+When the daemon is down, ls, inspect, stats, verify and images read the store
+directly (read-only); gc, pin, unpin and verify --repair take the store's lock.
+
+Exit codes:
+  0  success
+  1  the command failed (an I/O error, an image never pulled here, ...)
+  2  invalid input: bad flags, digest, image reference or config file
+  3  the daemon is needed and unreachable (not running, socket refused)
+  4  cache verify found corrupt blobs (without --repair)";
+
+const IMAGES_HELP: &str = "Examples:
+  damselfly images
+  damselfly images -o json | jq '.images[] | select(.complete < 1)'";
+
+const PEERS_HELP: &str = "Examples:
+  damselfly peers
+  damselfly peers -o json";
 
 #[derive(Subcommand)]
 enum ConfigCommand {
@@ -97,6 +149,18 @@ fn main() -> ExitCode {
         },
         Command::Config(ConfigCommand::Reference) => {
             print!("{}", config::reference_markdown());
+            ExitCode::SUCCESS
+        }
+        Command::Cache { global, command } => cli::cache(&global, command),
+        Command::Images { global } => cli::images(&global),
+        Command::Peers { global } => cli::peers(&global),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "damselfly",
+                &mut std::io::stdout(),
+            );
             ExitCode::SUCCESS
         }
     }

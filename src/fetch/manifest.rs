@@ -178,9 +178,12 @@ impl Fetcher {
         }
         let media_type = header_type.unwrap_or_else(|| sniff_media_type(&body));
         if !self.inner.store.contains(&actual) {
-            self.inner
-                .store
-                .put_small(&actual, &body, Some(&media_type))?;
+            let store = &self.inner.store;
+            store.put_small(&actual, &body, Some(&media_type))?;
+            let prov = crate::store::Provenance::origin(up.host(), repo);
+            if let Err(e) = store.set_provenance(&actual, &prov) {
+                tracing::debug!(digest = %actual, error = %e, "cannot record provenance");
+            }
         }
         Ok(Manifest {
             digest: actual,

@@ -2,7 +2,7 @@
 //! be resolved, for a bounded time, while its origin is unreachable.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +11,9 @@ use sha2::Digest as _;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagRecord {
+    /// `registry/repo:tag`. Records written before it was kept lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     pub digest: String,
     pub media_type: String,
     /// Seconds since the Unix epoch when the origin last confirmed it.
@@ -47,6 +50,7 @@ impl TagCache {
     /// Remembers the origin's current answer for `key` (registry/repo:tag).
     pub fn record(&self, key: &str, digest: &str, media_type: &str) {
         let rec = TagRecord {
+            reference: Some(key.to_owned()),
             digest: digest.to_owned(),
             media_type: media_type.to_owned(),
             confirmed_at: now(),
@@ -85,6 +89,21 @@ impl TagCache {
     }
 }
 
+/// Every record in `dir`, for listing the images a node has seen. Reads
+/// only; unreadable files are skipped.
+pub fn read_all(dir: &Path) -> Vec<TagRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path()).ok()?;
+            serde_json::from_slice::<TagRecord>(&bytes).ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,9 +118,13 @@ mod tests {
         assert_eq!(rec.digest, "sha256:aa");
         assert!(age <= Duration::from_secs(1));
         assert!(again.fallback("r/x:v2").is_none());
+        let all = read_all(dir.path());
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].reference.as_deref(), Some("r/x:v1"));
 
         // A record confirmed long ago is past the bound.
         let old = TagRecord {
+            reference: None,
             digest: "sha256:bb".into(),
             media_type: "m".into(),
             confirmed_at: now() - 120,

@@ -1,0 +1,113 @@
+//! The tables on fixed data: exact alignment, sizes and ages.
+
+use super::*;
+
+const NOW: u64 = 1_800_000_000;
+
+fn d(c: char) -> String {
+    format!("sha256:{}", c.to_string().repeat(64))
+}
+
+fn blob(c: char, kind: &str, size: u64, ago: u64, pinned: bool) -> BlobEntry {
+    BlobEntry {
+        digest: d(c),
+        size,
+        media_type: None,
+        kind: Some(kind.into()),
+        last_access: NOW - ago,
+        pinned,
+        readers: 0,
+        source: Some(SourceInfo {
+            from: "origin".into(),
+            registry: Some("registry.example.com".into()),
+            repository: Some("team/model".into()),
+            fetched_at: NOW - 3600,
+        }),
+        images: vec!["registry.example.com/team/model:v3".into()],
+    }
+}
+
+#[test]
+fn ages_and_sizes() {
+    assert_eq!(age(NOW, NOW - 5), "5s ago");
+    assert_eq!(age(NOW, NOW - 180), "3m ago");
+    assert_eq!(age(NOW, NOW - 7300), "2h ago");
+    assert_eq!(age(NOW, NOW - 200_000), "2d ago");
+    assert_eq!(age(NOW, NOW + 10), "0s ago");
+    assert_eq!(age(NOW, 0), "-");
+    assert_eq!(size(0), "0 B");
+    assert_eq!(size(3 << 20), "3.0 MiB");
+    assert_eq!(short(&d('a')), "sha256:aaaaaaaaaaaa");
+}
+
+#[test]
+fn ls_table() {
+    let list = BlobList {
+        blobs: vec![
+            blob('a', "layer", 2_100_000, 40, true),
+            blob('b', "manifest", 754, 3 * 3600, false),
+        ],
+    };
+    insta::assert_snapshot!(ls(&list, false, NOW, None));
+}
+
+#[test]
+fn ls_fits_a_narrow_terminal() {
+    let list = BlobList {
+        blobs: vec![blob('a', "layer", 2_100_000, 40, true)],
+    };
+    let out = ls(&list, false, NOW, Some(80));
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+    assert!(out.contains('…'));
+}
+
+#[test]
+fn stats_without_a_daemon() {
+    let s = Stats {
+        store_dir: "/var/lib/damselfly".into(),
+        used_bytes: 4 << 20,
+        quota_bytes: 100 << 30,
+        blobs: 5,
+        pinned_blobs: 1,
+        pinned_bytes: 1 << 20,
+        in_use_blobs: 0,
+        partials: 1,
+        partial_bytes: 512,
+        daemon: None,
+    };
+    insta::assert_snapshot!(stats(&s));
+}
+
+#[test]
+fn gc_that_cannot_reach_its_target() {
+    let r = GcReport {
+        dry_run: true,
+        target: 0,
+        before: 3 << 20,
+        after: 1 << 20,
+        freed: 2 << 20,
+        evicted: vec![Evicted {
+            digest: d('c'),
+            size: 2 << 20,
+        }],
+        kept_pinned_blobs: 1,
+        kept_pinned_bytes: 1 << 20,
+        kept_in_use_blobs: 0,
+        kept_in_use_bytes: 0,
+        reached: false,
+    };
+    insta::assert_snapshot!(gc(&r));
+}
+
+#[test]
+fn peers_before_the_swarm() {
+    let p = Peers {
+        swarm: "disabled".into(),
+        peers: vec![],
+        distrusted: vec![],
+    };
+    assert_eq!(
+        peers(&p),
+        "the peer-to-peer swarm is not built yet; this node has no peers\n"
+    );
+}

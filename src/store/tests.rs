@@ -1,0 +1,216 @@
+use super::*;
+use sha2::Digest as _;
+
+fn digest_of(b: &[u8]) -> Digest {
+    Digest::from_sha256(&sha2::Sha256::digest(b))
+}
+
+fn put(store: &Store, data: &[u8]) -> Digest {
+    let d = digest_of(data);
+    let tmp = store.partial_path(&d);
+    std::fs::write(&tmp, data).unwrap();
+    store
+        .commit(
+            &d,
+            &tmp,
+            &d,
+            data.len() as u64,
+            Some(data.len() as u64),
+            None,
+        )
+        .unwrap();
+    d
+}
+
+#[test]
+fn commit_verifies_and_recovery_rebuilds_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+    let d = put(&store, b"hello");
+    assert!(store.contains(&d));
+    let wrong = digest_of(b"other");
+    let tmp = store.partial_path(&wrong);
+    std::fs::write(&tmp, b"hello").unwrap();
+    let err = store
+        .commit(&wrong, &tmp, &d, 5, Some(5), None)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Mismatch { .. }));
+    assert!(!tmp.exists(), "mismatched data must be discarded");
+    assert!(!store.contains(&wrong));
+
+    // A crash leftover in tmp/ and a stray file in blobs/.
+    std::fs::write(dir.path().join("tmp/garbage"), b"x").unwrap();
+    std::fs::write(dir.path().join("blobs/sha256/not-a-digest"), b"x").unwrap();
+    std::fs::write(store.partial_path(&wrong), b"hel").unwrap();
+    drop(store);
+    let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(rec.blobs, 1);
+    assert_eq!(rec.bytes, 5);
+    assert_eq!(rec.partials, 1);
+    assert_eq!(rec.removed, 2);
+    assert!(store.contains(&d));
+    assert_eq!(store.usage().bytes, 5);
+}
+
+#[test]
+fn lru_eviction_skips_blobs_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 10).unwrap();
+    let a = put(&store, b"aaaa");
+    let b = put(&store, b"bbbb");
+    let held = store.open_blob(&a).unwrap().unwrap(); // a is now most recent and in use
+    let c = put(&store, b"cccc"); // 12 bytes > 10: evict the LRU that is not read
+    assert!(store.contains(&a));
+    assert!(!store.contains(&b));
+    assert!(store.contains(&c));
+    // Touch c, then drop the lease on a: a is least recent but was in use.
+    drop(store.open_blob(&c).unwrap());
+    let d = put(&store, b"dddd");
+    assert!(store.contains(&a), "a is still held");
+    assert!(!store.contains(&c));
+    assert!(store.contains(&d));
+    drop(held);
+    assert_eq!(store.usage().bytes, 8);
+    let e = put(&store, b"eeee");
+    assert!(!store.contains(&a));
+    assert!(store.contains(&e));
+    assert!(store.usage().bytes <= 10);
+}
+
+#[test]
+fn one_process_per_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), 100),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(store);
+    assert!(Store::open(dir.path(), 100).is_ok());
+}
+
+#[test]
+fn a_blob_removed_behind_our_back_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let d = put(&store, b"zz");
+    std::fs::remove_file(dir.path().join("blobs/sha256").join(d.hex())).unwrap();
+    assert!(store.open_blob(&d).unwrap().is_none());
+    assert!(!store.contains(&d));
+    assert_eq!(store.usage().bytes, 0);
+}
+
+#[test]
+fn small_blobs_keep_their_media_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let body = br#"{"schemaVersion":2}"#;
+    let d = digest_of(body);
+    store
+        .put_small(&d, body, Some("application/vnd.oci.image.manifest.v1+json"))
+        .unwrap();
+    assert_eq!(
+        store.media_type(&d).as_deref(),
+        Some("application/vnd.oci.image.manifest.v1+json")
+    );
+    let bad = digest_of(b"x");
+    assert!(store.put_small(&bad, body, None).is_err());
+    assert!(!store.contains(&bad));
+}
+
+#[test]
+fn pins_hold_against_gc_quota_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let a = put(&store, b"aaaa");
+    let b = put(&store, b"bbbb");
+    let c = put(&store, b"cccc");
+    store.pin("img", std::slice::from_ref(&a)).unwrap();
+    let dry = store.gc(4, true).unwrap();
+    assert_eq!(dry.evicted.len(), 2);
+    assert_eq!(store.usage().bytes, 12, "a dry run changes nothing");
+    let r = store.gc(4, false).unwrap();
+    assert_eq!((r.before, r.after), (12, 4));
+    assert_eq!(r.kept_pinned_blobs, 1);
+    assert!(store.contains(&a) && !store.contains(&b) && !store.contains(&c));
+    let r = store.gc(0, false).unwrap();
+    assert!(r.evicted.is_empty() && r.after == 4, "a pinned blob stays");
+    drop(store);
+
+    // A quota smaller than the pinned content evicts nothing pinned.
+    let (store, _) = Store::open(dir.path(), 2).unwrap();
+    assert!(store.is_pinned(&a));
+    assert!(store.contains(&a));
+    assert_eq!(store.pins().len(), 1);
+    // Two pins sharing a blob: unpinning one keeps it.
+    store.pin("other", std::slice::from_ref(&a)).unwrap();
+    assert!(store.unpin("img").unwrap().is_some());
+    assert!(store.is_pinned(&a));
+    assert!(store.unpin("img").unwrap().is_none());
+    store.unpin("other").unwrap();
+    assert!(!store.is_pinned(&a));
+    assert!(!store.contains(&a), "over quota once unpinned");
+}
+
+#[test]
+fn verify_reports_and_repairs_corrupt_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let a = put(&store, b"good");
+    let b = put(&store, b"fine");
+    std::fs::write(dir.path().join("blobs/sha256").join(b.hex()), b"evil").unwrap();
+    let mut seen = Vec::new();
+    let r = store.verify(false, &mut |p| seen.push(*p)).unwrap();
+    assert_eq!(r.checked, 2);
+    assert_eq!(r.corrupt.len(), 1);
+    assert_eq!(r.corrupt[0].digest, b);
+    assert_eq!(r.corrupt[0].actual, digest_of(b"evil").to_string());
+    assert!(r.removed.is_empty() && store.contains(&b));
+    let last = seen.last().unwrap();
+    assert_eq!((last.blobs_done, last.bytes_done), (2, 8));
+    let r = store.verify(true, &mut |_| {}).unwrap();
+    assert_eq!(r.removed, vec![b.clone()]);
+    assert!(!store.contains(&b) && store.contains(&a));
+    assert!(!dir.path().join("blobs/sha256").join(b.hex()).exists());
+}
+
+#[test]
+fn a_read_only_view_never_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Store::open_read_only(dir.path(), 100),
+        Err(StoreError::Missing { .. })
+    ));
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let a = put(&store, b"aaaa");
+    store
+        .set_provenance(&a, &Provenance::origin("reg.example.com", "team/x"))
+        .unwrap();
+    let stray = dir.path().join("blobs/sha256/stray");
+    std::fs::write(&stray, b"x").unwrap();
+    // The daemon still holds the lock: a view opens anyway.
+    let view = Store::open_read_only(dir.path(), 100).unwrap();
+    assert!(view.is_read_only());
+    assert!(stray.exists(), "a view removes nothing");
+    let blobs = view.blobs();
+    assert_eq!(blobs.len(), 1);
+    assert_eq!(blobs[0].digest, a);
+    assert!(blobs[0].accessed > std::time::UNIX_EPOCH);
+    assert_eq!(
+        view.provenance(&a).unwrap().registry.as_deref(),
+        Some("reg.example.com")
+    );
+    assert!(matches!(
+        view.pin("x", &[]),
+        Err(StoreError::ReadOnly { .. })
+    ));
+    assert!(matches!(view.remove(&a), Err(StoreError::ReadOnly { .. })));
+    assert!(matches!(
+        view.gc(0, false),
+        Err(StoreError::ReadOnly { .. })
+    ));
+    assert_eq!(view.gc(0, true).unwrap().evicted.len(), 1);
+    assert!(view.verify(true, &mut |_| {}).is_err());
+    assert_eq!(view.verify(false, &mut |_| {}).unwrap().corrupt.len(), 0);
+    assert!(store.contains(&a));
+}
