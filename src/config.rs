@@ -139,6 +139,30 @@ pub const KEYS: &[Key] = &[
         default: "(none)",
         doc: "Extra PEM CA certificates trusted for this registry, on top of the system and webpki roots.",
     },
+    Key {
+        path: "registry[].auth",
+        kind: "\"none\", \"basic\" or \"ecr\"",
+        default: "ecr for `<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]` hosts, basic with `username`, else none",
+        doc: "How the daemon authenticates on its own. `ecr`: a `GetAuthorizationToken` token from the node's AWS identity (see docs/ecr.md). A puller's own `Authorization` header wins over it.",
+    },
+    Key {
+        path: "registry[].ecr_region",
+        kind: "string",
+        default: "the region in the host name",
+        doc: "Region of the ECR API to ask for tokens. Required with `auth = \"ecr\"` when the host is not an ECR host name.",
+    },
+    Key {
+        path: "registry[].ecr_endpoint",
+        kind: "URL",
+        default: "the regional ECR API (FIPS for `-fips` hosts)",
+        doc: "Where to call `GetAuthorizationToken`: a VPC endpoint, or a test double such as moto.",
+    },
+    Key {
+        path: "registry[].role_arn",
+        kind: "string",
+        default: "(none)",
+        doc: "IAM role to assume (STS `AssumeRole`, session `damselfly`) with the node's credentials before asking ECR.",
+    },
 ];
 
 /// The validated configuration. Every field is filled; defaults were applied
@@ -200,8 +224,54 @@ pub struct OriginConfig {
 pub struct RegistryConfig {
     pub host: String,
     pub endpoint: Url,
+    /// Set exactly when `auth` is [`Auth::Basic`].
     pub credentials: Option<Credentials>,
     pub ca_file: Option<PathBuf>,
+    pub auth: Auth,
+}
+
+/// How the daemon authenticates to a registry by itself (a puller's own
+/// `Authorization` always wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    /// The configured `username` and `password_file`.
+    Basic,
+    /// Tokens from ECR's `GetAuthorizationToken` (see `origin::ecr`).
+    Ecr(EcrAuth),
+}
+
+/// Where ECR tokens for a registry come from. Registries with equal values
+/// share one cached token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EcrAuth {
+    pub region: String,
+    /// The account in the host name. It only keeps caches apart: a token
+    /// is good for every registry that the identity may read, so the call
+    /// names no `registryIds` (a deprecated field).
+    pub account: Option<String>,
+    /// Override of the ECR API endpoint.
+    pub endpoint: Option<Url>,
+    pub role_arn: Option<String>,
+    /// The host is an `ecr-fips` host: use the FIPS API endpoint too.
+    pub fips: bool,
+}
+
+impl Auth {
+    /// The default for a host with no explicit `auth`: ECR hosts get
+    /// [`Auth::Ecr`] with the account and region in their name.
+    pub fn default_for(host: &str) -> Auth {
+        match crate::origin::ecr::parse_host(host) {
+            Some(h) => Auth::Ecr(EcrAuth {
+                region: h.region,
+                account: Some(h.account),
+                endpoint: None,
+                role_arn: None,
+                fips: h.fips,
+            }),
+            None => Auth::None,
+        }
+    }
 }
 
 /// Basic credentials. The password never appears in `Debug` output.
@@ -227,6 +297,7 @@ impl fmt::Debug for RegistryConfig {
             .field("endpoint", &self.endpoint.as_str())
             .field("credentials", &self.credentials)
             .field("ca_file", &self.ca_file)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -401,6 +472,7 @@ impl Config {
                 endpoint: default_endpoint(ns)?,
                 credentials: None,
                 ca_file: None,
+                auth: Auth::default_for(ns),
             });
         }
         self.registries.iter().find(|r| r.host == ns).cloned()
@@ -612,6 +684,109 @@ impl Validator {
         }
     }
 
+    /// `auth` and the `ecr_*` keys of one `[[registry]]`.
+    fn registry_auth(&mut self, t: &Table, at: &str, host: &str, has_user: bool) -> Auth {
+        use crate::origin::ecr;
+        let region = self.opt_string(t, at, "ecr_region");
+        if let Some(r) = region.as_deref().filter(|r| !ecr::valid_region(r)) {
+            self.issue(
+                &format!("{at}.ecr_region"),
+                &format!("{r:?} is not an AWS region like \"us-east-1\""),
+            );
+        }
+        let endpoint = self
+            .opt_string(t, at, "ecr_endpoint")
+            .and_then(|s| match Url::parse(&s) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                    Some(u)
+                }
+                _ => {
+                    self.issue(
+                        &format!("{at}.ecr_endpoint"),
+                        &format!("{s:?} is not an http(s) URL"),
+                    );
+                    None
+                }
+            });
+        let role_arn = self.opt_string(t, at, "role_arn");
+        if let Some(r) = role_arn
+            .as_deref()
+            .filter(|r| !(r.starts_with("arn:") && r.contains(":role/")))
+        {
+            self.issue(
+                &format!("{at}.role_arn"),
+                &format!("{r:?} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)"),
+            );
+        }
+        let parsed = ecr::parse_host(host);
+        let kind = match self.opt_string(t, at, "auth").as_deref() {
+            Some(k @ ("none" | "basic" | "ecr")) => k.to_owned(),
+            Some(other) => {
+                self.issue(
+                    &format!("{at}.auth"),
+                    &format!("must be \"none\", \"basic\" or \"ecr\", not {other:?}"),
+                );
+                return Auth::None;
+            }
+            None if has_user => "basic".into(),
+            None if parsed.is_some() => "ecr".into(),
+            None => "none".into(),
+        };
+        if kind != "ecr" {
+            for key in ["ecr_region", "ecr_endpoint", "role_arn"] {
+                if t.contains_key(key) {
+                    self.issue(
+                        &format!("{at}.{key}"),
+                        &format!("is only used with auth = \"ecr\", not {kind:?}"),
+                    );
+                }
+            }
+        }
+        match kind.as_str() {
+            "basic" => {
+                if !has_user {
+                    self.issue(
+                        &format!("{at}.auth"),
+                        "\"basic\" needs username and password_file",
+                    );
+                }
+                Auth::Basic
+            }
+            "ecr" => {
+                if has_user {
+                    self.issue(
+                        &format!("{at}.username"),
+                        "username and password_file are for auth = \"basic\", not \"ecr\"",
+                    );
+                }
+                let Some(region) = region.or_else(|| parsed.as_ref().map(|p| p.region.clone()))
+                else {
+                    self.issue(
+                        &format!("{at}.ecr_region"),
+                        "is required with auth = \"ecr\" when the host is not an ECR host name",
+                    );
+                    return Auth::None;
+                };
+                Auth::Ecr(EcrAuth {
+                    region,
+                    account: parsed.as_ref().map(|p| p.account.clone()),
+                    endpoint,
+                    role_arn,
+                    fips: parsed.is_some_and(|p| p.fips),
+                })
+            }
+            _ => {
+                if has_user {
+                    self.issue(
+                        &format!("{at}.username"),
+                        "username and password_file need auth = \"basic\"",
+                    );
+                }
+                Auth::None
+            }
+        }
+    }
+
     fn registries(&mut self, root: &Table) -> Vec<RegistryConfig> {
         let items = match root.get("registry") {
             None => return Vec::new(),
@@ -705,12 +880,15 @@ impl Validator {
                     );
                 }
             }
+            let has_user = t.contains_key("username") || t.contains_key("password_file");
+            let auth = self.registry_auth(t, &at, &host, has_user);
             if let Some(endpoint) = endpoint {
                 out.push(RegistryConfig {
                     host,
                     endpoint,
                     credentials,
                     ca_file,
+                    auth,
                 });
             }
         }

@@ -47,6 +47,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     metrics.store_max_bytes.set(usage.max_size as i64);
 
     let origin = Origin::new(&cfg, metrics.clone())?;
+    origin.prefetch_ecr_tokens();
     let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone());
     let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));
     let mirror = Mirror::new(&cfg, fetcher, metrics);

@@ -18,8 +18,8 @@
 //!   validates requests, picks the upstream from containerd's `?ns=`, and maps
 //!   every error to OCI error JSON in one place.
 //! - [`origin`]: the client for upstream registries: bearer-token and basic
-//!   auth, retries with backoff, redirects that never carry credentials to
-//!   another host.
+//!   auth, ECR tokens from the node's AWS identity ([`origin::ecr`]), retries
+//!   with backoff, redirects that never carry credentials to another host.
 //! - [`fetch`]: the engine. Single flight per digest, resumable downloads
 //!   that readers stream from while they grow, tag resolution with a bounded
 //!   stale fallback.

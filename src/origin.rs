@@ -5,10 +5,13 @@
 //!
 //! - a puller's own `Authorization` header (forwarded by containerd) is used
 //!   for that request, so the origin authorizes the puller, not the node;
-//! - otherwise the configured credentials, or none: a `401` with a
-//!   `WWW-Authenticate: Bearer` challenge starts the token flow (tokens are
-//!   cached per registry, scope and identity until they expire), and a
-//!   `Basic` challenge is answered with the configured credentials;
+//! - otherwise the daemon's own credentials, from a [`CredentialSource`]:
+//!   none, static ones from the config, or ECR tokens from the node's AWS
+//!   identity ([`ecr`]). A `401` with a `WWW-Authenticate: Bearer` challenge
+//!   starts the token flow (tokens are cached per registry, scope and
+//!   identity until they expire), and a `Basic` challenge is answered with
+//!   the credentials. When the registry refuses credentials that can be
+//!   renewed (ECR), they are renewed once and the request is tried again;
 //! - redirects (S3, CDNs) are followed by reqwest, which drops
 //!   `Authorization` whenever the scheme, host or port changes;
 //! - idempotent requests are retried with exponential backoff on connection
@@ -22,9 +25,13 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use sha2::Digest as _;
 
-use crate::config::{Config, Credentials, OriginConfig, RegistryConfig};
+use crate::config::{Auth, Config, Credentials, EcrAuth, OriginConfig, RegistryConfig};
 use crate::oci::Digest;
 use crate::telemetry::Metrics;
+
+pub mod ecr;
+
+use ecr::{EcrCredentials, EcrError, EcrErrorKind, TokenSource};
 
 /// Tokens are refreshed this long before the registry says they expire.
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
@@ -37,15 +44,20 @@ const MAX_REDIRECTS: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
-    #[error("origin {host} requires authentication")]
+    #[error("origin {host} requires authentication{}", because(cause))]
     Unauthorized {
         host: String,
         /// The origin's `WWW-Authenticate`, passed on so the puller can
         /// authenticate itself.
         challenge: Option<HeaderValue>,
+        /// Why the daemon's own credentials were missing or refused.
+        cause: Option<CredentialError>,
     },
-    #[error("origin {host} denied access")]
-    Denied { host: String },
+    #[error("origin {host} denied access{}", because(cause))]
+    Denied {
+        host: String,
+        cause: Option<CredentialError>,
+    },
     #[error("origin {host} has no such {what}")]
     NotFound { host: String, what: &'static str },
     #[error("origin {host} is rate limiting")]
@@ -68,6 +80,20 @@ pub enum OriginError {
     Setup { host: String, reason: String },
 }
 
+fn because(cause: &Option<CredentialError>) -> String {
+    cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default()
+}
+
+/// Why the daemon had no usable credentials of its own.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CredentialError {
+    #[error(transparent)]
+    Ecr(#[from] EcrError),
+    /// The registry refused a token that was fetched for this very request.
+    #[error("{host} refused a fresh ECR token for {target}; is this the registry's region (ecr_region)?")]
+    FreshTokenRefused { host: String, target: String },
+}
+
 impl OriginError {
     /// True when the origin could not be asked at all (as opposed to
     /// answering no); only then may a stale tag answer stand in.
@@ -86,6 +112,56 @@ impl OriginError {
 pub struct Upstream {
     pub config: RegistryConfig,
     client: reqwest::Client,
+    credentials: CredentialSource,
+}
+
+/// Where the daemon's own credentials for a registry come from. `origin`
+/// asks it for the current credentials, and for new ones after a `401`.
+#[derive(Clone, Debug)]
+pub enum CredentialSource {
+    None,
+    Static(Credentials),
+    Ecr(Arc<EcrCredentials>),
+}
+
+impl CredentialSource {
+    /// The credentials to use now.
+    pub async fn current(&self) -> Result<Option<Credentials>, CredentialError> {
+        match self {
+            CredentialSource::None => Ok(None),
+            CredentialSource::Static(c) => Ok(Some(c.clone())),
+            CredentialSource::Ecr(e) => Ok(Some(e.current().await?)),
+        }
+    }
+
+    /// Freshly fetched credentials after the registry refused `stale`
+    /// (possibly equal to it), or `None` when nothing can be fetched
+    /// (static ones, or the rate limit).
+    pub async fn refresh(
+        &self,
+        stale: &Credentials,
+    ) -> Result<Option<Credentials>, CredentialError> {
+        match self {
+            CredentialSource::None | CredentialSource::Static(_) => Ok(None),
+            CredentialSource::Ecr(e) => Ok(e.refresh(stale).await?),
+        }
+    }
+
+    /// Registries known to take basic auth get it on the first request.
+    fn basic_up_front(&self) -> bool {
+        matches!(self, CredentialSource::Ecr(_))
+    }
+}
+
+/// What a request carried, to decide what a `401` means.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+enum Sent {
+    #[default]
+    Nothing,
+    /// The puller's own header.
+    Client,
+    /// Our credentials, as basic auth or through a token got with them.
+    Own,
 }
 
 impl Upstream {
@@ -118,6 +194,9 @@ struct OriginInner {
     tokens: Mutex<HashMap<TokenKey, (String, Instant)>>,
     /// Hosts known to want basic auth, so later requests send it at once.
     basic_hosts: Mutex<std::collections::HashSet<String>>,
+    /// One ECR token cache per account, region and way of getting there.
+    ecr: Mutex<HashMap<EcrAuth, Arc<EcrCredentials>>>,
+    ecr_source: Arc<dyn TokenSource>,
     metrics: Metrics,
 }
 
@@ -137,6 +216,16 @@ pub struct Request<'a> {
 
 impl Origin {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Origin, OriginError> {
+        Origin::with_ecr_source(cfg, metrics, Arc::new(ecr::AwsTokenSource::default()))
+    }
+
+    /// [`Origin::new`] with ECR tokens from `ecr_source` (tests use
+    /// [`ecr::MemoryTokenSource`]).
+    pub fn with_ecr_source(
+        cfg: &Config,
+        metrics: Metrics,
+        ecr_source: Arc<dyn TokenSource>,
+    ) -> Result<Origin, OriginError> {
         let mut clients = HashMap::new();
         for r in &cfg.registries {
             clients.insert(r.host.clone(), build_client(&cfg.origin, Some(r))?);
@@ -148,9 +237,44 @@ impl Origin {
                 default_client: build_client(&cfg.origin, None)?,
                 tokens: Mutex::new(HashMap::new()),
                 basic_hosts: Mutex::new(Default::default()),
+                ecr: Mutex::new(HashMap::new()),
+                ecr_source,
                 metrics,
             }),
         })
+    }
+
+    fn credential_source(&self, config: &RegistryConfig) -> CredentialSource {
+        match &config.auth {
+            Auth::None => CredentialSource::None,
+            Auth::Basic => config
+                .credentials
+                .clone()
+                .map_or(CredentialSource::None, CredentialSource::Static),
+            Auth::Ecr(key) => {
+                let mut ecr = self.inner.ecr.lock().unwrap_or_else(|p| p.into_inner());
+                let creds = ecr.entry(key.clone()).or_insert_with(|| {
+                    Arc::new(EcrCredentials::new(
+                        key.clone(),
+                        self.inner.ecr_source.clone(),
+                        self.inner.metrics.ecr_token_fetches.clone(),
+                    ))
+                });
+                CredentialSource::Ecr(creds.clone())
+            }
+        }
+    }
+
+    /// Starts fetching the ECR token of every configured ECR registry in
+    /// the background, so that the first pull on a fresh node does not wait
+    /// for it, and a broken identity shows in the log at start-up.
+    pub fn prefetch_ecr_tokens(&self) {
+        for r in &self.inner.cfg.registries {
+            if let CredentialSource::Ecr(creds) = self.credential_source(r) {
+                // Errors are logged (once) by the cache itself.
+                tokio::spawn(async move { creds.current().await.map(|_| ()) });
+            }
+        }
     }
 
     /// The upstream for containerd's `?ns=`, or `None` when that registry is
@@ -163,7 +287,12 @@ impl Origin {
             .get(&config.host)
             .unwrap_or(&self.inner.default_client)
             .clone();
-        Some(Upstream { config, client })
+        let credentials = self.credential_source(&config);
+        Some(Upstream {
+            config,
+            client,
+            credentials,
+        })
     }
 
     /// Sends `req`, handling auth challenges and retries. Any status other
@@ -180,16 +309,32 @@ impl Origin {
             up.config.endpoint.as_str().trim_end_matches('/'),
             req.path
         );
-        let creds = up.config.credentials.as_ref();
+        // The daemon's own credentials; not even looked up when the puller
+        // brought its own, which win for this request.
+        let mut st = AuthState::default();
+        if req.client_auth.is_none() {
+            match up.credentials.current().await {
+                Ok(c) => st.own = c,
+                Err(e) => st.cause = Some(e),
+            }
+        }
         // Pick the first Authorization to try without a round trip.
         let mut auth: Option<HeaderValue> = match req.client_auth {
-            Some(h) => Some(h.clone()),
-            None => self.cached_token(&host, &req.scope, creds).or_else(|| {
-                let basic = self.lock_basic().contains(&host);
-                creds.filter(|_| basic).map(basic_header)
-            }),
+            Some(h) => {
+                st.sent = Sent::Client;
+                Some(h.clone())
+            }
+            None => self
+                .cached_token(&host, &req.scope, st.own.as_ref())
+                .or_else(|| {
+                    let basic =
+                        up.credentials.basic_up_front() || self.lock_basic().contains(&host);
+                    st.own.as_ref().filter(|_| basic).map(basic_header)
+                }),
         };
-        let mut challenged = false;
+        if auth.is_some() && st.sent == Sent::Nothing {
+            st.sent = Sent::Own;
+        }
         loop {
             let resp = self.send_with_retries(up, req, &url, auth.as_ref()).await?;
             let status = resp.status();
@@ -198,26 +343,18 @@ impl Origin {
             }
             let challenge = resp.headers().get(http::header::WWW_AUTHENTICATE).cloned();
             match status {
-                StatusCode::UNAUTHORIZED if !challenged => {
-                    challenged = true;
+                StatusCode::UNAUTHORIZED => {
                     match self
-                        .answer_challenge(up, req, challenge.as_ref(), creds)
-                        .await
+                        .after_unauthorized(up, req, &mut st, auth.as_ref(), challenge.as_ref())
+                        .await?
                     {
-                        Ok(Some(next)) => auth = Some(next),
-                        // Nothing to try, or the token service refused our
-                        // identity: hand the origin's challenge on, so the
-                        // puller can authenticate itself.
-                        Ok(None) | Err(OriginError::Unauthorized { .. }) => {
-                            return Err(OriginError::Unauthorized { host, challenge })
-                        }
-                        Err(e) => return Err(e),
+                        Some(next) => auth = Some(next),
+                        // Nothing better to try: hand the origin's challenge
+                        // on, so the puller can authenticate itself.
+                        None => return Err(refused(host, challenge, st.cause)),
                     }
                 }
-                StatusCode::UNAUTHORIZED => {
-                    return Err(OriginError::Unauthorized { host, challenge })
-                }
-                StatusCode::FORBIDDEN => return Err(OriginError::Denied { host }),
+                StatusCode::FORBIDDEN => return Err(OriginError::Denied { host, cause: None }),
                 StatusCode::NOT_FOUND => {
                     return Err(OriginError::NotFound {
                         host,
@@ -227,6 +364,65 @@ impl Origin {
                 StatusCode::TOO_MANY_REQUESTS => return Err(OriginError::TooManyRequests { host }),
                 _ => return Err(OriginError::Status { host, status }),
             }
+        }
+    }
+
+    /// The next `Authorization` to try after a `401` to a request that
+    /// carried `sent`, or `None` to give up. Our own credentials, when
+    /// refused, are renewed once (ECR tokens; at a bounded rate); a challenge
+    /// is answered once.
+    async fn after_unauthorized(
+        &self,
+        up: &Upstream,
+        req: &Request<'_>,
+        st: &mut AuthState,
+        sent: Option<&HeaderValue>,
+        challenge: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, OriginError> {
+        if st.sent == Sent::Own {
+            if st.fresh {
+                return Ok(self.fresh_token_refused(up, st));
+            }
+            if let (false, Some(stale)) = (st.refreshed, st.own.clone()) {
+                st.refreshed = true;
+                match up.credentials.refresh(&stale).await {
+                    // AWS hands out the very token the registry refused.
+                    Ok(Some(fresh)) if fresh == stale => {
+                        return Ok(self.fresh_token_refused(up, st));
+                    }
+                    Ok(Some(fresh)) => {
+                        st.own = Some(fresh);
+                        st.fresh = true;
+                        // The challenge is answered again, with the new ones.
+                        st.challenged = false;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        st.cause = Some(e);
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        if st.challenged {
+            return Ok(None);
+        }
+        st.challenged = true;
+        match self
+            .answer_challenge(up, req, challenge, st.own.as_ref())
+            .await
+        {
+            // The same header again would only be refused again.
+            Ok(Some(next)) if Some(&next) == sent => Ok(None),
+            Ok(Some(next)) => {
+                if st.sent == Sent::Nothing {
+                    st.sent = Sent::Own;
+                }
+                Ok(Some(next))
+            }
+            // The token service refused the identity: give up like a 401.
+            Ok(None) | Err(OriginError::Unauthorized { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -264,7 +460,7 @@ impl Origin {
                     (Some(b), _) => {
                         format!("client:{}", hex::encode(sha2::Sha256::digest(b.as_bytes())))
                     }
-                    (None, Some(c)) => format!("configured:{}", c.username),
+                    (None, Some(c)) => own_identity(c),
                     (None, None) => "anonymous".to_owned(),
                 };
                 let basic = match (&client_basic, creds) {
@@ -286,6 +482,21 @@ impl Origin {
             },
             _ => Ok(None),
         }
+    }
+
+    /// Logs and records that the registry refused a token fetched for this
+    /// request; there is nothing more to try.
+    fn fresh_token_refused(&self, up: &Upstream, st: &mut AuthState) -> Option<HeaderValue> {
+        let e = CredentialError::FreshTokenRefused {
+            host: up.host().to_owned(),
+            target: match &up.credentials {
+                CredentialSource::Ecr(e) => ecr::describe(e.key()),
+                _ => up.host().to_owned(),
+            },
+        };
+        tracing::error!("{e}");
+        st.cause = Some(e);
+        None
     }
 
     async fn fetch_token(
@@ -336,9 +547,10 @@ impl Origin {
                 return Err(OriginError::Unauthorized {
                     host,
                     challenge: None,
+                    cause: None,
                 })
             }
-            StatusCode::FORBIDDEN => return Err(OriginError::Denied { host }),
+            StatusCode::FORBIDDEN => return Err(OriginError::Denied { host, cause: None }),
             s => return Err(token_err(format!("answered {s}"))),
         }
         #[derive(serde::Deserialize)]
@@ -382,9 +594,7 @@ impl Origin {
         let key = TokenKey {
             host: host.to_owned(),
             scope: scope.to_owned(),
-            identity: creds.map_or("anonymous".to_owned(), |c| {
-                format!("configured:{}", c.username)
-            }),
+            identity: creds.map_or("anonymous".to_owned(), own_identity),
         };
         let mut tokens = self.lock_tokens();
         match tokens.get(&key) {
@@ -463,9 +673,52 @@ impl Origin {
     }
 }
 
+/// Where a request stands with auth, across its retries.
+#[derive(Default)]
+struct AuthState {
+    /// The daemon's own credentials (`None` when the puller brought its own,
+    /// or none could be had).
+    own: Option<Credentials>,
+    sent: Sent,
+    challenged: bool,
+    /// A renewal was asked for (at most one per request).
+    refreshed: bool,
+    /// `own` was renewed for this request.
+    fresh: bool,
+    /// Why our own credentials were missing or refused.
+    cause: Option<CredentialError>,
+}
+
+/// The error for a `401` we give up on: `DENIED` when AWS refused the
+/// identity, else `UNAUTHORIZED` with the origin's challenge.
+fn refused(
+    host: String,
+    challenge: Option<HeaderValue>,
+    cause: Option<CredentialError>,
+) -> OriginError {
+    match &cause {
+        Some(CredentialError::Ecr(e)) if e.kind == EcrErrorKind::Denied => {
+            OriginError::Denied { host, cause }
+        }
+        _ => OriginError::Unauthorized {
+            host,
+            challenge,
+            cause,
+        },
+    }
+}
+
 /// Spreads retries of many nodes apart: 50-100% of `d`.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+/// The token cache's name for our own credentials. The password's hash is
+/// part of it: a token got with credentials that were since renewed (ECR)
+/// is not reused.
+fn own_identity(c: &Credentials) -> String {
+    let h = hex::encode(sha2::Sha256::digest(c.password.as_bytes()));
+    format!("configured:{}:{}", c.username, &h[..16])
 }
 
 fn basic_header(c: &Credentials) -> HeaderValue {

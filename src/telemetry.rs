@@ -55,6 +55,8 @@ pub struct Metrics {
     pub origin_resumes: IntCounter,
     pub cache_lookups: IntCounterVec,
     pub digest_mismatches: IntCounter,
+    /// ECR `GetAuthorizationToken` calls by reason and result.
+    pub ecr_token_fetches: IntCounterVec,
     pub stale_tags_served: IntCounter,
     pub downloads_in_flight: IntGauge,
     pub store_bytes: IntGauge,
@@ -145,6 +147,17 @@ impl Metrics {
                 IntCounter::new(
                     "damselfly_digest_mismatches_total",
                     "Downloads discarded because their content did not match the digest.",
+                )?,
+            )?,
+            ecr_token_fetches: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_ecr_token_fetches_total",
+                        "ECR GetAuthorizationToken calls by reason (initial, expiring, unauthorized) \
+                         and result (ok, no_credentials, rejected, denied, throttled, unreachable, error).",
+                    ),
+                    &["reason", "result"],
                 )?,
             )?,
             stale_tags_served: reg(

@@ -118,6 +118,104 @@ fn registries_and_credentials() {
 }
 
 #[test]
+fn registry_auth_defaults_and_ecr_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let cfg = Config::parse(
+        r#"
+        [[registry]]
+        host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+        [[registry]]
+        host = "123456789012.dkr.ecr-fips.us-east-1.amazonaws.com"
+        role_arn = "arn:aws:iam::123456789012:role/puller"
+        [[registry]]
+        host = "127.0.0.1:5000"
+        endpoint = "http://127.0.0.1:5000"
+        auth = "ecr"
+        ecr_region = "us-east-1"
+        ecr_endpoint = "http://127.0.0.1:5005"
+        [[registry]]
+        host = "basic.test"
+        username = "bob"
+        password_file = "pw"
+        [[registry]]
+        host = "open.test"
+        "#,
+        &dir.path().join("damselfly.toml"),
+    )
+    .unwrap();
+    let auth = |h: &str| cfg.registry_for(h).unwrap().auth;
+    let Auth::Ecr(e) = auth("123456789012.dkr.ecr.eu-west-1.amazonaws.com") else {
+        panic!("ECR hosts default to auth = ecr")
+    };
+    assert_eq!(e.region, "eu-west-1");
+    assert_eq!(e.account.as_deref(), Some("123456789012"));
+    assert!(!e.fips && e.endpoint.is_none() && e.role_arn.is_none());
+    let Auth::Ecr(e) = auth("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com") else {
+        panic!()
+    };
+    assert!(e.fips);
+    assert_eq!(
+        e.role_arn.as_deref(),
+        Some("arn:aws:iam::123456789012:role/puller")
+    );
+    let Auth::Ecr(e) = auth("127.0.0.1:5000") else {
+        panic!()
+    };
+    assert_eq!(e.region, "us-east-1");
+    assert_eq!(e.account, None);
+    assert_eq!(e.endpoint.unwrap().as_str(), "http://127.0.0.1:5005/");
+    assert_eq!(auth("basic.test"), Auth::Basic);
+    assert_eq!(auth("open.test"), Auth::None);
+    // With no [[registry]] at all, ECR hosts still get ECR auth.
+    let any = Config::defaults().unwrap();
+    assert!(matches!(
+        any.registry_for("123456789012.dkr.ecr.us-east-2.amazonaws.com")
+            .unwrap()
+            .auth,
+        Auth::Ecr(_)
+    ));
+    assert_eq!(any.registry_for("quay.io").unwrap().auth, Auth::None);
+
+    let got = issues(
+        r#"
+        [[registry]]
+        host = "a.test"
+        auth = "ecr"
+        [[registry]]
+        host = "b.test"
+        auth = "kerberos"
+        [[registry]]
+        host = "c.test"
+        ecr_region = "us-east-1"
+        [[registry]]
+        host = "d.test"
+        auth = "ecr"
+        ecr_region = "mars-1"
+        ecr_endpoint = "ftp://x"
+        role_arn = "puller"
+        [[registry]]
+        host = "e.test"
+        auth = "basic"
+        "#,
+    );
+    let paths: Vec<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "registry[0].ecr_region",
+            "registry[1].auth",
+            "registry[2].ecr_region",
+            "registry[3].ecr_region",
+            "registry[3].ecr_endpoint",
+            "registry[3].role_arn",
+            "registry[4].auth",
+        ],
+        "{got:?}"
+    );
+}
+
+#[test]
 fn no_registries_means_any_host_over_https() {
     let cfg = Config::defaults().unwrap();
     let r = cfg.registry_for("quay.io").unwrap();

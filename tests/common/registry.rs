@@ -453,6 +453,19 @@ impl Registry {
         })
     }
 
+    /// Gives the htpasswd user `user` the password `pass` and restarts the
+    /// registry on the same port and storage (distribution 2.8 reads the
+    /// file at start only), like a registry whose credentials were rotated.
+    /// [`Registry::credentials`] still reports the original password.
+    pub fn set_htpasswd(&self, user: &str, pass: &str) -> anyhow::Result<()> {
+        if !matches!(self.options.auth, RegistryAuth::Htpasswd { .. }) {
+            bail!("set_htpasswd needs a registry started with htpasswd auth");
+        }
+        // Rewrites the same `<dir>/htpasswd` file that the config names.
+        auth_section(&RegistryAuth::htpasswd(user, pass), &self.dir)?;
+        self.restart()
+    }
+
     /// Freezes the process (SIGSTOP, and waits until every thread is
     /// stopped): connections are accepted by the kernel but never answered,
     /// like a hung origin. Undo with [`Registry::resume`].

@@ -24,6 +24,8 @@ pub struct Daemon {
     pub telemetry: SocketAddr,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    env: Vec<(String, String)>,
+    env_remove: Vec<String>,
 }
 
 /// Extra config lines: `mirror` and `store` go into those sections,
@@ -33,6 +35,12 @@ pub struct Options {
     pub mirror: String,
     pub store: String,
     pub extra: String,
+    /// Set in the daemon's environment, on top of the test's own
+    /// (`RUST_LOG` is always removed).
+    pub env: Vec<(String, String)>,
+    /// Removed from the daemon's environment before `env` is applied; a name
+    /// ending in `*` removes every variable with that prefix (`AWS_*`).
+    pub env_remove: Vec<String>,
 }
 
 impl Daemon {
@@ -69,6 +77,8 @@ impl Daemon {
             telemetry,
             config_path,
             log_path,
+            env: opts.env,
+            env_remove: opts.env_remove,
         };
         d.spawn();
         d
@@ -80,11 +90,27 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .expect("open daemon log");
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        cmd.env_remove("RUST_LOG");
+        for name in &self.env_remove {
+            match name.strip_suffix('*') {
+                Some(prefix) => {
+                    for (k, _) in std::env::vars_os() {
+                        if k.to_string_lossy().starts_with(prefix) {
+                            cmd.env_remove(k);
+                        }
+                    }
+                }
+                None => {
+                    cmd.env_remove(name);
+                }
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
             .arg("daemon")
             .arg("--config")
             .arg(&self.config_path)
-            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
