@@ -180,11 +180,7 @@ fn main() {
     for _ in 0..RUNS {
         direct_store.push(rt.block_on(pull_to(&client, &origin_url, Some(&sink))));
         let d = daemon_for(&reg);
-        let mirror_url = format!(
-            "{}/v2/bench/blob/blobs/{digest}?ns={}",
-            d.url(),
-            reg.host()
-        );
+        let mirror_url = format!("{}/v2/bench/blob/blobs/{digest}?ns={}", d.url(), reg.host());
         cold_store.push(rt.block_on(pull_to(&client, &mirror_url, Some(&sink))));
     }
     let direct_store_mib = median(direct_store.iter().map(Pull::mib_s).collect());

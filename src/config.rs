@@ -110,6 +110,36 @@ pub const KEYS: &[Key] = &[
         doc: "Retries for an idempotent origin request (with exponential backoff from 100ms, capped at 2s).",
     },
     Key {
+        path: "containerd.configure_hosts",
+        kind: "bool",
+        default: "false",
+        doc: "At start-up, write containerd's `certs.d/<registry>/hosts.toml` (with hostsd) so that containerd pulls every `[[registry]]` (or, with none, every registry through `_default`) through this mirror. Failures are logged; the mirror still serves.",
+    },
+    Key {
+        path: "containerd.config",
+        kind: "path",
+        default: "/etc/containerd/config.toml",
+        doc: "containerd's config file, read for the CRI registry `config_path` (versions 2 and 3, colon lists).",
+    },
+    Key {
+        path: "containerd.certs_dir",
+        kind: "path",
+        default: "(the first `config_path` entry)",
+        doc: "Write hosts.toml files here instead of where containerd's config points.",
+    },
+    Key {
+        path: "containerd.dial_timeout",
+        kind: "Go duration",
+        default: "500ms",
+        doc: "`dial_timeout` written for the mirror host, so that containerd (2.1+) gives up on a hung daemon quickly and pulls from the origin.",
+    },
+    Key {
+        path: "containerd.patch_config",
+        kind: "bool",
+        default: "false",
+        doc: "Add a `config_path` to containerd's config when it has none (a backup is kept). This one change needs a containerd restart.",
+    },
+    Key {
         path: "registry[].host",
         kind: "string",
         default: "(required)",
@@ -174,8 +204,19 @@ pub struct Config {
     pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
     pub origin: OriginConfig,
+    pub containerd: ContainerdConfig,
     /// Empty means: mirror any registry over HTTPS.
     pub registries: Vec<RegistryConfig>,
+}
+
+/// How the daemon wires containerd to itself at start-up (see hostsd).
+#[derive(Debug, Clone)]
+pub struct ContainerdConfig {
+    pub configure_hosts: bool,
+    pub config: PathBuf,
+    pub certs_dir: Option<PathBuf>,
+    pub dial_timeout: String,
+    pub patch_config: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -381,6 +422,7 @@ impl Config {
         let store = v.section(root, "store").unwrap_or(&empty);
         let telemetry = v.section(root, "telemetry").unwrap_or(&empty);
         let origin = v.section(root, "origin").unwrap_or(&empty);
+        let containerd = v.section(root, "containerd").unwrap_or(&empty);
 
         let mirror_cfg = MirrorConfig {
             listen: v.addr(mirror, "mirror", "listen", "127.0.0.1:4001"),
@@ -427,6 +469,20 @@ impl Config {
             read_timeout: v.duration(origin, "origin", "read_timeout", "30s"),
             retries: v.integer(origin, "origin", "retries", 5, 0..=100) as u32,
         };
+        let containerd_cfg = ContainerdConfig {
+            configure_hosts: v.bool(containerd, "containerd", "configure_hosts", false),
+            config: v
+                .opt_path(containerd, "containerd", "config")
+                .unwrap_or_else(|| PathBuf::from("/etc/containerd/config.toml")),
+            certs_dir: v.opt_path(containerd, "containerd", "certs_dir"),
+            dial_timeout: v
+                .opt_string(containerd, "containerd", "dial_timeout")
+                .unwrap_or_else(|| "500ms".into()),
+            patch_config: v.bool(containerd, "containerd", "patch_config", false),
+        };
+        if let Err(e) = hostsd::options::parse_go_duration(&containerd_cfg.dial_timeout) {
+            v.issue("containerd.dial_timeout", &e.to_string());
+        }
         let registries = v.registries(root);
 
         if let Some(default) = &mirror_cfg.default_registry {
@@ -454,6 +510,7 @@ impl Config {
                 admin: admin_cfg,
                 telemetry: telemetry_cfg,
                 origin: origin_cfg,
+                containerd: containerd_cfg,
                 registries,
             })
         } else {
@@ -655,6 +712,20 @@ impl Validator {
                     ),
                 );
                 fallback
+            }
+        }
+    }
+
+    fn bool(&mut self, t: &Table, section: &str, key: &str, default: bool) -> bool {
+        match t.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.issue(
+                    &format!("{section}.{key}"),
+                    &format!("must be true or false, not {}", other.type_str()),
+                );
+                default
             }
         }
     }

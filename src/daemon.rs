@@ -81,6 +81,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         "damselfly ready"
     );
     health.set_ready(true);
+    if cfg.containerd.configure_hosts {
+        let mirror_addr = mirror_listener.local_addr().map_err(DaemonError::Listen)?;
+        let opts = hosts_options(&cfg, mirror_addr);
+        // hostsd does blocking file and HTTP work; the mirror is already
+        // listening, so containerd can use the files the moment they land.
+        tokio::task::spawn_blocking(move || match hostsd::reconcile(&opts) {
+            Ok(report) => tracing::info!(report = %report, "containerd hosts.toml reconciled"),
+            Err(e) => tracing::error!(error = %e,
+                "cannot wire containerd to the mirror; containerd keeps pulling from the origin"),
+        });
+    }
 
     let serve_stop = shutdown.clone();
     let not_ready = health.clone();
@@ -94,6 +105,41 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let _ = admin_task.await;
     tracing::info!("damselfly stopped");
     Ok(())
+}
+
+/// What hostsd should write for this daemon: every configured registry, with
+/// its real endpoint as containerd's fallback, or `_default` when the mirror
+/// serves any registry.
+pub fn hosts_options(cfg: &Config, mirror: std::net::SocketAddr) -> hostsd::ReconcileOptions {
+    // containerd dials the address written here; a wildcard listen address
+    // is reached through loopback.
+    let ip = if mirror.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        mirror.ip()
+    };
+    let mut registries: Vec<hostsd::RegistrySpec> = cfg
+        .registries
+        .iter()
+        .map(|r| {
+            hostsd::RegistrySpec::with_server(
+                r.host.clone(),
+                r.endpoint.as_str().trim_end_matches('/'),
+            )
+        })
+        .collect();
+    if registries.is_empty() {
+        registries.push(hostsd::RegistrySpec::new("_default"));
+    }
+    hostsd::ReconcileOptions {
+        containerd_config: cfg.containerd.config.clone(),
+        certs_dir: cfg.containerd.certs_dir.clone(),
+        mirror: format!("http://{}", std::net::SocketAddr::new(ip, mirror.port())),
+        registries,
+        dial_timeout: cfg.containerd.dial_timeout.clone(),
+        patch_config: cfg.containerd.patch_config,
+        ..Default::default()
+    }
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

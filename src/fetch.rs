@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use sha2::Digest as _;
@@ -474,15 +474,17 @@ impl DownloadJob {
         // A server that ignored our Range resends what we already have.
         let mut skip = *written - start;
         let mut body = resp.bytes_stream();
-        let mut batch = BytesMut::new();
+        // Chunks already buffered are gathered, up to a batch, so the disk
+        // and the hasher get few large calls; they are written as they came
+        // (one pwrite each) rather than copied into one buffer first.
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0usize;
         loop {
             let first = match body.next().await {
                 None => break,
                 Some(chunk) => chunk,
             };
             let mut chunk = Some(first);
-            // Gather what is already buffered, up to a batch, so the disk
-            // and hasher see large writes.
             while let Some(c) = chunk.take() {
                 let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
                 let c = if skip > 0 {
@@ -492,25 +494,27 @@ impl DownloadJob {
                 } else {
                     c
                 };
-                batch.extend_from_slice(&c);
-                if batch.len() >= WRITE_BATCH {
+                batch_len += c.len();
+                batch.push(c);
+                if batch_len >= WRITE_BATCH {
                     break;
                 }
                 chunk = body.next().now_or_never().flatten();
             }
-            if batch.is_empty() {
+            if batch_len == 0 {
+                batch.clear();
                 continue;
             }
-            let data = batch.split().freeze();
-            if *written + data.len() as u64 > size {
+            let n = std::mem::take(&mut batch_len) as u64;
+            if *written + n > size {
                 return Err(FetchError::Oversized {
                     digest: digest.clone(),
                     expected: size,
-                    got: *written + data.len() as u64,
+                    got: *written + n,
                 });
             }
-            let n = data.len() as u64;
             let h = std::mem::take(hasher);
+            let data = std::mem::take(&mut batch);
             let (h, res) = write_and_hash(self.writer.clone(), *written, data, h).await;
             *hasher = h;
             res.map_err(|source| FetchError::Io {
@@ -541,13 +545,19 @@ fn is_final(e: &FetchError) -> bool {
 async fn write_and_hash(
     file: Arc<File>,
     at: u64,
-    data: Bytes,
+    chunks: Vec<Bytes>,
     mut hasher: sha2::Sha256,
 ) -> (sha2::Sha256, io::Result<()>) {
     let joined = tokio::task::spawn_blocking(move || {
-        hasher.update(&data);
-        let r = file.write_all_at(&data, at);
-        (hasher, r)
+        let mut pos = at;
+        for c in &chunks {
+            hasher.update(c);
+            if let Err(e) = file.write_all_at(c, pos) {
+                return (hasher, Err(e));
+            }
+            pos += c.len() as u64;
+        }
+        (hasher, Ok(()))
     })
     .await;
     joined.unwrap_or_else(|e| (sha2::Sha256::new(), Err(io::Error::other(e))))

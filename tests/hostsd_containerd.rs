@@ -18,7 +18,11 @@ use daemon::Daemon;
 fn wait_for_file(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,7 +53,10 @@ fn cri_pull_goes_through_the_mirror_and_falls_back_when_it_is_down() {
     wait_for_file(&hosts_toml, Duration::from_secs(10));
     let text = std::fs::read_to_string(&hosts_toml).unwrap();
     assert!(text.contains(&format!("[host.\"{}\"]", d.url())), "{text}");
-    assert!(text.contains(&format!("server = \"{}\"", reg.url())), "{text}");
+    assert!(
+        text.contains(&format!("server = \"{}\"", reg.url())),
+        "{text}"
+    );
 
     // The kubelet's path: CRI PullImage reads config_path.
     let mark = reg.mark();
@@ -122,7 +129,9 @@ fn ctr_pulls_through_the_files_the_daemon_wrote_for_any_registry() {
     let text = std::fs::read_to_string(&default).unwrap();
     assert!(text.contains(&format!("[host.\"{}\"]", d.url())), "{text}");
     // containerd asked the mirror first (it is the first host) ...
-    let out = c.pull(&img.reference, c.hosts_dir(), &["--plain-http"]).unwrap();
+    let out = c
+        .pull(&img.reference, c.hosts_dir(), &["--plain-http"])
+        .unwrap();
     assert!(
         d.metric(r#"damselfly_http_requests_total{method="HEAD",route="manifest",status="502"}"#)
             >= 1.0,

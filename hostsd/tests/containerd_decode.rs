@@ -10,9 +10,9 @@
 //! Needs root and the `containerd` and `ctr` binaries; skipped otherwise,
 //! unless HOSTSD_REQUIRE_CONTAINERD=1 makes that a failure.
 
-mod support;
 #[path = "../../tests/common/cri.rs"]
 mod cri;
+mod support;
 
 use std::fs;
 use std::net::TcpListener;
@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hostsd::{check, reconcile, remove, Action, ReconcileOptions, RegistrySpec};
 use cri::cri_pull;
+use hostsd::{check, reconcile, remove, Action, ReconcileOptions, RegistrySpec};
 use support::{Response, Server};
 
 fn available() -> bool {
