@@ -476,59 +476,95 @@ impl DownloadJob {
         let mut body = resp.bytes_stream();
         // Chunks already buffered are gathered, up to a batch, so the disk
         // and the hasher get few large calls; they are written as they came
-        // (one pwrite each) rather than copied into one buffer first.
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut batch_len = 0usize;
-        loop {
-            let first = match body.next().await {
-                None => break,
-                Some(chunk) => chunk,
-            };
-            let mut chunk = Some(first);
-            while let Some(c) = chunk.take() {
-                let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
-                let c = if skip > 0 {
-                    let n = skip.min(c.len() as u64);
-                    skip -= n;
-                    c.slice(n as usize..)
-                } else {
-                    c
+        // (one pwrite each) rather than copied into one buffer first. Batches
+        // are hashed and written on a blocking thread one batch behind the
+        // network: while batch N is hashed, batch N+1 arrives.
+        let mut pending: Option<(PendingWrite, u64)> = None;
+        let mut submitted = *written;
+        let received: Result<(), FetchError> = async {
+            let mut batch: Vec<Bytes> = Vec::new();
+            let mut batch_len = 0usize;
+            loop {
+                let first = match body.next().await {
+                    None => return Ok(()),
+                    Some(chunk) => chunk,
                 };
-                batch_len += c.len();
-                batch.push(c);
-                if batch_len >= WRITE_BATCH {
-                    break;
+                let mut chunk = Some(first);
+                while let Some(c) = chunk.take() {
+                    let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
+                    let c = if skip > 0 {
+                        let n = skip.min(c.len() as u64);
+                        skip -= n;
+                        c.slice(n as usize..)
+                    } else {
+                        c
+                    };
+                    batch_len += c.len();
+                    batch.push(c);
+                    if batch_len >= WRITE_BATCH {
+                        break;
+                    }
+                    chunk = body.next().now_or_never().flatten();
                 }
-                chunk = body.next().now_or_never().flatten();
+                if batch_len == 0 {
+                    batch.clear();
+                    continue;
+                }
+                let n = std::mem::take(&mut batch_len) as u64;
+                if submitted + n > size {
+                    return Err(FetchError::Oversized {
+                        digest: digest.clone(),
+                        expected: size,
+                        got: submitted + n,
+                    });
+                }
+                if let Some((prev, end)) = pending.take() {
+                    self.complete(prev, end, hasher, written).await?;
+                }
+                let h = std::mem::take(hasher);
+                let data = std::mem::take(&mut batch);
+                pending = Some((
+                    write_and_hash(self.writer.clone(), submitted, data, h),
+                    submitted + n,
+                ));
+                submitted += n;
             }
-            if batch_len == 0 {
-                batch.clear();
-                continue;
-            }
-            let n = std::mem::take(&mut batch_len) as u64;
-            if *written + n > size {
-                return Err(FetchError::Oversized {
-                    digest: digest.clone(),
-                    expected: size,
-                    got: *written + n,
-                });
-            }
-            let h = std::mem::take(hasher);
-            let data = std::mem::take(&mut batch);
-            let (h, res) = write_and_hash(self.writer.clone(), *written, data, h).await;
-            *hasher = h;
-            res.map_err(|source| FetchError::Io {
-                what: "writing partial download".into(),
-                source,
-            })?;
-            *written += n;
-            inner.metrics.origin_bytes.inc_by(n);
-            let now = *written;
-            self.dl.progress.send_modify(|p| p.written = now);
         }
+        .await;
+        // Whatever happened, the batch in flight lands first, so the hasher
+        // and `written` agree with the file for the next attempt.
+        if let Some((prev, end)) = pending.take() {
+            self.complete(prev, end, hasher, written).await?;
+        }
+        received?;
         if *written < size {
             return Err(bad(format!("body ended at {} of {size} bytes", *written)));
         }
+        Ok(())
+    }
+
+    /// Waits for a batch handed to [`write_and_hash`], takes the hasher
+    /// back and publishes the new end of the file to readers.
+    async fn complete(
+        &self,
+        write: PendingWrite,
+        end: u64,
+        hasher: &mut sha2::Sha256,
+        written: &mut u64,
+    ) -> Result<(), FetchError> {
+        let io_err = |source| FetchError::Io {
+            what: "writing partial download".into(),
+            source,
+        };
+        // A panicked writer took the hasher with it; failing the download
+        // is safe, since the next attempt re-hashes the file from disk.
+        let (h, res) = write.await.map_err(|e| io_err(io::Error::other(e)))?;
+        *hasher = h;
+        res.map_err(io_err)?;
+        let n = end - *written;
+        *written = end;
+        self.fetcher.inner.metrics.origin_bytes.inc_by(n);
+        self.dl.progress.send_modify(|p| p.written = end);
         Ok(())
     }
 }
@@ -542,13 +578,16 @@ fn is_final(e: &FetchError) -> bool {
     }
 }
 
-async fn write_and_hash(
+type PendingWrite = tokio::task::JoinHandle<(sha2::Sha256, io::Result<()>)>;
+
+/// Hashes `chunks` and writes them at `at`, on a blocking thread.
+fn write_and_hash(
     file: Arc<File>,
     at: u64,
     chunks: Vec<Bytes>,
     mut hasher: sha2::Sha256,
-) -> (sha2::Sha256, io::Result<()>) {
-    let joined = tokio::task::spawn_blocking(move || {
+) -> PendingWrite {
+    tokio::task::spawn_blocking(move || {
         let mut pos = at;
         for c in &chunks {
             hasher.update(c);
@@ -559,8 +598,6 @@ async fn write_and_hash(
         }
         (hasher, Ok(()))
     })
-    .await;
-    joined.unwrap_or_else(|e| (sha2::Sha256::new(), Err(io::Error::other(e))))
 }
 
 /// Hashes what a partial file already holds, so a download can resume.
