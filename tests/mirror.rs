@@ -42,6 +42,20 @@ fn with_credentials(dir: &std::path::Path, user: &str, pass: &str) -> String {
     )
 }
 
+/// A fresh containerd pulls `reference` with the daemon as its mirror for
+/// `registry`; asserts the pull succeeded.
+fn pull_through(d: &Daemon, registry: &str, reference: &str, extra: &[&str]) {
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts_toml(hosts.path(), registry, &d.url()).unwrap();
+    let c = Containerd::start().unwrap();
+    let out = c.pull(reference, hosts.path(), extra).unwrap();
+    assert!(out.success(), "pull {extra:?}: {out:?}\n{}", d.log_tail(30));
+}
+
+fn origin_bytes_served(d: &Daemon) -> u64 {
+    d.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64
+}
+
 /// The core promise: the first pull goes origin -> mirror -> containerd, the
 /// second (by a containerd with an empty content store) is served from the
 /// cache with zero blob requests at the origin.
@@ -80,10 +94,7 @@ fn containerd_pulls_through_the_mirror_and_then_from_the_cache() {
             "containerd bypassed the mirror: {r:?}"
         );
     }
-    assert_eq!(
-        d.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
-        img.total_size
-    );
+    assert_eq!(origin_bytes_served(&d), img.total_size);
     for digest in img.blob_digests() {
         assert!(d.blob_path(&digest).exists(), "{digest} not cached");
     }
@@ -171,31 +182,15 @@ fn basic_auth_origin() {
         registry_toml(&reg.host(), &reg.url()),
         with_credentials(dir.path(), "puller", "s3cret")
     ));
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), &reg.host(), &with_creds.url()).unwrap();
-    let c = Containerd::start().unwrap();
-    let out = c.pull(&img.reference, hosts.path(), &[]).unwrap();
-    assert!(
-        out.success(),
-        "pull with daemon credentials: {out:?}\n{}",
-        with_creds.log_tail(30)
-    );
-    assert_eq!(
-        with_creds.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
-        img.total_size
-    );
+    pull_through(&with_creds, &reg.host(), &img.reference, &[]);
+    assert_eq!(origin_bytes_served(&with_creds), img.total_size);
 
     let without = Daemon::start(&registry_toml(&reg.host(), &reg.url()));
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), &reg.host(), &without.url()).unwrap();
-    let c = Containerd::start().unwrap();
-    let out = c
-        .pull(&img.reference, hosts.path(), &["--user", "puller:s3cret"])
-        .unwrap();
-    assert!(
-        out.success(),
-        "pull with puller credentials: {out:?}\n{}",
-        without.log_tail(30)
+    pull_through(
+        &without,
+        &reg.host(),
+        &img.reference,
+        &["--user", "puller:s3cret"],
     );
     assert!(
         without.metric(
@@ -203,10 +198,9 @@ fn basic_auth_origin() {
         ) >= 1.0,
         "the mirror should have passed the origin's challenge on"
     );
-    assert_eq!(
-        without.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
-        img.total_size
-    );
+    assert_eq!(origin_bytes_served(&without), img.total_size);
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts_toml(hosts.path(), &reg.host(), &without.url()).unwrap();
     let c = Containerd::start().unwrap();
     let out = c.pull(&img.reference, hosts.path(), &[]).unwrap();
     assert!(
@@ -230,33 +224,21 @@ fn token_auth_origin() {
         registry_toml(&reg.host(), &reg.url()),
         with_credentials(dir.path(), "puller", "s3cret")
     ));
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), &reg.host(), &d.url()).unwrap();
     let before = tokens.token_requests();
-    let c = Containerd::start().unwrap();
-    let out = c.pull(&img.reference, hosts.path(), &[]).unwrap();
-    assert!(out.success(), "pull: {out:?}\n{}", d.log_tail(30));
+    pull_through(&d, &reg.host(), &img.reference, &[]);
     let used = tokens.token_requests() - before;
     assert_eq!(used, 1, "one token for the repository scope, then cached");
-    assert_eq!(
-        d.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
-        img.total_size
-    );
+    assert_eq!(origin_bytes_served(&d), img.total_size);
 
     let anon = Daemon::start(&registry_toml(&reg.host(), &reg.url()));
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), &reg.host(), &anon.url()).unwrap();
-    let c = Containerd::start().unwrap();
-    let out = c
-        .pull(&img.reference, hosts.path(), &["--user", "puller:s3cret"])
-        .unwrap();
-    assert!(
-        out.success(),
-        "pull with puller credentials: {out:?}\n{}",
-        anon.log_tail(30)
+    pull_through(
+        &anon,
+        &reg.host(),
+        &img.reference,
+        &["--user", "puller:s3cret"],
     );
     assert_eq!(
-        anon.metric(r#"damselfly_bytes_served_total{source="origin"}"#) as u64,
+        origin_bytes_served(&anon),
         img.total_size,
         "{}\n{}",
         anon.log_tail(40),
