@@ -217,18 +217,27 @@ impl Fetcher {
         client_auth: Option<&HeaderValue>,
     ) -> Result<Blob, FetchError> {
         let m = &self.inner.metrics;
-        if let Some(opened) = self.inner.store.open_blob(digest)? {
-            m.cache_lookups.with_label_values(&["blob", "hit"]).inc();
-            return Ok(Blob {
-                size: opened.size,
-                source: Source::Local,
-                body: BlobBody::Local {
-                    file: Arc::new(opened.file),
-                    lease: opened.lease,
-                },
-            });
-        }
-        let (dl, started) = self.join_or_start(up, repo, digest, client_auth)?;
+        // Twice at most: a download may commit between our store lookup and
+        // the in-flight lookup, and then the blob is in the store.
+        let mut attempt = 0;
+        let (dl, started) = loop {
+            if let Some(opened) = self.inner.store.open_blob(digest)? {
+                m.cache_lookups.with_label_values(&["blob", "hit"]).inc();
+                return Ok(Blob {
+                    size: opened.size,
+                    source: Source::Local,
+                    body: BlobBody::Local {
+                        file: Arc::new(opened.file),
+                        lease: opened.lease,
+                    },
+                });
+            }
+            attempt += 1;
+            match self.join_or_start(up, repo, digest, client_auth, attempt > 1)? {
+                Some(found) => break found,
+                None => continue,
+            }
+        };
         m.cache_lookups
             .with_label_values(&["blob", if started { "miss" } else { "joined" }])
             .inc();
@@ -260,14 +269,20 @@ impl Fetcher {
         repo: &str,
         digest: &Digest,
         client_auth: Option<&HeaderValue>,
-    ) -> Result<(Arc<Download>, bool), FetchError> {
+        last_try: bool,
+    ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
         let mut inflight = self
             .inner
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(dl) = inflight.get(digest) {
-            return Ok((dl.clone(), false));
+            return Ok(Some((dl.clone(), false)));
+        }
+        // Downloads commit before they leave the map, so under this lock a
+        // blob is either in flight or (if it just finished) in the store.
+        if !last_try && self.inner.store.contains(digest) {
+            return Ok(None);
         }
         let path = self.inner.store.partial_path(digest);
         let io = |source| FetchError::Io {
@@ -299,7 +314,7 @@ impl Fetcher {
             writer: Arc::new(writer),
         };
         tokio::spawn(job.run());
-        Ok((dl, true))
+        Ok(Some((dl, true)))
     }
 }
 
@@ -346,19 +361,47 @@ impl DownloadJob {
                     what: "partial download".into(),
                     source,
                 })?;
-        if written > 0 {
-            tracing::info!(digest = %digest, bytes = written, "resuming partial download");
-            self.dl.progress.send_modify(|p| p.written = written);
-        }
         let mut total: Option<u64> = None;
+        if written > 0 {
+            if Digest::from_sha256(&hasher.clone().finalize()) == *digest {
+                // The process died after the last byte, before the commit:
+                // the content is complete and proven, no origin needed.
+                tracing::info!(digest = %digest, bytes = written, "partial download is complete");
+                total = Some(written);
+                self.dl.progress.send_modify(|p| {
+                    p.total = Some(written);
+                    p.written = written;
+                });
+            } else {
+                tracing::info!(digest = %digest, bytes = written, "resuming partial download");
+                self.dl.progress.send_modify(|p| p.written = written);
+            }
+        }
         let mut failures = 0u32;
         let mut backoff = RESUME_BACKOFF_START;
+        let mut restarted = false;
         loop {
             if total == Some(written) {
                 break;
             }
             match self.transfer(&mut hasher, &mut written, &mut total).await {
                 Ok(()) => continue,
+                // A partial the origin cannot continue (it is as long as the
+                // blob or longer, or the origin refuses the range): start
+                // over, once. No reader has seen a byte yet, since readers
+                // wait for the size, which is only known after an answer.
+                Err(e) if !restarted && total.is_none() && written > 0 && cannot_resume(&e) => {
+                    tracing::warn!(digest = %digest, error = %e, at = written,
+                        "partial download cannot be resumed, starting over");
+                    restarted = true;
+                    self.writer.set_len(0).map_err(|source| FetchError::Io {
+                        what: "truncating partial download".into(),
+                        source,
+                    })?;
+                    hasher = sha2::Sha256::new();
+                    written = 0;
+                    self.dl.progress.send_modify(|p| p.written = 0);
+                }
                 Err(e) if is_final(&e) => return Err(e),
                 Err(e) => {
                     failures += 1;
@@ -386,9 +429,16 @@ impl DownloadJob {
                 actual: actual.to_string(),
             });
         }
-        inner
-            .store
-            .commit(digest, &path, &actual, written, total, None)?;
+        // fsync of a multi-GiB file, and any eviction it triggers, must not
+        // hold a runtime worker.
+        let store = inner.store.clone();
+        let d = digest.clone();
+        tokio::task::spawn_blocking(move || store.commit(&d, &path, &actual, written, total, None))
+            .await
+            .map_err(|e| FetchError::Io {
+                what: "committing blob".into(),
+                source: io::Error::other(e),
+            })??;
         let prov = Provenance::origin(self.up.host(), &self.repo);
         if let Err(e) = inner.store.set_provenance(digest, &prov) {
             tracing::debug!(digest = %digest, error = %e, "cannot record provenance");
@@ -569,6 +619,18 @@ impl DownloadJob {
     }
 }
 
+/// Errors that say the partial file, not the network, is the problem.
+fn cannot_resume(e: &FetchError) -> bool {
+    matches!(
+        e,
+        FetchError::Oversized { .. }
+            | FetchError::Origin(OriginError::Status {
+                status: StatusCode::RANGE_NOT_SATISFIABLE,
+                ..
+            })
+    )
+}
+
 /// Errors that another attempt would not fix.
 fn is_final(e: &FetchError) -> bool {
     match e {
@@ -678,6 +740,14 @@ impl Blob {
             let counter = counter.clone();
             async move {
                 if st.pos >= st.end {
+                    // An empty blob has no last byte to hold back: the end
+                    // of its body waits for the verdict instead.
+                    if st.size == 0 {
+                        if let Err(e) = st.wait_done().await {
+                            st.rx = None;
+                            return Some((Err(e), st));
+                        }
+                    }
                     return None;
                 }
                 let readable = match st.readable().await {
@@ -714,6 +784,24 @@ struct ReadState {
 }
 
 impl ReadState {
+    /// Waits until a download in progress is committed (at once for a
+    /// blob from the store).
+    async fn wait_done(&mut self) -> io::Result<()> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match &rx.borrow_and_update().done {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(io::Error::other(format!("download failed: {e}"))),
+                None => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(io::Error::other("download abandoned"));
+            }
+        }
+    }
+
     /// Waits until bytes past `pos` may be sent, and returns how far.
     async fn readable(&mut self) -> io::Result<u64> {
         let Some(rx) = self.rx.as_mut() else {

@@ -39,6 +39,8 @@ const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Largest token-service answer read; real ones are a few KiB.
+const MAX_TOKEN_RESPONSE: usize = 64 << 10;
 /// Redirect hops followed per request (S3 and CDNs use one or two).
 const MAX_REDIRECTS: usize = 10;
 
@@ -100,10 +102,8 @@ impl OriginError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            OriginError::Unreachable { .. }
-                | OriginError::Status { .. }
-                | OriginError::TooManyRequests { .. }
-        )
+            OriginError::Unreachable { .. } | OriginError::TooManyRequests { .. }
+        ) || matches!(self, OriginError::Status { status, .. } if status.is_server_error())
     }
 }
 
@@ -322,7 +322,11 @@ impl Origin {
         let mut auth: Option<HeaderValue> = match req.client_auth {
             Some(h) => {
                 st.sent = Sent::Client;
-                Some(h.clone())
+                // A token this puller's basic credentials already bought
+                // saves the 401 round trip.
+                let cached = client_basic(h)
+                    .and_then(|b| self.token_for(&host, &req.scope, &client_identity(b)));
+                Some(cached.unwrap_or_else(|| h.clone()))
             }
             None => self
                 .cached_token(&host, &req.scope, st.own.as_ref())
@@ -443,23 +447,14 @@ impl Origin {
         };
         // The puller's basic credentials may be used to get a token for it;
         // a puller's bearer token that was refused is final.
-        let client_basic = req
-            .client_auth
-            .and_then(|h| h.to_str().ok())
-            .and_then(|s| {
-                s.strip_prefix("Basic ")
-                    .or_else(|| s.strip_prefix("basic "))
-            })
-            .map(str::to_owned);
+        let client_basic = req.client_auth.and_then(client_basic).map(str::to_owned);
         if req.client_auth.is_some() && client_basic.is_none() {
             return Ok(None);
         }
         match ch.scheme.as_str() {
             "bearer" => {
                 let identity = match (&client_basic, creds) {
-                    (Some(b), _) => {
-                        format!("client:{}", hex::encode(sha2::Sha256::digest(b.as_bytes())))
-                    }
+                    (Some(b), _) => client_identity(b),
                     (None, Some(c)) => own_identity(c),
                     (None, None) => "anonymous".to_owned(),
                 };
@@ -532,10 +527,12 @@ impl Origin {
         if let Some(b) = basic {
             rb = rb.header(http::header::AUTHORIZATION, b.clone());
         }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| token_err(format!("request failed: {e}")))?;
+        // A token service that is down is the origin being down: the stale
+        // tag fallback may stand in.
+        let resp = rb.send().await.map_err(|source| OriginError::Unreachable {
+            host: host.clone(),
+            source,
+        })?;
         self.inner
             .metrics
             .origin_requests
@@ -551,6 +548,8 @@ impl Origin {
                 })
             }
             StatusCode::FORBIDDEN => return Err(OriginError::Denied { host, cause: None }),
+            StatusCode::TOO_MANY_REQUESTS => return Err(OriginError::TooManyRequests { host }),
+            s if s.is_server_error() => return Err(OriginError::Status { host, status: s }),
             s => return Err(token_err(format!("answered {s}"))),
         }
         #[derive(serde::Deserialize)]
@@ -559,9 +558,20 @@ impl Origin {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let body: TokenResponse = resp
-            .json()
-            .await
+        // The realm comes from whatever registry a pull names; its answer
+        // is read with a bound, never whole.
+        let mut raw = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            let chunk = chunk.map_err(|e| token_err(format!("token response broke: {e}")))?;
+            if raw.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+                return Err(token_err(format!(
+                    "token response is over {MAX_TOKEN_RESPONSE} bytes"
+                )));
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        let body: TokenResponse = serde_json::from_slice(&raw)
             .map_err(|e| token_err(format!("bad token response: {e}")))?;
         let token = body
             .token
@@ -574,7 +584,12 @@ impl Origin {
             .expires_in
             .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
         let expiry = Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN);
-        self.lock_tokens().insert(
+        let mut tokens = self.lock_tokens();
+        // Expired tokens go whenever a new one comes in, so the cache holds
+        // at most the live tokens of live (scope, identity) pairs.
+        let now = Instant::now();
+        tokens.retain(|_, (_, exp)| *exp > now);
+        tokens.insert(
             TokenKey {
                 host,
                 scope: scope.to_owned(),
@@ -591,21 +606,23 @@ impl Origin {
         scope: &str,
         creds: Option<&Credentials>,
     ) -> Option<HeaderValue> {
+        let identity = creds.map_or("anonymous".to_owned(), own_identity);
+        self.token_for(host, scope, &identity)
+    }
+
+    /// A live cached token for (host, scope, identity).
+    fn token_for(&self, host: &str, scope: &str, identity: &str) -> Option<HeaderValue> {
         let key = TokenKey {
             host: host.to_owned(),
             scope: scope.to_owned(),
-            identity: creds.map_or("anonymous".to_owned(), own_identity),
+            identity: identity.to_owned(),
         };
-        let mut tokens = self.lock_tokens();
+        let tokens = self.lock_tokens();
         match tokens.get(&key) {
             Some((t, expiry)) if *expiry > Instant::now() => {
                 HeaderValue::from_str(&format!("Bearer {t}")).ok()
             }
-            Some(_) => {
-                tokens.remove(&key);
-                None
-            }
-            None => None,
+            _ => None,
         }
     }
 
@@ -711,6 +728,21 @@ fn refused(
 /// Spreads retries of many nodes apart: 50-100% of `d`.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+/// The base64 part of a puller's `Authorization: Basic ...`.
+fn client_basic(h: &HeaderValue) -> Option<&str> {
+    let s = h.to_str().ok()?;
+    s.strip_prefix("Basic ")
+        .or_else(|| s.strip_prefix("basic "))
+}
+
+/// Cache identity of a puller's basic credentials: a hash, never the secret.
+fn client_identity(basic_b64: &str) -> String {
+    format!(
+        "client:{}",
+        hex::encode(sha2::Sha256::digest(basic_b64.as_bytes()))
+    )
 }
 
 /// The token cache's name for our own credentials. The password's hash is

@@ -248,7 +248,9 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> RangeSpec {
             .ok()
             .map(|s| (s < size).then_some((s, size))),
         (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some((s < size).then(|| (s, (e + 1).min(size)))),
+            (Ok(s), Ok(e)) if s <= e => {
+                Some((s < size).then(|| (s, e.saturating_add(1).min(size))))
+            }
             _ => None,
         },
         (true, true) => None,
@@ -310,8 +312,15 @@ impl Mirror {
             Err(e) => ("invalid", e.response(head_only)),
         };
         let m = &self.inner.metrics;
+        // Any token is a method to hyper; only ours become label values, so
+        // a client cannot mint new series.
+        let method_label = match method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        };
         m.http_requests
-            .with_label_values(&[route_label, method.as_str(), resp.status().as_str()])
+            .with_label_values(&[route_label, method_label, resp.status().as_str()])
             .inc();
         m.http_duration
             .with_label_values(&[route_label])
@@ -396,7 +405,7 @@ impl Mirror {
                     .manifest(&up, &name, &reference, accept, client_auth)
                     .await
                     .map_err(|e| ApiError::from(&e))?;
-                Ok(manifest_response(m, head_only))
+                manifest_response(m, head_only)
             }
             Route::Blob { ns, name, digest } => {
                 let up = self.upstream(ns.as_deref())?;
@@ -465,19 +474,28 @@ fn base_response(head_only: bool) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(empty()))
 }
 
-fn manifest_response(m: Manifest, head_only: bool) -> Response<Body> {
+fn manifest_response(m: Manifest, head_only: bool) -> Result<Response<Body>, ApiError> {
     let len = m.body.len();
+    let digest = m.digest.to_string();
     let body = if head_only { empty() } else { full(m.body) };
+    // The media type comes from the origin or the manifest itself; one that
+    // is not a valid header value must not turn into an empty 200.
     Response::builder()
         .header(http::header::CONTENT_TYPE, m.media_type)
         .header(http::header::CONTENT_LENGTH, len)
-        .header("Docker-Content-Digest", m.digest.to_string())
-        .header(http::header::ETAG, format!("\"{}\"", m.digest))
+        .header(http::header::ETAG, format!("\"{digest}\""))
+        .header("Docker-Content-Digest", digest)
         .header("Docker-Distribution-API-Version", "registry/2.0")
         .header("X-Damselfly-Source", m.source.as_str())
         .header("X-Damselfly-Stale", if m.stale { "1" } else { "0" })
         .body(body)
-        .unwrap_or_else(|_| Response::new(empty()))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::ManifestInvalid,
+                format!("manifest cannot be served: {e}"),
+            )
+        })
 }
 
 /// Serves the mirror on `listener` until `shutdown` fires, then lets

@@ -68,6 +68,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// A partial download untouched for this long is abandoned: start-up
+/// removes it rather than keep it outside the quota forever.
+const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 struct Entry {
     size: u64,
@@ -117,6 +121,11 @@ struct Inner {
     root: PathBuf,
     max_size: u64,
     index: Mutex<Index>,
+    /// Serializes pin changes: held across writing or removing a pin record
+    /// and updating `Index::pinned`, and across rescanning `pins/` and
+    /// swapping the set in, so that a rescan never drops a newer pin. Taken
+    /// before `index`, never while holding it.
+    pins: Mutex<()>,
     /// Held (with an exclusive lock) for the store's lifetime: two daemons
     /// on one store would resume each other's partial files. `None` for a
     /// read-only view, which never writes.
@@ -136,9 +145,23 @@ impl Drop for Lease {
         if let Some(e) = index.entries.get_mut(&self.digest) {
             e.readers = e.readers.saturating_sub(1);
         }
+        let over = index.total > self.store.inner.max_size;
         drop(index);
-        // Eviction may have been held back by this reader.
-        self.store.evict_over_quota();
+        if !over {
+            return;
+        }
+        // Eviction may have been held back by this reader. It unlinks files,
+        // which can take long for huge ones: off the async runtime if there
+        // is one.
+        let store = self.store.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || store.evict_over_quota());
+            }
+            Err(_) => {
+                store.evict_over_quota();
+            }
+        }
     }
 }
 
@@ -174,6 +197,7 @@ impl Store {
                 root: root.to_owned(),
                 max_size,
                 index: Mutex::new(Index::default()),
+                pins: Mutex::new(()),
                 lock_file: Some(lock),
             }),
         };
@@ -198,6 +222,7 @@ impl Store {
                 root: root.to_owned(),
                 max_size,
                 index: Mutex::new(Index::default()),
+                pins: Mutex::new(()),
                 lock_file: None,
             }),
         };
@@ -282,7 +307,13 @@ impl Store {
             let keep = name
                 .strip_suffix(".partial")
                 .is_some_and(|hex| Digest::from_hex(hex).is_ok());
-            if keep {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PARTIAL_TTL);
+            if keep && !(fix && stale) {
                 rec.partials += 1;
             } else if fix {
                 remove_any(&entry.path());
@@ -384,7 +415,10 @@ impl Store {
 
     /// The media type recorded for a committed manifest.
     pub fn media_type(&self, d: &Digest) -> Option<String> {
-        std::fs::read_to_string(self.meta_path(d)).ok()
+        std::fs::read_to_string(self.meta_path(d))
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
     }
 
     /// Commits the fully written and verified file at `tmp` as blob `d`.
@@ -500,8 +534,16 @@ impl Store {
 
 /// Writes `bytes` to `path` by a rename, so readers see all or nothing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write as _;
     let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    // Synced before the rename: after a power loss the name points at the
+    // whole content, never at an empty file.
+    let written =
+        File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io_err(path)(e)

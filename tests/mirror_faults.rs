@@ -460,3 +460,65 @@ fn bad_input_gets_oci_errors() {
     assert_eq!((got, body.as_str()), (200, "{}"));
     assert!(!d.log().contains("panicked"));
 }
+
+/// A crash after the last byte arrived but before the commit leaves a
+/// complete partial file: the restart commits it without asking the origin.
+/// A complete partial with wrong content is refused by the origin's 416
+/// and the download starts over, instead of failing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_partials_are_committed_or_restarted_after_a_crash() {
+    let reg = origin();
+    let b = tokio::task::spawn_blocking(|| blob("faults/complete", 31, 3 * MIB))
+        .await
+        .unwrap();
+    let bad = tokio::task::spawn_blocking(|| blob("faults/complete", 32, 3 * MIB))
+        .await
+        .unwrap();
+    let mut d = Daemon::start(&format!(
+        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+        reg.host(),
+        reg.url()
+    ));
+    d.kill9();
+    std::fs::write(
+        d.partial_path(&b.digest),
+        random_bytes(b.seed, 0, b.size as usize),
+    )
+    .unwrap();
+    let mut wrong = random_bytes(bad.seed, 0, bad.size as usize);
+    wrong[1000] ^= 0xff;
+    std::fs::write(d.partial_path(&bad.digest), wrong).unwrap();
+    tokio::task::block_in_place(|| d.restart());
+
+    let mark = reg.mark();
+    let client = reqwest::Client::new();
+    let (status, digest, n) = get_hashed(&client, &blob_url(&d, &reg.host(), &b))
+        .await
+        .expect("complete partial");
+    assert_eq!((status, digest, n), (200, b.digest.clone(), b.size));
+    let (status, digest, n) = get_hashed(&client, &blob_url(&d, &reg.host(), &bad))
+        .await
+        .expect("corrupt complete partial");
+    assert_eq!((status, digest, n), (200, bad.digest.clone(), bad.size));
+    let (good_gets, bad_gets) = tokio::task::spawn_blocking(move || {
+        (
+            origin().blob_gets_of(&b.digest, mark),
+            origin().requests_since(mark),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(good_gets, 0, "a complete, valid partial needs no origin");
+    let bad_gets: Vec<_> = bad_gets
+        .iter()
+        .filter(|r| r.is_blob_get() && r.digest() == Some(bad.digest.as_str()))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        bad_gets,
+        vec![416, 200],
+        "refused resume, then a fresh download"
+    );
+    assert!(d.log().contains("partial download is complete"));
+    assert!(d.log().contains("starting over"));
+}

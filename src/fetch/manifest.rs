@@ -178,12 +178,22 @@ impl Fetcher {
         }
         let media_type = header_type.unwrap_or_else(|| sniff_media_type(&body));
         if !self.inner.store.contains(&actual) {
-            let store = &self.inner.store;
-            store.put_small(&actual, &body, Some(&media_type))?;
+            // fsyncs, and possibly an eviction: off the runtime.
+            let store = self.inner.store.clone();
+            let (d, b, mt) = (actual.clone(), body.clone(), media_type.clone());
             let prov = crate::store::Provenance::origin(up.host(), repo);
-            if let Err(e) = store.set_provenance(&actual, &prov) {
-                tracing::debug!(digest = %actual, error = %e, "cannot record provenance");
-            }
+            tokio::task::spawn_blocking(move || {
+                store.put_small(&d, &b, Some(&mt))?;
+                if let Err(e) = store.set_provenance(&d, &prov) {
+                    tracing::debug!(digest = %d, error = %e, "cannot record provenance");
+                }
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await
+            .map_err(|e| FetchError::Io {
+                what: "storing manifest".into(),
+                source: std::io::Error::other(e),
+            })??;
         }
         Ok(Manifest {
             digest: actual,

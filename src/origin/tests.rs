@@ -196,6 +196,61 @@ async fn bearer_tokens_are_fetched_once_and_cached_per_scope() {
     assert_eq!(reg_seen.lock().unwrap().len(), 4);
 }
 
+/// A puller's own basic credentials buy a token once; its next requests
+/// reuse it, and another puller's credentials never do.
+#[tokio::test]
+async fn tokens_bought_with_puller_credentials_are_reused_only_by_that_puller() {
+    let (auth, auth_seen) = server([127, 0, 0, 1], |_, a| {
+        let body = if a == Some("Basic YWxpY2U6cHc=") {
+            r#"{"token":"alice-tok","expires_in":300}"#
+        } else {
+            r#"{"token":"other-tok","expires_in":300}"#
+        };
+        Response::new(Full::from(body))
+    })
+    .await;
+    let (reg, reg_seen) = server([127, 0, 0, 1], move |_, a| match a {
+        Some("Bearer alice-tok") | Some("Bearer other-tok") => Response::new(Full::from("ok")),
+        _ => Response::builder()
+            .status(401)
+            .header(
+                "www-authenticate",
+                format!(r#"Bearer realm="http://{auth}/token",service="svc""#),
+            )
+            .body(Full::default())
+            .unwrap(),
+    })
+    .await;
+    let (origin, up) = origin_for(&format!("http://{reg}"), None);
+    let alice = HeaderValue::from_static("Basic YWxpY2U6cHc=");
+    let bob = HeaderValue::from_static("Basic Ym9iOnB3");
+    for _ in 0..3 {
+        let resp = origin.send(&up, &blob_request(Some(&alice))).await.unwrap();
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    let resp = origin.send(&up, &blob_request(Some(&bob))).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    let auth_seen = auth_seen.lock().unwrap().clone();
+    assert_eq!(auth_seen.len(), 2, "one token per puller: {auth_seen:?}");
+    let reg_auth: Vec<_> = reg_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.auth.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        reg_auth,
+        vec![
+            "Basic YWxpY2U6cHc=",
+            "Bearer alice-tok",
+            "Bearer alice-tok",
+            "Bearer alice-tok",
+            "Basic Ym9iOnB3",
+            "Bearer other-tok",
+        ]
+    );
+}
+
 /// A 401 the daemon cannot answer is passed on with the origin's challenge,
 /// so the puller can authenticate itself.
 #[tokio::test]

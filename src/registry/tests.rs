@@ -150,6 +150,13 @@ fn ranges() {
     assert_eq!(r("bytes=10-20", 10), RangeSpec::Unsatisfiable);
     assert_eq!(r("bytes=-0", 10), RangeSpec::Unsatisfiable);
     assert_eq!(r("bytes=0-1,3-4", 10), RangeSpec::Full);
+    // An end at u64::MAX must not overflow.
+    assert_eq!(
+        r("bytes=5-18446744073709551615", 10),
+        RangeSpec::Partial { start: 5, end: 10 }
+    );
+    assert_eq!(r("bytes=0-18446744073709551615", 10), RangeSpec::Full);
+    assert_eq!(r("bytes=99999999999999999999-", 10), RangeSpec::Full);
     assert_eq!(r("bytes=5-2", 10), RangeSpec::Full);
     assert_eq!(r("items=0-1", 10), RangeSpec::Full);
     assert_eq!(r("bytes=x-y", 10), RangeSpec::Full);
