@@ -5,7 +5,9 @@
 //! `verify` without `--repair`, `images`, `peers`) read the store directory
 //! themselves, without its lock and without writing; the commands that
 //! change the store (`gc`, `pin`, `unpin`, `verify --repair`) take the
-//! store's lock, which only succeeds while the daemon is down.
+//! store's lock, which only succeeds while the daemon is down. Opened that
+//! way the store has no quota: nothing is evicted on opening or unpinning,
+//! only by `gc`, down to `--target` or the config file's `[store] max_size`.
 //!
 //! Output is a table for people or, with `-o json`, the admin API's JSON
 //! ([`crate::admin::api`]) for scripts. Exit codes: see [`EXIT_CODES`].
@@ -187,7 +189,9 @@ pub enum CacheCommand {
         /// Only show what would be evicted.
         #[arg(long)]
         dry_run: bool,
-        /// Free space down to this size [default: the store's quota].
+        /// Free space down to this size [default: the daemon's quota; with
+        /// the daemon down, `[store] max_size` from --config, and without a
+        /// config file this is required].
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         target: Option<u64>,
     },
@@ -218,7 +222,11 @@ enum Backend {
 struct Resolved {
     socket: PathBuf,
     store: PathBuf,
-    quota: u64,
+    /// `[store] max_size` from the config file; `None` without one, as the
+    /// daemon's quota is then unknown (the built-in default may not be it).
+    quota: Option<u64>,
+    /// The quota a read-only view reports: the config's, else the default.
+    shown_quota: u64,
 }
 
 fn resolve(g: &Global) -> Result<Resolved, CliError> {
@@ -227,6 +235,7 @@ fn resolve(g: &Global) -> Result<Resolved, CliError> {
         None => Config::defaults(),
     }
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    let quota = g.config.as_ref().map(|_| cfg.store.max_size);
     let store = g.store.clone().unwrap_or_else(|| cfg.store.dir.clone());
     let socket = match (&g.socket, &g.store, &g.config) {
         (Some(s), _, _) => s.clone(),
@@ -236,7 +245,8 @@ fn resolve(g: &Global) -> Result<Resolved, CliError> {
     Ok(Resolved {
         socket,
         store,
-        quota: cfg.store.max_size,
+        quota,
+        shown_quota: cfg.store.max_size,
     })
 }
 
@@ -268,7 +278,9 @@ async fn backend(g: &Global, write: bool) -> Result<Backend, CliError> {
         )));
     }
     let store = if write {
-        match Store::open(&r.store, r.quota) {
+        // No quota: opening and unpinning never evict. Only an explicit
+        // `cache gc` frees space, down to its target (see `gc_target`).
+        match Store::open(&r.store, u64::MAX) {
             Ok((s, _)) => s,
             Err(StoreError::Locked { .. }) => {
                 return Err(down(format!(
@@ -279,7 +291,7 @@ async fn backend(g: &Global, write: bool) -> Result<Backend, CliError> {
             Err(e) => return Err(AdminError::from(e).into()),
         }
     } else {
-        Store::open_read_only(&r.store, r.quota).map_err(AdminError::from)?
+        Store::open_read_only(&r.store, r.shown_quota).map_err(AdminError::from)?
     };
     let mode = if write { "with its lock" } else { "read-only" };
     eprintln!(
@@ -388,16 +400,36 @@ async fn cache_async(g: &Global, cmd: CacheCommand) -> Result<(), CliError> {
         }
         CacheCommand::Verify { repair } => verify(g, &be, repair).await,
         CacheCommand::Gc { dry_run, target } => {
-            let req = GcRequest { target, dry_run };
             let r: api::GcReport = match &be {
-                Backend::Daemon(c) => c.post(path::GC, &req).await?,
-                Backend::Local(n) => n.gc(&req)?,
+                Backend::Daemon(c) => c.post(path::GC, &GcRequest { target, dry_run }).await?,
+                Backend::Local(n) => {
+                    let target = Some(gc_target(g, target)?);
+                    n.gc(&GcRequest { target, dry_run })?
+                }
             };
             print(g, &r, render::gc)
         }
         CacheCommand::Pin { target } => pin(g, &be, TargetRequest { target }, true).await,
         CacheCommand::Unpin { target } => pin(g, &be, TargetRequest { target }, false).await,
     }
+}
+
+/// What `cache gc` frees down to without the daemon: `--target`, else the
+/// quota from the config file. Without either the quota is unknown, and
+/// guessing (the built-in default) could evict far more than the daemon
+/// would, so this refuses.
+fn gc_target(g: &Global, target: Option<u64>) -> Result<u64, CliError> {
+    if let Some(t) = target {
+        return Ok(t);
+    }
+    resolve(g)?.quota.ok_or_else(|| {
+        CliError::Usage(
+            "no daemon answers and no config file was given, so the store's quota is unknown: \
+             pass --target SIZE, or --config with the daemon's config file \
+             (or set DAMSELFLY_CONFIG)"
+                .into(),
+        )
+    })
 }
 
 async fn pin(g: &Global, be: &Backend, req: TargetRequest, pin: bool) -> Result<(), CliError> {

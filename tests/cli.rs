@@ -29,10 +29,17 @@ struct Run {
 /// Runs `damselfly <args>` with the daemon's config, as an operator would
 /// with `kubectl exec`.
 fn cli(config: &Path, args: &[&str]) -> Run {
-    let out = Command::new(daemon::binary())
-        .args(args)
-        .arg("--config")
-        .arg(config)
+    cli_with(Some(config), args)
+}
+
+/// Runs `damselfly <args>`, with `--config` only when `config` is given.
+fn cli_with(config: Option<&Path>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(daemon::binary());
+    cmd.args(args);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd
         .env_remove("DAMSELFLY_SOCKET")
         .env_remove("DAMSELFLY_CONFIG")
         .output()
@@ -418,6 +425,91 @@ fn without_a_daemon_or_a_store_errors_are_clear() {
     let r = cli(&bad, &["cache", "stats"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("admin.socket"), "{}", r.stderr);
+}
+
+/// With the daemon stopped, the CLI opens the store itself: that must never
+/// evict on its own (the scenario: a daemon configured far above the
+/// built-in quota is stopped, and `cache pin` would first evict down to the
+/// default), and `cache gc` without `--target` needs to know the quota.
+#[test]
+fn offline_maintenance_never_evicts_and_gc_needs_the_quota() {
+    use damselfly::oci::Digest;
+    use damselfly::store::Store;
+    use sha2::Digest as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..3u8)
+        .map(|i| {
+            let bytes = vec![i; 4096];
+            (Digest::from_sha256(&sha2::Sha256::digest(&bytes)), bytes)
+        })
+        .collect();
+    {
+        let (store, _) = Store::open(&store_dir, u64::MAX).unwrap();
+        for (d, bytes) in &blobs {
+            store.put_small(d, bytes, None).unwrap();
+        }
+    }
+    let path = |d: &Digest| store_dir.join("blobs/sha256").join(d.hex());
+    let all_there = |when: &str| {
+        for (d, _) in &blobs {
+            assert!(path(d).exists(), "{d} was evicted by {when}");
+        }
+    };
+    // The daemon's config has a quota far below what the store holds.
+    let config = dir.path().join("damselfly.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ndir = \"{}\"\nmax_size = \"4KiB\"\n",
+            store_dir.display()
+        ),
+    )
+    .unwrap();
+    let store_arg = store_dir.to_str().unwrap();
+    let first = blobs[0].0.to_string();
+
+    let r = cli(&config, &["cache", "pin", &first]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("with its lock"), "{}", r.stderr);
+    all_there("cache pin");
+    let r = cli(&config, &["cache", "unpin", &first]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    all_there("cache unpin");
+    let r = cli_with(None, &["cache", "pin", &first, "--store", store_arg]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    all_there("cache pin without a config");
+
+    // No config file: the quota is unknown, so gc needs --target.
+    for args in [
+        &["cache", "gc", "--store", store_arg][..],
+        &["cache", "gc", "--dry-run", "--store", store_arg],
+    ] {
+        let r = cli_with(None, args);
+        assert_eq!(r.code, 2, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains("quota is unknown") && r.stderr.contains("--target"),
+            "{}",
+            r.stderr
+        );
+        all_there("cache gc without a quota");
+    }
+    let r = cli_with(
+        None,
+        &["cache", "gc", "--store", store_arg, "--target", "1000000"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    all_there("cache gc above the store's size");
+
+    // With the config, gc frees down to its quota; the pin holds.
+    let r = cli(&config, &["cache", "gc", "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let gc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(gc["target"], 4096);
+    assert_eq!(gc["after"], 4096);
+    assert!(path(&blobs[0].0).exists(), "the pinned blob stays");
+    assert!(blobs[1..].iter().all(|(d, _)| !path(d).exists()));
 }
 
 #[test]

@@ -44,9 +44,14 @@ fn percent(r: f64) -> String {
 }
 
 /// `sha256:` and the first 12 hex digits, as docker and ctr shorten them.
+/// Anything else (digests read from a cached manifest are not validated:
+/// too short, another algorithm, non-ASCII) is shown as it is, unshortened.
 pub fn short(digest: &str) -> String {
     match digest.strip_prefix("sha256:") {
-        Some(hex) if hex.len() > 12 => format!("sha256:{}", &hex[..12]),
+        Some(hex) if hex.len() > 12 => match hex.get(..12) {
+            Some(head) => format!("sha256:{head}"),
+            None => digest.to_owned(),
+        },
         _ => digest.to_owned(),
     }
 }

@@ -111,3 +111,46 @@ fn peers_before_the_swarm() {
         "the peer-to-peer swarm is not built yet; this node has no peers\n"
     );
 }
+
+#[test]
+fn inspect_shows_malformed_layer_digests_without_panicking() {
+    // Descriptor digests come straight from a cached manifest, unvalidated:
+    // a non-ASCII character across the 12th byte must not be sliced, and
+    // short or foreign digests are shown as they are.
+    let odd = [
+        "sha256:0123456789aé0123",
+        "sha256:abc",
+        "sha512:xyz",
+        "sha256:",
+        "garbage",
+        "",
+    ];
+    assert_eq!(short(odd[0]), odd[0]);
+    assert_eq!(short(odd[1]), odd[1]);
+    let blob = |digest: &str| ImageBlob {
+        digest: digest.into(),
+        kind: "layer".into(),
+        media_type: None,
+        size: 10,
+        state: "absent".into(),
+        present: 0,
+    };
+    let img = Inspection::Image(ImageInspection {
+        reference: "registry.example.com/team/model:v3".into(),
+        digest: d('a'),
+        media_type: None,
+        platform: None,
+        manifest: Some(d('b')),
+        pinned: false,
+        blobs: odd.iter().map(|x| blob(x)).collect(),
+        layers: odd.len() as u64,
+        layers_present: 0,
+        layer_bytes: 10 * odd.len() as u64,
+        layer_bytes_present: 0,
+        complete: 0.0,
+    });
+    let out = inspect(&img, NOW);
+    for x in odd.iter().filter(|x| !x.is_empty()) {
+        assert!(out.contains(x), "{x} missing from:\n{out}");
+    }
+}
