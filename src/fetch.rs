@@ -37,8 +37,10 @@ pub use manifest::{Manifest, MAX_MANIFEST};
 
 /// Bytes written to disk (and hashed) per batch while downloading.
 const WRITE_BATCH: usize = 1 << 20;
-/// Bytes per frame sent to a client.
-const READ_CHUNK: u64 = 512 << 10;
+/// Bytes per frame sent to a client. Larger frames mean fewer wake-ups per
+/// GiB (cache hits measured 0.75x of docker-registry at 512 KiB, 0.99x at
+/// 2 MiB); smaller ones a quicker first byte. 1 MiB sits between.
+const READ_CHUNK: u64 = 1 << 20;
 const RESUME_BACKOFF_START: Duration = Duration::from_millis(200);
 const RESUME_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
