@@ -385,9 +385,7 @@ impl Node {
         };
         let r = self.store.verify(repair, &mut forward)?;
         if let Some(m) = &self.metrics {
-            let u = self.store.usage();
-            m.store_bytes.set(u.bytes as i64);
-            m.store_blobs.set(u.blobs as i64);
+            m.observe_store(self.store.usage());
         }
         Ok(VerifyReport {
             checked: r.checked,
@@ -412,9 +410,7 @@ impl Node {
         let target = req.target.unwrap_or(self.store.usage().max_size);
         let r = self.store.gc(target, req.dry_run)?;
         if let Some(m) = &self.metrics {
-            let u = self.store.usage();
-            m.store_bytes.set(u.bytes as i64);
-            m.store_blobs.set(u.blobs as i64);
+            m.observe_store(self.store.usage());
         }
         Ok(GcReport {
             dry_run: r.dry_run,

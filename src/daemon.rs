@@ -42,9 +42,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let prom = Registry::new();
     let metrics = Metrics::new(&prom)?;
     let usage = store.usage();
-    metrics.store_bytes.set(usage.bytes as i64);
-    metrics.store_blobs.set(usage.blobs as i64);
-    metrics.store_max_bytes.set(usage.max_size as i64);
+    metrics.observe_store(usage);
 
     let origin = Origin::new(&cfg, metrics.clone())?;
     origin.prefetch_ecr_tokens();

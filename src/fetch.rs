@@ -445,9 +445,7 @@ impl DownloadJob {
         if let Err(e) = inner.store.set_provenance(digest, &prov) {
             tracing::debug!(digest = %digest, error = %e, "cannot record provenance");
         }
-        let usage = inner.store.usage();
-        inner.metrics.store_bytes.set(usage.bytes as i64);
-        inner.metrics.store_blobs.set(usage.blobs as i64);
+        inner.metrics.observe_store(inner.store.usage());
         tracing::info!(digest = %digest, bytes = written, "blob committed");
         Ok(())
     }
