@@ -66,7 +66,10 @@ pub enum OriginError {
     TooManyRequests { host: String },
     #[error("origin {host} answered {status}")]
     Status { host: String, status: StatusCode },
-    #[error("origin {host} is unreachable: {source}")]
+    // reqwest's own message ("error sending request for url ...") leaves
+    // out the cause: a refused connection, a timeout, a certificate that
+    // failed verification. The chain names it.
+    #[error("origin {host} is unreachable: {}", ecr::error_chain(source))]
     Unreachable {
         host: String,
         #[source]
@@ -682,7 +685,9 @@ impl Origin {
                 Ok(r) => {
                     tracing::warn!(status = %r.status(), attempt, "origin request failed, retrying")
                 }
-                Err(e) => tracing::warn!(error = %e, attempt, "origin request failed, retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %ecr::error_chain(e), attempt, "origin request failed, retrying")
+                }
             }
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_CAP);
@@ -776,7 +781,8 @@ fn build_client(
         // would not match its digest.
         .no_gzip()
         .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")));
-    if let Some(ca) = registry.and_then(|r| r.ca_file.as_ref()) {
+    let ca_file = registry.and_then(|r| r.ca_file.as_ref());
+    if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).map_err(|e| OriginError::Setup {
             host: host.clone(),
             reason: format!("cannot read ca_file {}: {e}", ca.display()),
@@ -796,9 +802,15 @@ fn build_client(
             b = b.add_root_certificate(c);
         }
     }
+    // With rustls the roots are parsed here: a PEM block that holds no
+    // usable certificate fails the build ("builder error" alone), so name
+    // the file and the cause.
     b.build().map_err(|e| OriginError::Setup {
         host,
-        reason: e.to_string(),
+        reason: match ca_file {
+            Some(ca) => format!("ca_file {}: {}", ca.display(), ecr::error_chain(&e)),
+            None => ecr::error_chain(&e),
+        },
     })
 }
 

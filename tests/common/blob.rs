@@ -22,11 +22,21 @@ use super::util::block_on;
 pub trait Endpoint {
     /// `http://host:port`, no trailing slash.
     fn base_url(&self) -> String;
+
+    /// A PEM CA certificate that [`RegistryClient`] trusts for this
+    /// endpoint: a TLS [`Registry`]'s own CA ([`Registry::ca_file`]).
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 impl Endpoint for Registry {
     fn base_url(&self) -> String {
         self.url()
+    }
+
+    fn ca_file(&self) -> Option<std::path::PathBuf> {
+        Registry::ca_file(self).map(|p| p.to_path_buf())
     }
 }
 
@@ -147,15 +157,21 @@ pub struct RegistryClient {
 }
 
 impl RegistryClient {
-    /// A client for `endpoint` with optional `(user, pass)`.
+    /// A client for `endpoint` with optional `(user, pass)`; it also
+    /// trusts the endpoint's [`Endpoint::ca_file`], if any.
     pub fn new(
         endpoint: &(impl Endpoint + ?Sized),
         credentials: Option<(&str, &str)>,
     ) -> anyhow::Result<RegistryClient> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .context("build HTTP client")?;
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(ca) = endpoint.ca_file() {
+            let pem = std::fs::read(&ca).with_context(|| format!("read {}", ca.display()))?;
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&pem)
+                    .with_context(|| format!("{} is not a PEM certificate", ca.display()))?,
+            );
+        }
+        let http = builder.build().context("build HTTP client")?;
         Ok(RegistryClient {
             base: endpoint.base_url(),
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),

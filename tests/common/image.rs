@@ -375,7 +375,8 @@ impl PushedImage {
 /// `http://host:port` base URL) as `repo:tag` with `skopeo copy
 /// --dest-tls-verify=false` (`--dest-creds` when `credentials` are given;
 /// skopeo does basic or token auth itself), then reads back what the
-/// registry serves.
+/// registry serves. An `https://` endpoint works too (skopeo does not
+/// verify it; the read-back trusts the endpoint's [`Endpoint::ca_file`]).
 pub fn push_image(
     layout: &OciLayout,
     endpoint: &(impl Endpoint + ?Sized),
@@ -386,7 +387,8 @@ pub fn push_image(
     let base = endpoint.base_url();
     let host = base
         .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("push_image needs an http:// endpoint, got {base}"))?
+        .or_else(|| base.strip_prefix("https://"))
+        .ok_or_else(|| anyhow!("push_image needs an http(s):// endpoint, got {base}"))?
         .trim_end_matches('/')
         .to_string();
     let reference = format!("{host}/{repo}:{tag}");
@@ -405,7 +407,7 @@ pub fn push_image(
         .arg(format!("docker://{reference}"));
     run_command(cmd, TOOL_TIMEOUT)?.check()?;
 
-    let client = RegistryClient::new(base.as_str(), credentials)?;
+    let client = RegistryClient::new(endpoint, credentials)?;
     let manifest = block_on(async { client.fetch_manifest(repo, tag).await })?;
     let json = manifest.json()?;
     let descriptor = |v: &serde_json::Value| -> anyhow::Result<(String, u64)> {

@@ -8,7 +8,7 @@
 //!
 //! | piece | what it is |
 //! |---|---|
-//! | [`Registry`] | a `docker-registry serve` with no auth, htpasswd, token auth, or as a pull-through cache; counts requests from its own access log |
+//! | [`Registry`] | a `docker-registry serve` with no auth, htpasswd, token auth, or as a pull-through cache, over HTTP or HTTPS ([`TlsFiles`]); counts requests from its own access log |
 //! | [`TokenServer`] | an RS256 JWT token server that the registry's `auth.token` trusts |
 //! | [`build_image`], [`push_image`] | multi-layer OCI images built with `umoci`, pushed with `skopeo` |
 //! | [`push_blob`], [`verify_blob`], [`random_bytes`] | raw blobs of any size streamed from a seeded generator |
@@ -78,7 +78,8 @@ pub use proxy::{Fault, FaultProxy, ProxyRequest, ALWAYS};
 pub use random::{random_bytes, random_digest, RandomReader};
 #[allow(unused_imports)]
 pub use registry::{
-    parse_access_log_line, OriginRequest, Registry, RegistryAuth, RegistryOptions, TokenAuth,
+    parse_access_log_line, OriginRequest, Registry, RegistryAuth, RegistryOptions, TlsFiles,
+    TokenAuth,
 };
 #[allow(unused_imports)]
 pub use token::{TokenServer, TokenServerOptions};

@@ -19,6 +19,9 @@
 //! - A line is written after the handler returns, i.e. possibly just after
 //!   the client has the whole response. [`Registry::sync_log`] closes that
 //!   gap with a sentinel request.
+//! - With `http.tls` (see [`TlsFiles`]) a failed handshake never reaches the
+//!   access log; Go's `http.Server` writes `http: TLS handshake error from
+//!   ...` to **stderr** instead.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 
 use super::token::TokenServer;
-use super::util::{self, log_tail, raw_http_request, ChildGuard, TestDir};
+use super::util::{self, block_on, log_tail, raw_http_request, ChildGuard, TestDir};
 
 /// Query parameter that marks the lab's own probe and sync requests; lines
 /// carrying it are left out of every count.
@@ -94,6 +97,95 @@ pub struct RegistryOptions {
     pub proxy_remote_url: Option<String>,
     /// Credentials the pull-through cache uses upstream.
     pub proxy_credentials: Option<(String, String)>,
+    /// Serve HTTPS (`http.tls`) with these files instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A private CA and a server certificate it signed, for a registry that
+/// serves HTTPS ([`RegistryOptions::tls`]). The registry copies all three
+/// files into its own dir at start, so these may be removed afterwards.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate of the CA that signed `cert`: what clients must
+    /// trust. The lab's own probes and [`super::RegistryClient`] do.
+    pub ca: PathBuf,
+    /// PEM server certificate (`http.tls.certificate`).
+    pub cert: PathBuf,
+    /// Its PEM private key (`http.tls.key`).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes a self-signed CA (`CN=damselfly-lab-ca`) and a server
+    /// certificate for `127.0.0.1` (SAN `IP:127.0.0.1`, serverAuth) signed by
+    /// it, with the `openssl` CLI, into `dir`: `ca.pem`, `server.pem`,
+    /// `server-key.pem` (and the CA's key and scratch files). P-256 keys,
+    /// valid for 3 days.
+    pub fn generate(dir: &Path) -> anyhow::Result<TlsFiles> {
+        let ca_key = dir.join("ca-key.pem");
+        let ca = dir.join("ca.pem");
+        let key = dir.join("server-key.pem");
+        let csr = dir.join("server.csr");
+        let ext = dir.join("server-ext.cnf");
+        let cert = dir.join("server.pem");
+        let openssl = |args: &[&str], paths: &[(&str, &Path)]| -> anyhow::Result<()> {
+            let mut cmd = util::command("openssl");
+            cmd.args(args);
+            for (flag, path) in paths {
+                cmd.arg(flag).arg(path);
+            }
+            let output = cmd.output().context("run openssl")?;
+            if !output.status.success() {
+                bail!(
+                    "openssl {} failed: {}",
+                    args.first().unwrap_or(&""),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            Ok(())
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        let mut args = vec!["req", "-x509", "-nodes", "-sha256", "-days", "3"];
+        args.extend(ec);
+        args.extend([
+            "-subj",
+            "/CN=damselfly-lab-ca",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&args, &[("-keyout", &ca_key), ("-out", &ca)])?;
+        let mut args = vec!["req", "-new", "-nodes", "-sha256", "-subj", "/CN=127.0.0.1"];
+        args.extend(ec);
+        openssl(&args, &[("-keyout", &key), ("-out", &csr)])?;
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\n\
+             subjectAltName=IP:127.0.0.1\n",
+        )
+        .context("write server-ext.cnf")?;
+        let serial = format!("0x{}", hex::encode(rand::random::<[u8; 8]>()));
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-sha256",
+                "-days",
+                "3",
+                "-set_serial",
+                &serial,
+            ],
+            &[
+                ("-in", &csr),
+                ("-CA", &ca),
+                ("-CAkey", &ca_key),
+                ("-extfile", &ext),
+                ("-out", &cert),
+            ],
+        )?;
+        Ok(TlsFiles { ca, cert, key })
+    }
 }
 
 /// One request as the registry logged it (see the module docs).
@@ -221,6 +313,8 @@ pub struct Registry {
     access_log: PathBuf,
     error_log: PathBuf,
     storage: PathBuf,
+    /// The CA the lab's probes trust, when the registry serves HTTPS.
+    tls_ca: Option<PathBuf>,
     sync_counter: AtomicU64,
     // Last: removed after the child is killed.
     dir: TestDir,
@@ -254,6 +348,7 @@ impl Registry {
             auth: RegistryAuth::None,
             proxy_remote_url: Some(remote_url.to_string()),
             proxy_credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+            tls: None,
         })
     }
 
@@ -278,6 +373,25 @@ impl Registry {
                 s
             }
         };
+        let (tls_yaml, tls_ca) = match &options.tls {
+            None => (String::new(), None),
+            Some(tls) => {
+                let copy = |from: &Path, name: &str| -> anyhow::Result<PathBuf> {
+                    let to = dir.join(name);
+                    std::fs::copy(from, &to).with_context(|| format!("copy {}", from.display()))?;
+                    Ok(to)
+                };
+                let ca = copy(&tls.ca, "tls-ca.pem")?;
+                let cert = copy(&tls.cert, "tls-cert.pem")?;
+                let key = copy(&tls.key, "tls-key.pem")?;
+                let yaml = format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    yaml_str(&cert.to_string_lossy()),
+                    yaml_str(&key.to_string_lossy())
+                );
+                (yaml, Some(ca))
+            }
+        };
         let secret = hex::encode(rand::random::<[u8; 16]>());
         let mut registry = Registry {
             child: Mutex::new(None),
@@ -287,6 +401,7 @@ impl Registry {
             access_log: dir.join("access.log"),
             error_log: dir.join("registry.log"),
             storage: storage.clone(),
+            tls_ca,
             sync_counter: AtomicU64::new(0),
             dir,
         };
@@ -298,7 +413,7 @@ impl Registry {
                  log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
                  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: {secret}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: {secret}\n{tls_yaml}\
                  {auth_yaml}{proxy_yaml}",
                 storage = yaml_str(&storage.to_string_lossy()),
             );
@@ -349,12 +464,9 @@ impl Registry {
         loop {
             let log = this_run_log();
             if log.contains(&bound_line) {
-                if let Ok((status, _)) = raw_http_request(
-                    &self.host(),
-                    "GET",
-                    &format!("/v2/?{LAB_MARKER}probe"),
-                    Duration::from_secs(2),
-                ) {
+                if let Ok(status) =
+                    self.probe(&format!("/v2/?{LAB_MARKER}probe"), Duration::from_secs(2))
+                {
                     if status == 200 || status == 401 {
                         break;
                     }
@@ -388,9 +500,41 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` when it serves
+    /// TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.host())
+    }
+
+    /// The CA certificate (PEM) that clients must trust, when the registry
+    /// serves HTTPS ([`RegistryOptions::tls`]); a copy in the registry's dir.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
+    }
+
+    /// One lab GET of `path_and_query` (a marked probe or sync request):
+    /// [`raw_http_request`] for a plain registry, HTTPS trusting only
+    /// [`Registry::ca_file`] for a TLS one. Returns the status.
+    fn probe(&self, path_and_query: &str, timeout: Duration) -> anyhow::Result<u16> {
+        let Some(ca) = &self.tls_ca else {
+            let (status, _) = raw_http_request(&self.host(), "GET", path_and_query, timeout)?;
+            return Ok(status);
+        };
+        let pem = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(timeout)
+            .user_agent("damselfly-lab")
+            .build()?;
+        let url = format!("{}{path_and_query}", self.url());
+        block_on(async { Ok(client.get(url).send().await?.status().as_u16()) })
     }
 
     /// The port.
@@ -495,8 +639,7 @@ impl Registry {
         let n = self.sync_counter.fetch_add(1, Ordering::Relaxed);
         let marker = format!("/v2/?{LAB_MARKER}sync-{}-{n}", std::process::id());
         let deadline = Instant::now() + Duration::from_secs(2);
-        let sent =
-            raw_http_request(&self.host(), "GET", &marker, Duration::from_millis(500)).is_ok();
+        let sent = self.probe(&marker, Duration::from_millis(500)).is_ok();
         if sent {
             while Instant::now() < deadline {
                 let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();

@@ -53,6 +53,42 @@ impl Daemon {
     }
 
     pub fn start_with(opts: Options) -> Daemon {
+        let mut d = Daemon::configure(opts);
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon that should refuse to start: waits (20 s at most)
+    /// for the process to exit and returns its exit status and its whole
+    /// log (stdout and stderr). Panics if it becomes ready instead.
+    pub fn start_expecting_exit(opts: Options) -> (ExitStatus, String) {
+        let mut d = Daemon::configure(opts);
+        d.spawn_child();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ready = format!("http://{}/readyz", d.telemetry);
+        loop {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                d.child = None;
+                return (status, d.log());
+            }
+            if plain_http::blocking_get(&ready).ok() == Some(200) {
+                panic!(
+                    "damselfly became ready, expected it to exit:\n{}",
+                    d.log_tail(40)
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "damselfly neither exited nor became ready in 20 s:\n{}",
+                    d.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Writes the config; no process yet.
+    fn configure(opts: Options) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mirror = free_addr();
         let telemetry = free_addr();
@@ -70,7 +106,7 @@ impl Daemon {
         );
         std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("daemon.log");
-        let mut d = Daemon {
+        Daemon {
             child: None,
             dir,
             mirror,
@@ -79,12 +115,15 @@ impl Daemon {
             log_path,
             env: opts.env,
             env_remove: opts.env_remove,
-        };
-        d.spawn();
-        d
+        }
     }
 
     fn spawn(&mut self) {
+        self.spawn_child();
+        self.wait_ready();
+    }
+
+    fn spawn_child(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -117,7 +156,6 @@ impl Daemon {
             .spawn()
             .expect("spawn damselfly");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
