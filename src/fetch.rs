@@ -632,12 +632,19 @@ fn cannot_resume(e: &FetchError) -> bool {
 }
 
 /// Errors that another attempt would not fix.
+///
+/// Origin errors are final here: the origin client already retried the
+/// request with backoff, and retrying its retries would multiply them
+/// (`origin.retries` squared against a dead origin). What the download loop
+/// retries is a body that broke after a good answer.
 fn is_final(e: &FetchError) -> bool {
-    match e {
-        FetchError::Origin(o) => !o.is_unavailable(),
-        FetchError::Store(_) | FetchError::Io { .. } | FetchError::Oversized { .. } => true,
-        _ => false,
-    }
+    matches!(
+        e,
+        FetchError::Origin(_)
+            | FetchError::Store(_)
+            | FetchError::Io { .. }
+            | FetchError::Oversized { .. }
+    )
 }
 
 type PendingWrite = tokio::task::JoinHandle<(sha2::Sha256, io::Result<()>)>;

@@ -663,7 +663,7 @@ impl Origin {
                 Ok(r) => {
                     r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS
                 }
-                Err(e) => !e.is_builder() && !e.is_redirect(),
+                Err(e) => !e.is_builder() && !e.is_redirect() && !is_tls_failure(e),
             };
             let label = match &result {
                 Ok(r) => r.status().as_str().to_owned(),
@@ -728,6 +728,30 @@ fn refused(
             cause,
         },
     }
+}
+
+/// A TLS handshake the origin failed (an untrusted or invalid certificate,
+/// or plain HTTP on a TLS port): it fails the same way every time, so it
+/// is not retried. They surface as a `rustls::Error` somewhere in the
+/// chain, or as tokio-rustls' `InvalidData` I/O error.
+fn is_tls_failure(e: &reqwest::Error) -> bool {
+    std::error::Error::source(e).is_some_and(tls_in_chain)
+}
+
+fn tls_in_chain(err: &(dyn std::error::Error + 'static)) -> bool {
+    if err.downcast_ref::<rustls::Error>().is_some() {
+        return true;
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        if io.kind() == std::io::ErrorKind::InvalidData {
+            return true;
+        }
+        // An I/O error's `source()` skips the error it wraps; look inside.
+        if let Some(inner) = io.get_ref() {
+            return tls_in_chain(inner);
+        }
+    }
+    err.source().is_some_and(tls_in_chain)
 }
 
 /// Spreads retries of many nodes apart: 50-100% of `d`.

@@ -36,11 +36,11 @@ fn origin() -> &'static Registry {
 }
 
 /// The daemon's config for the TLS origin, trusting `ca_file` if given.
-/// No retries: a certificate that fails verification fails the same way
-/// every time, and backoff would only slow the refusal down.
+/// Default retries: a certificate that fails verification must not be
+/// retried at all (it fails the same way every time).
 fn registry_toml(reg: &Registry, ca_file: Option<&Path>) -> String {
     let mut s = format!(
-        "[origin]\nretries = 0\n\n[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
         reg.host(),
         reg.url()
     );
@@ -147,6 +147,13 @@ fn without_ca_file_the_mirror_refuses_the_origin_certificate() {
     // certificate.
     let message = json["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("UnknownIssuer"), "{json}");
+    // One handshake, no retries with backoff.
+    assert_eq!(
+        d.metric(r#"damselfly_origin_requests_total{kind="blob",status="error"}"#),
+        1.0,
+        "{}",
+        d.metrics()
+    );
     assert!(
         d.log().contains("invalid peer certificate: UnknownIssuer"),
         "the log does not name the certificate problem:\n{}",
