@@ -11,7 +11,7 @@ mod daemon;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::util::{find_in_path, ChildGuard};
+use common::util::ChildGuard;
 use common::{
     build_image_cached, push_image, write_hosts_toml, Containerd, ImageSpec, LayerSpec,
     PushedImage, Registry, RegistryAuth, TestDir,
@@ -41,17 +41,13 @@ impl Moto {
         m
     }
 
-    /// `moto_server` from PATH, else `python3 -m moto.server`. A missing
-    /// moto fails the test: CI installs it (`.ci/run`).
+    /// `python3 -m moto.server`: the interpreter `.ci/run` installed moto
+    /// into. (A `moto_server` on PATH may be a pyenv shim for another
+    /// Python that lacks moto.) A missing moto fails the test.
     fn command() -> std::process::Command {
-        match find_in_path("moto_server") {
-            Some(p) => common::util::command(&p.to_string_lossy()),
-            None => {
-                let mut c = common::util::command("python3");
-                c.args(["-m", "moto.server"]);
-                c
-            }
-        }
+        let mut c = common::util::command("python3");
+        c.args(["-m", "moto.server"]);
+        c
     }
 
     fn spawn(&mut self, account: Option<&str>) {
