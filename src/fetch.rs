@@ -335,7 +335,16 @@ impl DownloadJob {
         let digest = self.dl.digest.clone();
         let result = self.download().await;
         if let Err(e) = &result {
-            tracing::warn!(digest = %digest, error = %e, "blob download failed");
+            if is_disk_full(e) {
+                // Keeping the partial would only hold the space that every
+                // other download needs; this blob does not fit anyway.
+                let _ = std::fs::remove_file(inner.store.partial_path(&digest));
+                tracing::error!(digest = %digest, error = %e, dir = %inner.store.root().display(),
+                    "the store's disk is full: store.max_size is larger than the free space; \
+                     partial download removed");
+            } else {
+                tracing::warn!(digest = %digest, error = %e, "blob download failed");
+            }
             if matches!(e, FetchError::DigestMismatch { .. }) {
                 inner.metrics.digest_mismatches.inc();
             }
@@ -617,6 +626,19 @@ impl DownloadJob {
         self.dl.progress.send_modify(|p| p.written = end);
         Ok(())
     }
+}
+
+/// Out of space (or quota) on the store's filesystem.
+fn is_disk_full(e: &FetchError) -> bool {
+    let io = match e {
+        FetchError::Io { source, .. } => source,
+        FetchError::Store(StoreError::Io { source, .. }) => source,
+        _ => return false,
+    };
+    matches!(
+        io.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Errors that say the partial file, not the network, is the problem.

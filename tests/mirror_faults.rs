@@ -522,3 +522,82 @@ async fn complete_partials_are_committed_or_restarted_after_a_crash() {
     assert!(d.log().contains("partial download is complete"));
     assert!(d.log().contains("starting over"));
 }
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The store's disk fills up mid-download: the reader's connection is cut
+/// (never a short 200), the error says what is wrong, the partial is
+/// removed so the space is free again, and a blob that fits is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
+    let reg = origin();
+    let big = tokio::task::spawn_blocking(mid_blob).await.unwrap();
+    let small = tokio::task::spawn_blocking(|| blob("faults/fits", 41, 2 * MIB))
+        .await
+        .unwrap();
+    let mut d = Daemon::start(&format!(
+        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+        reg.host(),
+        reg.url()
+    ));
+    d.kill9();
+    // 16 MiB of disk for a 32 MiB blob; the quota (100 GiB) cannot know.
+    let _disk = Tmpfs::mount(&d.store_dir(), "16m");
+    tokio::task::block_in_place(|| d.restart());
+
+    let client = reqwest::Client::new();
+    match get_hashed(&client, &blob_url(&d, &reg.host(), big)).await {
+        Err(e) => assert!(e.contains("body broke"), "{e}"),
+        Ok((status, _, n)) => assert!(
+            status >= 500,
+            "a blob that cannot be stored was answered {status} with {n} bytes"
+        ),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("the store's disk is full") {
+        assert!(Instant::now() < deadline, "{}", d.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!d.blob_path(&big.digest).exists());
+    assert!(
+        !d.partial_path(&big.digest).exists(),
+        "the partial kept the space"
+    );
+
+    let (status, digest, n) = get_hashed(&client, &blob_url(&d, &reg.host(), &small))
+        .await
+        .expect("a blob that fits");
+    assert_eq!((status, digest, n), (200, small.digest.clone(), small.size));
+    let (got, _) = raw(
+        d.mirror,
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(got, 200, "daemon unhealthy after a full disk");
+    d.kill9();
+}
