@@ -51,6 +51,16 @@ fn mid_blob() -> &'static Blob {
     B.get_or_init(|| blob("faults/mid", 11, 32 * MIB))
 }
 
+/// A daemon for the shared origin, reached directly.
+fn daemon_for_origin() -> Daemon {
+    let reg = origin();
+    Daemon::start(&format!(
+        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+        reg.host(),
+        reg.url()
+    ))
+}
+
 /// A daemon whose origin is reached through `proxy`.
 fn daemon_via(proxy: &FaultProxy) -> Daemon {
     Daemon::start(&format!(
@@ -92,11 +102,7 @@ async fn sixteen_readers_one_origin_download() {
     let b = tokio::task::spawn_blocking(|| blob("load/big", 21, 256 * MIB))
         .await
         .unwrap();
-    let d = Daemon::start(&format!(
-        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-        reg.host(),
-        reg.url()
-    ));
+    let d = daemon_for_origin();
     let mark = reg.mark();
     let url = blob_url(&d, &reg.host(), &b);
     let client = reqwest::Client::new();
@@ -358,11 +364,7 @@ fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
 #[test]
 fn bad_input_gets_oci_errors() {
     let reg = origin();
-    let d = Daemon::start(&format!(
-        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-        reg.host(),
-        reg.url()
-    ));
+    let d = daemon_for_origin();
     let ns = reg.host().replace(':', "%3A");
     let good = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
     let big_header = "x".repeat(32 << 10);
@@ -474,11 +476,7 @@ async fn complete_partials_are_committed_or_restarted_after_a_crash() {
     let bad = tokio::task::spawn_blocking(|| blob("faults/complete", 32, 3 * MIB))
         .await
         .unwrap();
-    let mut d = Daemon::start(&format!(
-        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-        reg.host(),
-        reg.url()
-    ));
+    let mut d = daemon_for_origin();
     d.kill9();
     std::fs::write(
         d.partial_path(&b.digest),
@@ -561,11 +559,7 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     let small = tokio::task::spawn_blocking(|| blob("faults/fits", 41, 2 * MIB))
         .await
         .unwrap();
-    let mut d = Daemon::start(&format!(
-        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-        reg.host(),
-        reg.url()
-    ));
+    let mut d = daemon_for_origin();
     d.kill9();
     // 16 MiB of disk for a 32 MiB blob; the quota (100 GiB) cannot know.
     let _disk = Tmpfs::mount(&d.store_dir(), "16m");

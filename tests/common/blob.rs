@@ -382,8 +382,12 @@ impl RegistryClient {
         Ok((digest, len))
     }
 
-    /// `GET /v2/<repo>/blobs/<digest>` into memory (small blobs only).
-    pub async fn get_blob(&self, repo: &str, digest: &str) -> anyhow::Result<Bytes> {
+    /// `GET /v2/<repo>/blobs/<digest>`, failing unless the answer is 200.
+    async fn get_blob_response(
+        &self,
+        repo: &str,
+        digest: &str,
+    ) -> anyhow::Result<reqwest::Response> {
         let response = self
             .send(
                 Method::GET,
@@ -399,6 +403,12 @@ impl RegistryClient {
                 response.text().await.unwrap_or_default()
             );
         }
+        Ok(response)
+    }
+
+    /// `GET /v2/<repo>/blobs/<digest>` into memory (small blobs only).
+    pub async fn get_blob(&self, repo: &str, digest: &str) -> anyhow::Result<Bytes> {
+        let response = self.get_blob_response(repo, digest).await?;
         response.bytes().await.context("read blob body")
     }
 
@@ -413,21 +423,7 @@ impl RegistryClient {
         digest: &str,
         expected: &BlobSource,
     ) -> anyhow::Result<()> {
-        let response = self
-            .send(
-                Method::GET,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                HeaderMap::new(),
-                None,
-            )
-            .await?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            bail!(
-                "GET blob {digest}: {status}: {}",
-                response.text().await.unwrap_or_default()
-            );
-        }
+        let response = self.get_blob_response(repo, digest).await?;
         let mut offset = 0u64;
         let mut expected_buf = Vec::new();
         let mut body = response.bytes_stream();
