@@ -192,19 +192,23 @@ impl Store {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
-        let store = Store {
+        let store = Store::with_inner(root, max_size, Some(lock));
+        let recovery = store.recover(true)?;
+        store.load_pins();
+        store.evict_over_quota();
+        Ok((store, recovery))
+    }
+
+    fn with_inner(root: &Path, max_size: u64, lock_file: Option<File>) -> Store {
+        Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
                 max_size,
                 index: Mutex::new(Index::default()),
                 pins: Mutex::new(()),
-                lock_file: Some(lock),
+                lock_file,
             }),
-        };
-        let recovery = store.recover(true)?;
-        store.load_pins();
-        store.evict_over_quota();
-        Ok((store, recovery))
+        }
     }
 
     /// Opens the store at `root` as it is, without taking its lock and
@@ -217,15 +221,7 @@ impl Store {
                 path: root.to_owned(),
             });
         }
-        let store = Store {
-            inner: Arc::new(Inner {
-                root: root.to_owned(),
-                max_size,
-                index: Mutex::new(Index::default()),
-                pins: Mutex::new(()),
-                lock_file: None,
-            }),
-        };
+        let store = Store::with_inner(root, max_size, None);
         store.recover(false)?;
         store.load_pins();
         Ok(store)

@@ -88,6 +88,18 @@ async fn server(
 
 use http::Response;
 
+/// A 401 sending the client to the token service at `auth`.
+fn bearer_challenge(auth: std::net::SocketAddr) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(401)
+        .header(
+            "www-authenticate",
+            format!(r#"Bearer realm="http://{auth}/token",service="svc""#),
+        )
+        .body(Full::default())
+        .unwrap()
+}
+
 fn origin_for(endpoint: &str, creds: Option<Credentials>) -> (Origin, Upstream) {
     let dir = tempfile::tempdir().unwrap();
     let mut text = format!("[[registry]]\nhost = \"origin.test\"\nendpoint = \"{endpoint}\"\n");
@@ -170,14 +182,7 @@ async fn bearer_tokens_are_fetched_once_and_cached_per_scope() {
     .await;
     let (reg, reg_seen) = server([127, 0, 0, 1], move |_, a| match a {
         Some("Bearer t0k") => Response::new(Full::from("ok")),
-        _ => Response::builder()
-            .status(401)
-            .header(
-                "www-authenticate",
-                format!(r#"Bearer realm="http://{auth}/token",service="svc""#),
-            )
-            .body(Full::default())
-            .unwrap(),
+        _ => bearer_challenge(auth),
     })
     .await;
     let creds = Credentials {
@@ -211,14 +216,7 @@ async fn tokens_bought_with_puller_credentials_are_reused_only_by_that_puller() 
     .await;
     let (reg, reg_seen) = server([127, 0, 0, 1], move |_, a| match a {
         Some("Bearer alice-tok") | Some("Bearer other-tok") => Response::new(Full::from("ok")),
-        _ => Response::builder()
-            .status(401)
-            .header(
-                "www-authenticate",
-                format!(r#"Bearer realm="http://{auth}/token",service="svc""#),
-            )
-            .body(Full::default())
-            .unwrap(),
+        _ => bearer_challenge(auth),
     })
     .await;
     let (origin, up) = origin_for(&format!("http://{reg}"), None);

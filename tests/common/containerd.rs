@@ -254,9 +254,9 @@ disabled_plugins = [
         self.ctr(&["images", "rm", "--sync", reference])
     }
 
-    /// Image names in the `default` namespace.
-    pub fn images(&self) -> anyhow::Result<Vec<String>> {
-        let output = self.ctr(&["images", "ls", "-q"])?.check()?;
+    /// The non-empty lines `ctr` prints for `args`.
+    fn ctr_lines(&self, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let output = self.ctr(args)?.check()?;
         Ok(output
             .stdout
             .lines()
@@ -266,16 +266,14 @@ disabled_plugins = [
             .collect())
     }
 
+    /// Image names in the `default` namespace.
+    pub fn images(&self) -> anyhow::Result<Vec<String>> {
+        self.ctr_lines(&["images", "ls", "-q"])
+    }
+
     /// Digests in the content store.
     pub fn content_digests(&self) -> anyhow::Result<Vec<String>> {
-        let output = self.ctr(&["content", "ls", "-q"])?.check()?;
-        Ok(output
-            .stdout
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect())
+        self.ctr_lines(&["content", "ls", "-q"])
     }
 
     /// Removes every image and every blob, so the next pull fetches
