@@ -960,7 +960,12 @@ impl Validator {
                  set swarm.insecure_no_cluster_key = true only on a trusted network",
             ),
             (Some(path), false) if enabled => {
-                if let Err(e) = crate::swarm::control::load_psk(path) {
+                if let Err(e) = std::fs::metadata(path) {
+                    self.issue(
+                        "swarm.cluster_key_file",
+                        &format!("cannot read {}: {e}", path.display()),
+                    );
+                } else if let Err(e) = crate::swarm::control::load_psk(path) {
                     self.issue("swarm.cluster_key_file", &e.to_string());
                 }
             }

@@ -281,3 +281,81 @@ fn docs_reference_matches_keys() {
         assert!(real.is_empty(), "example has issues: {real:?}");
     }
 }
+
+#[test]
+fn swarm_needs_a_key_or_an_explicit_opt_out() {
+    let err = issues("[swarm]\nenabled = true\n");
+    assert!(
+        err.iter()
+            .any(|i| i.path == "swarm.cluster_key_file"
+                && i.message.contains("insecure_no_cluster_key")),
+        "{err:?}"
+    );
+    let cfg = Config::parse(
+        "[swarm]\nenabled = true\ninsecure_no_cluster_key = true\n",
+        Path::new("x.toml"),
+    )
+    .unwrap();
+    assert!(cfg.swarm.enabled && cfg.swarm.cluster_key_file.is_none());
+    assert_eq!(cfg.swarm.piece_size, 8 << 20);
+    assert_eq!(cfg.swarm.data_listen.port(), 4004);
+    // Off by default, and then no key is needed.
+    let cfg = Config::defaults().unwrap();
+    assert!(!cfg.swarm.enabled);
+}
+
+#[test]
+fn swarm_key_file_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.key");
+    std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not a key").unwrap();
+    let text = |p: &Path| {
+        format!(
+            "[swarm]\nenabled = true\ncluster_key_file = \"{}\"\n",
+            p.display()
+        )
+    };
+    assert!(Config::parse(&text(&good), Path::new("x.toml")).is_ok());
+    let err = issues(&text(&bad));
+    assert!(
+        err.iter().any(|i| i.path == "swarm.cluster_key_file"),
+        "{err:?}"
+    );
+    assert!(
+        !format!("{err:?}").contains("not a key"),
+        "the key's content must not be echoed"
+    );
+    let err = issues(&format!(
+        "[swarm]\nenabled = true\ninsecure_no_cluster_key = true\ncluster_key_file = \"{}\"\n",
+        good.display()
+    ));
+    assert!(
+        err.iter()
+            .any(|i| i.path == "swarm.insecure_no_cluster_key"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn swarm_values_are_validated() {
+    let err = issues(
+        "[swarm]\nlisten = \"tcp://x\"\nbootstrap = [\"dns:nohost\", 5]\nrole = \"leader\"\n\
+         piece_size = \"100MiB\"\nhedge_after = \"1ms\"\nadvertise = \"here\"\n",
+    );
+    for path in [
+        "swarm.listen",
+        "swarm.bootstrap[0]",
+        "swarm.bootstrap[1]",
+        "swarm.role",
+        "swarm.piece_size",
+        "swarm.hedge_after",
+        "swarm.advertise",
+    ] {
+        assert!(
+            err.iter().any(|i| i.path == path),
+            "no issue for {path}: {err:?}"
+        );
+    }
+}
