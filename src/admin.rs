@@ -486,15 +486,48 @@ impl Node {
         })
     }
 
-    /// `peers`: the swarm is not built yet.
+    /// `peers`: the swarm's live members, and the ones this node stopped
+    /// trusting.
     pub fn peers(&self) -> Peers {
-        Node::peers_disabled()
+        let Some(swarm) = self.fetcher.as_ref().and_then(|f| f.swarm()) else {
+            return Node::peers_disabled();
+        };
+        let (id, _, role, _) = swarm.local_info();
+        let mut out = Peers {
+            swarm: "enabled".into(),
+            local_peer_id: Some(id),
+            local_role: Some(role.as_str().into()),
+            peers: Vec::new(),
+            distrusted: Vec::new(),
+        };
+        let mut all = swarm.peers();
+        all.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        for p in all {
+            let distrusted = p.distrusted;
+            let peer = Peer {
+                id: p.peer_id,
+                role: p.role.as_str().into(),
+                addresses: vec![p.data_addr.to_string()],
+                latency_ms: None,
+                last_seen_ms: Some(p.last_seen_ms),
+                bytes_sent: p.bytes_out,
+                bytes_received: p.bytes_in,
+            };
+            if distrusted {
+                out.distrusted.push(peer);
+            } else {
+                out.peers.push(peer);
+            }
+        }
+        out
     }
 
-    /// The answer while the swarm is not built.
+    /// The answer when this node runs without the swarm.
     pub fn peers_disabled() -> Peers {
         Peers {
             swarm: "disabled".into(),
+            local_peer_id: None,
+            local_role: None,
             peers: Vec::new(),
             distrusted: Vec::new(),
         }

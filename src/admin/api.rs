@@ -271,15 +271,26 @@ pub struct Peer {
     pub id: String,
     pub role: String,
     pub addresses: Vec<String>,
+    /// Always null for now: the control plane does not report round trips.
     pub latency_ms: Option<f64>,
+    /// Milliseconds since the peer's last membership heartbeat.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Peers {
-    /// `disabled` until the swarm lands.
+    /// `enabled`, or `disabled` when `[swarm] enabled = false` (or the
+    /// daemon is not running).
     pub swarm: String,
+    /// This node's libp2p id, with the swarm enabled.
+    #[serde(default)]
+    pub local_peer_id: Option<String>,
+    /// `node` or `seed`.
+    #[serde(default)]
+    pub local_role: Option<String>,
     pub peers: Vec<Peer>,
     pub distrusted: Vec<Peer>,
 }

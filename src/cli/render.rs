@@ -509,14 +509,22 @@ pub fn pin(r: &PinResponse, pinned: bool) -> String {
 
 pub fn peers(p: &Peers) -> String {
     if p.swarm == "disabled" {
-        return "the peer-to-peer swarm is not built yet; this node has no peers\n".into();
+        return "the swarm is not enabled on this node ([swarm] enabled = false, or no daemon is running); it has no peers\n".into();
+    }
+    let me = format!(
+        "this node: {} ({})\n",
+        p.local_peer_id.as_deref().unwrap_or("-"),
+        p.local_role.as_deref().unwrap_or("node")
+    );
+    if p.peers.is_empty() && p.distrusted.is_empty() {
+        return format!("{me}no live peers\n");
     }
     use Align::*;
     let mut t = Table::new(
         &[
             ("PEER", Left),
             ("ROLE", Left),
-            ("LATENCY", Right),
+            ("SEEN", Right),
             ("SENT", Right),
             ("RECEIVED", Right),
             ("ADDRESSES", Left),
@@ -537,13 +545,14 @@ pub fn peers(p: &Peers) -> String {
         t.row(vec![
             peer.id.clone(),
             role,
-            peer.latency_ms.map_or("-".into(), |l| format!("{l:.1}ms")),
+            peer.last_seen_ms
+                .map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
             size(peer.bytes_sent),
             size(peer.bytes_received),
             peer.addresses.join(", "),
         ]);
     }
-    t.render(None)
+    format!("{me}{}", t.render(None))
 }
 
 pub fn images(l: &ImageList, now: u64, width: Option<usize>) -> String {

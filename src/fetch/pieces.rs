@@ -422,6 +422,7 @@ async fn peer_piece(
             (p, r)
         }
     };
+    let asked = Instant::now();
     pending.push(open(plan[0].clone()));
     idx += 1;
     let (peer, resp) = loop {
@@ -446,8 +447,11 @@ async fn peer_piece(
                     metrics.hedges.inc();
                     pending.push(open(plan[idx].clone()));
                     idx += 1;
-                } else {
-                    // Nobody left to hedge with: the origin, via the caller.
+                } else if asked.elapsed() >= ctx.swarm.stall_timeout() {
+                    // Nobody left to hedge with but the origin, which the
+                    // owners may be waiting on themselves: only a peer
+                    // silent for the whole stall timeout sends the piece
+                    // to the origin a second time.
                     metrics.hedges.inc();
                     for p in &plan[..idx] {
                         failed.insert(p.id);

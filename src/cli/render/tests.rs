@@ -100,15 +100,60 @@ fn gc_that_cannot_reach_its_target() {
 }
 
 #[test]
-fn peers_before_the_swarm() {
+fn peers_without_the_swarm() {
     let p = Peers {
         swarm: "disabled".into(),
+        local_peer_id: None,
+        local_role: None,
         peers: vec![],
         distrusted: vec![],
     };
+    assert!(peers(&p).starts_with("the swarm is not enabled on this node"));
+}
+
+#[test]
+fn peers_lists_members_and_distrusted_ones() {
+    let peer = |id: &str, role: &str| Peer {
+        id: id.into(),
+        role: role.into(),
+        addresses: vec!["10.0.0.2:4004".into()],
+        latency_ms: None,
+        last_seen_ms: Some(700),
+        bytes_sent: 8 << 20,
+        bytes_received: 3 << 30,
+    };
+    let p = Peers {
+        swarm: "enabled".into(),
+        local_peer_id: Some("12D3KooWLocal".into()),
+        local_role: Some("node".into()),
+        peers: vec![peer("12D3KooWA", "node"), peer("12D3KooWS", "seed")],
+        distrusted: vec![peer("12D3KooWBad", "node")],
+    };
+    let text = peers(&p);
+    assert!(
+        text.starts_with("this node: 12D3KooWLocal (node)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("12D3KooWBad") && text.contains("node (distrusted)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("seed") && text.contains("10.0.0.2:4004"),
+        "{text}"
+    );
+    assert!(
+        text.contains("0.7s ago") && text.contains("3.0 GiB"),
+        "{text}"
+    );
+    let alone = Peers {
+        peers: vec![],
+        distrusted: vec![],
+        ..p
+    };
     assert_eq!(
-        peers(&p),
-        "the peer-to-peer swarm is not built yet; this node has no peers\n"
+        peers(&alone),
+        "this node: 12D3KooWLocal (node)\nno live peers\n"
     );
 }
 
