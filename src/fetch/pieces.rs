@@ -175,28 +175,54 @@ impl PieceJob {
         let mut wanted: VecDeque<usize> = VecDeque::new();
         // Without the size, only piece 0 can be asked for; its answer says
         // how large the blob is.
-        let mut first = None;
+        let mut tasks: JoinSet<(usize, Result<Supplier, FetchError>)> = JoinSet::new();
         let size = match self.size {
             Some(s) => {
                 ctx.set_size(s);
                 s
             }
             None => {
-                first = Some(fetch_piece(ctx.clone(), 0, self.full).await?);
-                ctx.dl.progress.borrow().total.unwrap_or(0)
+                // Piece 0 goes first; the other pieces start as soon as its
+                // answer's headers have told the size, not when it is done.
+                let c = ctx.clone();
+                let full = self.full;
+                tasks.spawn(async move { (0, fetch_piece(c, 0, full).await) });
+                let mut rx = ctx.dl.progress.subscribe();
+                loop {
+                    if let Some(total) = rx.borrow_and_update().total {
+                        break total;
+                    }
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() {
+                            return Err(FetchError::Abandoned(ctx.dl.digest.clone()));
+                        },
+                        Some(joined) = tasks.join_next() => {
+                            // Piece 0 ended before the size was seen here:
+                            // an error, or a race with the size's update.
+                            let (_, res) = joined.map_err(|e| FetchError::Io {
+                                what: "piece task".into(),
+                                source: io::Error::other(e),
+                            })?;
+                            let supplier = res?;
+                            let total = ctx.dl.progress.borrow().total.unwrap_or(0);
+                            ctx.set_size(total);
+                            // Handed back to the main loop like any piece.
+                            tasks.spawn(async move { (0, Ok(supplier)) });
+                            break total;
+                        }
+                    }
+                }
             }
         };
         let n = size.div_ceil(ps).max(1) as usize;
         let mut state = vec![State::Missing; n];
         let mut supplier: Vec<Option<Supplier>> = vec![None; n];
-        if first.is_some() {
-            state[0] = State::Done;
-            supplier[0] = first;
+        if !tasks.is_empty() {
+            state[0] = State::Fetching;
         }
         // The hasher follows the contiguous prefix as pieces land.
         let hasher = tokio::spawn(hash_prefix(ctx.dl.clone(), size));
         let limit = ctx.swarm.max_piece_transfers();
-        let mut tasks: JoinSet<(usize, Result<Supplier, FetchError>)> = JoinSet::new();
         let mut next = 0usize;
         let mut last_want = Instant::now();
         loop {
