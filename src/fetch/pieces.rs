@@ -43,6 +43,11 @@ use crate::origin::{self, Upstream};
 use crate::store::{Provenance, SUM_CHUNK};
 use crate::swarm::{PeerRef, PieceSource, Swarm};
 
+/// The largest blob a piece download lays out (1 TiB: 131072 pieces of
+/// 8 MiB). Sizes come from peers and origins; neither may make us allocate
+/// without bound.
+const MAX_BLOB: u64 = 1 << 40;
+
 /// A serving download nobody asked anything of for this long is dropped.
 const SERVING_IDLE: Duration = Duration::from_secs(30);
 
@@ -178,7 +183,7 @@ impl PieceJob {
         let mut tasks: JoinSet<(usize, Result<Supplier, FetchError>)> = JoinSet::new();
         let size = match self.size {
             Some(s) => {
-                ctx.set_size(s);
+                ctx.set_size(s)?;
                 s
             }
             None => {
@@ -205,7 +210,7 @@ impl PieceJob {
                             })?;
                             let supplier = res?;
                             let total = ctx.dl.progress.borrow().total.unwrap_or(0);
-                            ctx.set_size(total);
+                            ctx.set_size(total)?;
                             // Handed back to the main loop like any piece.
                             tasks.spawn(async move { (0, Ok(supplier)) });
                             break total;
@@ -308,8 +313,16 @@ impl PieceJob {
 }
 
 impl Ctx {
-    /// Publishes the blob's size and lays out the pieces. Idempotent.
-    fn set_size(&self, size: u64) {
+    /// Publishes the blob's size and lays out the pieces. Idempotent. A
+    /// size past [`MAX_BLOB`] (a peer's or a header's claim) is refused
+    /// before anything is allocated for it.
+    fn set_size(&self, size: u64) -> Result<(), FetchError> {
+        if size > MAX_BLOB {
+            return Err(FetchError::BadOriginResponse {
+                what: self.dl.digest.to_string(),
+                reason: format!("claimed size {size} is past the {MAX_BLOB}-byte limit"),
+            });
+        }
         let ps = self.piece_size;
         self.dl.progress.send_if_modified(|p| {
             if p.total.is_some() {
@@ -320,6 +333,7 @@ impl Ctx {
             p.filled = vec![0; size.div_ceil(ps).max(1) as usize];
             true
         });
+        Ok(())
     }
 
     /// Records that `len` bytes of piece `k` are on disk.
@@ -489,7 +503,25 @@ async fn peer_piece(
     };
     drop(pending);
     if known_size.is_none() {
-        ctx.set_size(resp.total);
+        if let Err(e) = ctx.set_size(resp.total) {
+            ctx.swarm
+                .distrust(&peer.id, "claimed an impossible blob size");
+            failed.insert(peer.id);
+            return Err(PeerFail::Broken {
+                peer: peer.id,
+                reason: e.to_string(),
+            });
+        }
+    } else if known_size != Some(resp.total) {
+        failed.insert(peer.id);
+        return Err(PeerFail::Broken {
+            peer: peer.id,
+            reason: format!(
+                "says the blob has {} bytes, not {}",
+                resp.total,
+                known_size.unwrap_or(0)
+            ),
+        });
     }
     let end = {
         let (_, e) = ctx.piece_range(k);
@@ -679,7 +711,7 @@ async fn origin_piece(ctx: &Arc<Ctx>, k: usize, have: &mut u64) -> Result<(), Fe
             ),
             // An empty blob has no byte to ask a range of.
             StatusCode::RANGE_NOT_SATISFIABLE if from == 0 && known.is_none() => {
-                ctx.set_size(0);
+                ctx.set_size(0)?;
                 return Ok(());
             }
             s => return Err(bad(format!("unexpected status {s}"))),
@@ -688,7 +720,7 @@ async fn origin_piece(ctx: &Arc<Ctx>, k: usize, have: &mut u64) -> Result<(), Fe
             Some(t) if t != total => {
                 return Err(bad(format!("size is {total}, peers said {t}")));
             }
-            None => ctx.set_size(total),
+            None => ctx.set_size(total)?,
             _ => {}
         }
         let end = end.min(total);
