@@ -522,6 +522,27 @@ impl Node {
         out
     }
 
+    /// Removes blobs now, for `bench pull --cold`.
+    pub fn evict(&self, digests: &[String]) -> Result<api::EvictResponse, AdminError> {
+        let parsed = digests
+            .iter()
+            .map(|d| d.parse::<Digest>().map_err(AdminError::InvalidDigest))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut removed = 0;
+        for d in &parsed {
+            if self.store.remove(d)? {
+                removed += 1;
+                if let Some(s) = self.fetcher.as_ref().and_then(|f| f.swarm()) {
+                    s.blob_removed(d);
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.observe_store(self.store.usage());
+        }
+        Ok(api::EvictResponse { removed })
+    }
+
     /// The answer when this node runs without the swarm.
     pub fn peers_disabled() -> Peers {
         Peers {

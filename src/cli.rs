@@ -519,3 +519,172 @@ pub fn peers(g: &Global) -> ExitCode {
         })
     }))
 }
+
+/// `damselfly bench ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Pull an image through this node's mirror the way containerd does, and
+    /// report times and where the bytes came from.
+    Pull(BenchPullArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchPullArgs {
+    /// The image: `[registry/]repository[:tag][@digest]`.
+    pub image: String,
+    /// How many times to pull.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Evict the image's blobs from this node's store before each run, so
+    /// the peers (or the origin) are what is measured.
+    #[arg(long)]
+    pub cold: bool,
+    /// Fail (exit 5) if any run took a blob byte from the origin.
+    #[arg(long)]
+    pub expect_warm: bool,
+    /// The platform to pick from an index, `os/arch[/variant]`.
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
+    /// The mirror [default: `[mirror] listen` from the config].
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// The node's Prometheus endpoint [default: `[telemetry] listen` from
+    /// the config, `/metrics`].
+    #[arg(long, value_name = "URL")]
+    pub metrics: Option<String>,
+    /// Blobs fetched at once (containerd's default is 3).
+    #[arg(long, default_value_t = 3)]
+    pub concurrency: usize,
+    /// Also time containerd's own PullImage over this CRI socket, after
+    /// removing the image from containerd (what the kubelet sees).
+    #[arg(long, value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
+}
+
+/// `damselfly bench pull`: exit 0 on success, 5 when `--expect-warm` found
+/// origin bytes, and the usual codes otherwise.
+pub fn bench(g: &Global, cmd: BenchCommand) -> ExitCode {
+    let BenchCommand::Pull(args) = cmd;
+    match runtime().and_then(|rt| rt.block_on(bench_pull(g, args))) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(5),
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn local_url(addr: std::net::SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
+}
+
+async fn bench_pull(g: &Global, a: BenchPullArgs) -> Result<bool, CliError> {
+    use crate::bench::{self, BenchError, PullOptions, Puller};
+    let cfg = match &g.config {
+        Some(p) => Config::load(p),
+        None => Config::defaults(),
+    }
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    if a.runs == 0 {
+        return Err(CliError::Usage("--runs must be at least 1".into()));
+    }
+    let image = crate::admin::images::ImageRef::parse(&a.image)?;
+    let opts = PullOptions {
+        image: image.clone(),
+        mirror: a
+            .mirror
+            .clone()
+            .unwrap_or_else(|| local_url(cfg.mirror.listen)),
+        metrics: Some(
+            a.metrics
+                .clone()
+                .unwrap_or_else(|| format!("{}/metrics", local_url(cfg.telemetry.listen))),
+        ),
+        platform: a.platform.clone(),
+        concurrency: a.concurrency,
+    };
+    let bench_err = |e: BenchError| match e {
+        BenchError::Usage(m) => CliError::Usage(m),
+        e => CliError::Protocol(e.to_string()),
+    };
+    let puller = Puller::new(opts).map_err(bench_err)?;
+    let admin = if a.cold {
+        let r = resolve(g)?;
+        match Client::probe(&r.socket).await {
+            Ok(c) => Some(c),
+            Err(Unreachable::Down(e) | Unreachable::Refused(e)) => {
+                return Err(CliError::Unreachable {
+                    socket: r.socket,
+                    reason: format!("{e} (--cold evicts through the daemon's admin socket)"),
+                })
+            }
+        }
+    } else {
+        None
+    };
+    let show_bar = g.output == Output::Table && std::io::stderr().is_terminal();
+    let bar = if show_bar {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "pulling {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut runs = Vec::new();
+    let mut manifest = String::new();
+    for run in 1..=a.runs {
+        let resolved = puller.resolve().await.map_err(bench_err)?;
+        manifest = resolved.manifest.to_string();
+        let mut evicted = 0;
+        if let Some(c) = &admin {
+            // The manifests stay: the resolve above already needed them,
+            // and containerd resolves at the origin anyway.
+            let digests: Vec<String> = resolved
+                .digests()
+                .iter()
+                .filter(|d| !resolved.manifests.contains(d))
+                .map(|d| d.to_string())
+                .collect();
+            let r: api::EvictResponse = c.post(path::EVICT, &api::EvictRequest { digests }).await?;
+            evicted = r.removed;
+        }
+        let mut result = puller
+            .pull(&resolved, run, a.cold, evicted, &bar)
+            .await
+            .map_err(bench_err)?;
+        if let Some(sock) = &a.cri_socket {
+            let took = bench::cri::timed_pull(
+                sock,
+                &image.to_string(),
+                std::time::Duration::from_secs(600),
+            )
+            .await
+            .map_err(bench_err)?;
+            result.cri_pull_ms = Some(took.as_secs_f64() * 1000.0);
+        }
+        runs.push(result);
+    }
+    bar.finish_and_clear();
+    let verdict = bench::verdict(&runs, a.expect_warm);
+    let pass = verdict.pass;
+    let report = bench::PullReport {
+        image: image.to_string(),
+        manifest,
+        platform: a.platform,
+        runs,
+        verdict,
+    };
+    print(g, &report, bench::render)?;
+    Ok(pass)
+}

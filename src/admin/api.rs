@@ -18,6 +18,20 @@ pub mod path {
     pub const UNPIN: &str = "/v1/unpin";
     pub const PEERS: &str = "/v1/peers";
     pub const IMAGES: &str = "/v1/images";
+    pub const EVICT: &str = "/v1/evict";
+}
+
+/// `POST /v1/evict`: remove these blobs from the store now (`bench pull
+/// --cold`), pinned or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictRequest {
+    pub digests: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictResponse {
+    /// Blobs that were in the store and are gone.
+    pub removed: u64,
 }
 
 /// Where a blob's bytes came from.

@@ -221,6 +221,10 @@ async fn route(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
                 _ => answer(node, move |n| n.unpin(&t.target)).await,
             }
         }
+        (Method::POST, path::EVICT) => match body::<api::EvictRequest>(req).await {
+            Ok(e) => answer(node, move |n| n.evict(&e.digests)).await,
+            Err(e) => error(&e),
+        },
         (Method::POST, path::GC) => match body::<GcRequest>(req).await {
             Ok(g) => answer(node, move |n| n.gc(&g)).await,
             Err(e) => error(&e),

@@ -52,6 +52,9 @@ enum Command {
         #[command(flatten)]
         global: cli::Global,
     },
+    /// Measure pulls through this node: cold against warm, and where the bytes came from.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print shell completions, e.g. `damselfly completions bash > /etc/bash_completion.d/damselfly`.
     Completions {
         #[arg(value_enum)]
@@ -84,6 +87,36 @@ const IMAGES_HELP: &str = "Examples:
 const PEERS_HELP: &str = "Examples:
   damselfly peers
   damselfly peers -o json";
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Pull an image through the mirror as containerd does; report resolve
+    /// time, time to first byte, total time, throughput and bytes by source.
+    #[command(after_help = BENCH_HELP)]
+    Pull {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(flatten)]
+        args: cli::BenchPullArgs,
+    },
+}
+
+const BENCH_HELP: &str = "Examples:
+  damselfly bench pull registry.example.com/team/model:v3
+  damselfly bench pull --cold --runs 3 registry.example.com/team/model:v3
+  damselfly bench pull --expect-warm -o json 123456789012.dkr.ecr.us-east-1.amazonaws.com/llm:v1
+  damselfly bench pull --cri-socket /run/containerd/containerd.sock registry.example.com/team/model:v3
+
+The verdict line says how the bytes split between the cache, peers and the
+origin. With --expect-warm, a run that took any blob byte from the origin
+fails the verdict.
+
+Exit codes:
+  0  success
+  1  the pull failed (mirror error, wrong content, CRI error)
+  2  invalid input: bad flags, image reference or config file
+  3  --cold needs the daemon's admin socket and it is unreachable
+  5  --expect-warm and a run took bytes from the origin";
 
 #[derive(Subcommand)]
 enum ConfigCommand {
@@ -154,6 +187,9 @@ fn main() -> ExitCode {
         Command::Cache { global, command } => cli::cache(&global, command),
         Command::Images { global } => cli::images(&global),
         Command::Peers { global } => cli::peers(&global),
+        Command::Bench(BenchCommand::Pull { global, args }) => {
+            cli::bench(&global, cli::BenchCommand::Pull(args))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
