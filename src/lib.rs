@@ -1,9 +1,11 @@
 //! damselfly: a node-local container image distribution daemon.
 //!
 //! containerd pulls through damselfly's registry mirror (wired in by
-//! `hostsd`). The mirror fetches each blob from the origin registry once,
-//! verifies it against its digest while it streams, keeps it in a
-//! content-addressed cache, and serves every later pull from that cache.
+//! `hostsd`). The mirror fetches each blob from the origin registry once
+//! per cluster (the swarm splits it into pieces between the nodes that want
+//! it), verifies it against its digest while it streams, keeps it in a
+//! content-addressed cache, and serves every later pull from that cache or
+//! from peers.
 //!
 //! # Layout
 //!
@@ -22,7 +24,11 @@
 //!   with backoff, redirects that never carry credentials to another host.
 //! - [`fetch`]: the engine. Single flight per digest, resumable downloads
 //!   that readers stream from while they grow, tag resolution with a bounded
-//!   stale fallback.
+//!   stale fallback; with peers, piece downloads ([`fetch::pieces`]).
+//! - [`swarm`]: the peer layer. libp2p for membership, announcements and
+//!   content routing ([`swarm::control`]), TLS 1.3 Range requests for bytes
+//!   ([`swarm::data`], [`swarm::tls`]), rendezvous hashing for who fetches
+//!   which piece from the origin ([`swarm::rendezvous`]).
 //! - [`store`]: the content-addressed cache on disk: verified commits by
 //!   atomic rename, LRU eviction under a quota, crash recovery.
 //! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
@@ -31,8 +37,10 @@
 //! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
 //!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
 //!   answers from the store, so the CLI can also read a store directly.
-//! - [`cli`]: `damselfly cache|images|peers`: the client of the admin API,
-//!   its tables and its JSON.
+//! - [`cli`]: `damselfly cache|images|peers|bench`: the client of the admin
+//!   API, its tables and its JSON.
+//! - [`bench`]: `damselfly bench pull`: a pull through the mirror as
+//!   containerd does it, timed, with bytes by source and a warm verdict.
 #![forbid(unsafe_code)]
 
 pub mod admin;
