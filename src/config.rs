@@ -233,7 +233,7 @@ pub const KEYS: &[Key] = &[
     Key {
         path: "swarm.max_uploads",
         kind: "integer",
-        default: "32",
+        default: "64",
         doc: "Piece requests from peers served at once; more get a 503 and go elsewhere.",
     },
     Key {
@@ -1013,7 +1013,7 @@ impl Validator {
             upload_limit: self.size(t, S, "upload_limit", "0"),
             download_limit: self.size(t, S, "download_limit", "0"),
             max_piece_transfers: self.integer(t, S, "max_piece_transfers", 8, 1..=256) as usize,
-            max_uploads: self.integer(t, S, "max_uploads", 32, 1..=1024) as usize,
+            max_uploads: self.integer(t, S, "max_uploads", 64, 1..=1024) as usize,
             hedge_after,
             stall_timeout,
             heartbeat,

@@ -125,8 +125,10 @@ struct Progress {
     /// start. Empty for a sequential download.
     piece_size: u64,
     filled: Vec<u64>,
-    /// Readers already past this offset received bytes that turned out
-    /// wrong (a digest mismatch being repaired): they must be cut.
+    /// Bumped when a digest mismatch is being repaired: readers of an
+    /// earlier epoch that already sent bytes past `poisoned_from` sent
+    /// bytes that may be wrong, and are cut.
+    epoch: u64,
     poisoned_from: Option<u64>,
 }
 
@@ -624,7 +626,7 @@ impl DownloadJob {
                 })?;
         let mut total: Option<u64> = None;
         if written > 0 {
-            if Digest::from_sha256(&hasher.clone().finalize()) == *digest {
+            if Digest::from_sha256(&hasher.sha.clone().finalize()) == *digest {
                 // The process died after the last byte, before the commit:
                 // the content is complete and proven, no origin needed.
                 tracing::info!(digest = %digest, bytes = written, "partial download is complete");
@@ -659,7 +661,7 @@ impl DownloadJob {
                         what: "truncating partial download".into(),
                         source,
                     })?;
-                    hasher = sha2::Sha256::new();
+                    hasher = BlobHasher::default();
                     written = 0;
                     self.dl.progress.send_modify(|p| p.written = 0);
                 }
@@ -681,7 +683,8 @@ impl DownloadJob {
                 }
             }
         }
-        let actual = Digest::from_sha256(&hasher.finalize());
+        let BlobHasher { sha, sums } = hasher;
+        let actual = Digest::from_sha256(&sha.finalize());
         let path = inner.store.partial_path(digest);
         if &actual != digest {
             let _ = std::fs::remove_file(&path);
@@ -704,7 +707,13 @@ impl DownloadJob {
         if let Err(e) = inner.store.set_provenance(digest, &prov) {
             tracing::debug!(digest = %digest, error = %e, "cannot record provenance");
         }
+        if let Err(e) = inner.store.set_sums(digest, &sums.finish()) {
+            tracing::debug!(digest = %digest, error = %e, "cannot record chunk checksums");
+        }
         inner.metrics.observe_store(inner.store.usage());
+        if let Some(swarm) = inner.swarm.get() {
+            swarm.blob_committed(digest, written);
+        }
         tracing::info!(digest = %digest, bytes = written, "blob committed");
         Ok(())
     }
@@ -712,7 +721,7 @@ impl DownloadJob {
     /// One origin request, from `written` on, until the body ends.
     async fn transfer(
         &self,
-        hasher: &mut sha2::Sha256,
+        hasher: &mut BlobHasher,
         written: &mut u64,
         total: &mut Option<u64>,
     ) -> Result<(), FetchError> {
@@ -858,7 +867,7 @@ impl DownloadJob {
         &self,
         write: PendingWrite,
         end: u64,
-        hasher: &mut sha2::Sha256,
+        hasher: &mut BlobHasher,
         written: &mut u64,
     ) -> Result<(), FetchError> {
         let io_err = |source| FetchError::Io {
@@ -919,14 +928,72 @@ fn is_final(e: &FetchError) -> bool {
     )
 }
 
-type PendingWrite = tokio::task::JoinHandle<(sha2::Sha256, io::Result<()>)>;
+type PendingWrite = tokio::task::JoinHandle<(BlobHasher, io::Result<()>)>;
+
+/// What a download computes over the bytes as they land: the blob's
+/// SHA-256, and the chunk checksums peers are sent with its pieces.
+#[derive(Clone, Default)]
+struct BlobHasher {
+    sha: sha2::Sha256,
+    sums: ChunkSums,
+}
+
+impl BlobHasher {
+    fn update(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.sums.update(data);
+    }
+}
+
+/// xxh3-64 of every [`crate::store::SUM_CHUNK`] bytes of a stream, fed in
+/// pieces of any size.
+#[derive(Clone)]
+pub(crate) struct ChunkSums {
+    cur: xxhash_rust::xxh3::Xxh3,
+    in_cur: u64,
+    sums: Vec<u64>,
+}
+
+impl Default for ChunkSums {
+    fn default() -> Self {
+        ChunkSums {
+            cur: xxhash_rust::xxh3::Xxh3::new(),
+            in_cur: 0,
+            sums: Vec::new(),
+        }
+    }
+}
+
+impl ChunkSums {
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
+        let chunk = crate::store::SUM_CHUNK;
+        while !data.is_empty() {
+            let n = ((chunk - self.in_cur) as usize).min(data.len());
+            self.cur.update(&data[..n]);
+            self.in_cur += n as u64;
+            data = &data[n..];
+            if self.in_cur == chunk {
+                self.sums.push(self.cur.digest());
+                self.cur.reset();
+                self.in_cur = 0;
+            }
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<u64> {
+        if self.in_cur > 0 {
+            self.sums.push(self.cur.digest());
+        }
+        self.sums
+    }
+}
 
 /// Hashes `chunks` and writes them at `at`, on a blocking thread.
 fn write_and_hash(
     file: Arc<File>,
     at: u64,
     chunks: Vec<Bytes>,
-    mut hasher: sha2::Sha256,
+    mut hasher: BlobHasher,
 ) -> PendingWrite {
     tokio::task::spawn_blocking(move || {
         let mut pos = at;
@@ -942,9 +1009,9 @@ fn write_and_hash(
 }
 
 /// Hashes what a partial file already holds, so a download can resume.
-async fn rehash(file: Arc<File>) -> io::Result<(sha2::Sha256, u64)> {
+async fn rehash(file: Arc<File>) -> io::Result<(BlobHasher, u64)> {
     tokio::task::spawn_blocking(move || {
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = BlobHasher::default();
         let mut buf = vec![0u8; WRITE_BATCH];
         let mut pos = 0u64;
         loop {
@@ -1007,8 +1074,10 @@ impl Blob {
             BlobBody::Growing(dl) => (dl.file.clone(), Some(dl.progress.subscribe()), None),
         };
         let size = self.size;
+        let epoch = rx.as_ref().map_or(0, |r| r.borrow().epoch);
         let state = ReadState {
             for_peer: self.for_peer,
+            epoch,
             pos: start,
             end: end.min(size),
             size,
@@ -1056,6 +1125,8 @@ impl Blob {
 
 struct ReadState {
     for_peer: bool,
+    /// The download's epoch when this reader last checked it.
+    epoch: u64,
     pos: u64,
     end: u64,
     size: u64,
@@ -1091,10 +1162,14 @@ impl ReadState {
         loop {
             {
                 let p = rx.borrow_and_update();
-                if p.poisoned_from.is_some_and(|f| self.pos > f) {
-                    return Err(io::Error::other(
-                        "bytes already sent were wrong (digest mismatch, being repaired)",
-                    ));
+                if p.epoch != self.epoch {
+                    if p.poisoned_from.is_some_and(|f| self.pos > f) {
+                        return Err(io::Error::other(
+                            "bytes already sent may be wrong (digest mismatch, being repaired)",
+                        ));
+                    }
+                    // Everything sent so far lies before the repaired part.
+                    self.epoch = p.epoch;
                 }
                 let limit = match &p.done {
                     Some(Ok(())) => self.size,
@@ -1120,6 +1195,21 @@ impl ReadState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_sums_do_not_depend_on_how_the_stream_is_cut() {
+        let chunk = crate::store::SUM_CHUNK as usize;
+        let data: Vec<u8> = (0..chunk * 2 + 777).map(|i| (i * 31 % 251) as u8).collect();
+        let whole: Vec<u64> = data.chunks(chunk).map(xxhash_rust::xxh3::xxh3_64).collect();
+        for cut in [1usize, 4096, 65537, chunk, chunk + 3] {
+            let mut s = ChunkSums::default();
+            for part in data.chunks(cut) {
+                s.update(part);
+            }
+            assert_eq!(s.finish(), whole, "cut every {cut} bytes");
+        }
+        assert!(ChunkSums::default().finish().is_empty());
+    }
 
     #[test]
     fn content_range() {

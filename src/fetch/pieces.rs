@@ -84,6 +84,8 @@ struct Ctx {
     client_auth: Option<HeaderValue>,
     writer: Arc<File>,
     piece_size: u64,
+    /// Set once the holders were looked up again (see `fetch_piece`).
+    holders_rechecked: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct PieceJob {
@@ -118,6 +120,7 @@ impl PieceJob {
                 client_auth,
                 writer,
                 piece_size,
+                holders_rechecked: std::sync::atomic::AtomicBool::new(false),
             }),
             wants,
             full,
@@ -392,6 +395,20 @@ async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, Fe
         } else {
             Vec::new()
         };
+        if plan.is_empty()
+            && full
+            && !ctx
+                .holders_rechecked
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Before this node first fetches a piece from the origin, one
+            // more look for holders: a node that just joined may not have
+            // had its routing table filled when the download started.
+            ctx.swarm
+                .find_holders(&digest, ctx.swarm.hedge_after())
+                .await;
+            continue;
+        }
         if plan.is_empty() {
             origin_piece(&ctx, k, &mut have).await?;
             histogram
@@ -456,10 +473,25 @@ async fn peer_piece(
         let ns = ctx.up.host().to_owned();
         let repo = ctx.repo.clone();
         async move {
-            let r = swarm
-                .open_piece(&p, &d, from, end_incl, known_size, &ns, &repo)
-                .await;
-            (p, r)
+            // A busy peer (all its upload slots taken) is asked again
+            // shortly: it is alive and will have the piece, and going
+            // elsewhere could mean the origin. Hedging still applies.
+            let mut backoff = Duration::from_millis(10);
+            loop {
+                let r = swarm
+                    .open_piece(&p, &d, from, end_incl, known_size, &ns, &repo)
+                    .await;
+                match r {
+                    Err(crate::swarm::PeerError::Status { status, .. })
+                        if status == StatusCode::SERVICE_UNAVAILABLE
+                            && backoff < Duration::from_secs(2) =>
+                    {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                    r => return (p, r),
+                }
+            }
         }
     };
     let asked = Instant::now();
@@ -859,9 +891,30 @@ async fn repair(
     let digest = ctx.dl.digest.clone();
     tracing::warn!(digest = %digest, got = %actual,
         "pieces do not add up to the digest; checking peers' pieces against the origin");
+    let from_peers: Vec<usize> = supplier
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Some(Supplier::Peer(_))))
+        .map(|(k, _)| k)
+        .collect();
+    // From now on no reader may read a piece that came from a peer until it
+    // has been fetched again; readers that already sent bytes past the first
+    // such piece are cut (a new epoch), new readers wait for the refetch.
+    let first_bad = from_peers.first().map(|&k| ctx.piece_range(k).0);
+    ctx.dl.progress.send_modify(|p| {
+        for &k in &from_peers {
+            if let Some(f) = p.filled.get_mut(k) {
+                *f = 0;
+            }
+        }
+        p.written = 0;
+        p.written = p.available_from(0);
+        p.poisoned_from = first_bad;
+        p.epoch += 1;
+    });
     let mut bad = 0usize;
-    for (k, s) in supplier.iter().enumerate() {
-        let Some(Supplier::Peer(peer)) = s else {
+    for &k in &from_peers {
+        let Some(Supplier::Peer(peer)) = &supplier[k] else {
             continue;
         };
         let (start, end) = ctx.piece_range(k);
@@ -884,11 +937,6 @@ async fn repair(
             })?
         };
         let mine_sum = xxhash_rust::xxh3::xxh3_128(&mine);
-        // Refetch the piece from the origin over what is on disk; the piece
-        // is marked empty first so that no reader reads it meanwhile.
-        ctx.dl.progress.send_modify(|p| {
-            p.poisoned_from = Some(p.poisoned_from.map_or(start, |f| f.min(start)));
-        });
         let mut have = 0u64;
         origin_piece(ctx, k, &mut have).await?;
         let f = ctx.writer.clone();

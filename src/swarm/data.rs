@@ -113,9 +113,16 @@ pub async fn serve(
                         tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
+                        // rustls' verdicts arrive as InvalidData; a peer that
+                        // hung up mid-handshake (a hedge that lost its race)
+                        // is not a refusal.
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                             metrics.peer_refused.inc();
                             tracing::info!(remote = %remote, error = %e, "data plane handshake refused");
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(remote = %remote, error = %e, "data plane handshake abandoned");
                             return;
                         }
                         Err(_) => {

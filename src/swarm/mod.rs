@@ -380,8 +380,9 @@ impl Swarm {
     /// Where piece `piece` of `digest` should come from, best first, always
     /// ending with the origin. Holders of the whole blob come first, spread
     /// by rendezvous over the holders; then, for a node pulling the whole
-    /// blob (`full`), the piece's rendezvous owners down to this node (which
-    /// means: this node fetches it from the origin). A serving download
+    /// blob (`full`), the piece's first rendezvous owner that has not
+    /// failed, unless that is this node (which means: this node fetches it
+    /// from the origin). A serving download
     /// (`full == false`) never asks non-holders, so requests cannot loop.
     pub fn piece_plan(
         &self,
@@ -440,8 +441,12 @@ impl Swarm {
                 if failed.contains(&id) || holders.contains(&id) {
                     continue;
                 }
+                // Only the first owner that has not failed: asking the next
+                // one as a hedge would make it fetch the piece from the
+                // origin too. The next one is asked once this one failed.
                 if let Some(p) = peer_ref(&id) {
                     out.push(PieceSource::Peer(p));
+                    break;
                 }
             }
         }
