@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use toml::{Table, Value};
@@ -140,6 +141,120 @@ pub const KEYS: &[Key] = &[
         doc: "Add a `config_path` to containerd's config when it has none (a backup is kept). This one change needs a containerd restart.",
     },
     Key {
+        path: "swarm.enabled",
+        kind: "bool",
+        default: "false",
+        doc: "Join the cluster's swarm: fetch each blob from the origin once per cluster and share pieces with peers. Off, the daemon is a single-node mirror.",
+    },
+    Key {
+        path: "swarm.listen",
+        kind: "multiaddr",
+        default: "/ip4/0.0.0.0/tcp/4003",
+        doc: "The libp2p control plane (membership, content routing, discovery).",
+    },
+    Key {
+        path: "swarm.data_listen",
+        kind: "address",
+        default: "0.0.0.0:4004",
+        doc: "The data plane: peers fetch piece bytes here, over TLS 1.3, by digest only.",
+    },
+    Key {
+        path: "swarm.advertise",
+        kind: "IP address",
+        default: "the IP of `swarm.data_listen`; for 0.0.0.0, `$POD_IP`, `$HOST_IP`, or the first non-loopback interface address",
+        doc: "The address peers use to reach this node's data plane.",
+    },
+    Key {
+        path: "swarm.bootstrap",
+        kind: "list of strings",
+        default: "[]",
+        doc: "Peers to join through: multiaddrs (`/ip4/10.0.0.5/tcp/4003`) and `dns:<name>:<port>` names (a Kubernetes headless Service), re-resolved every `swarm.dns_refresh`.",
+    },
+    Key {
+        path: "swarm.dns_refresh",
+        kind: "duration",
+        default: "30s",
+        doc: "How often `dns:` bootstrap names are resolved again.",
+    },
+    Key {
+        path: "swarm.cluster_key_file",
+        kind: "path",
+        default: "(required when enabled)",
+        doc: "The pre-shared cluster key (64 hex characters, or the libp2p `swarm.key` format). Only nodes with the same key can connect (libp2p pnet), and only connected members reach the data plane.",
+    },
+    Key {
+        path: "swarm.insecure_no_cluster_key",
+        kind: "bool",
+        default: "false",
+        doc: "Run without a cluster key: any node that can reach the port may join. Only for trusted networks.",
+    },
+    Key {
+        path: "swarm.data_tls",
+        kind: "bool",
+        default: "true",
+        doc: "TLS 1.3 with mutual membership checks on the data plane. `false` sends piece bytes as plain HTTP, for trusted networks only.",
+    },
+    Key {
+        path: "swarm.mdns",
+        kind: "bool",
+        default: "false",
+        doc: "Also find peers with mDNS on the local link.",
+    },
+    Key {
+        path: "swarm.role",
+        kind: "\"node\" or \"seed\"",
+        default: "node",
+        doc: "A `seed` also keeps full copies of every blob it sees the cluster pull (up to `store.max_size`), fetched from peers, so the cache survives when every other node has scaled away.",
+    },
+    Key {
+        path: "swarm.piece_size",
+        kind: "size",
+        default: "8MiB",
+        doc: "Blobs are cut into pieces of this size; each piece is fetched from the origin by one node. The same value must be used cluster-wide. 1MiB to 64MiB.",
+    },
+    Key {
+        path: "swarm.upload_limit",
+        kind: "size per second",
+        default: "0 (unlimited)",
+        doc: "Most bytes per second this node sends to peers.",
+    },
+    Key {
+        path: "swarm.download_limit",
+        kind: "size per second",
+        default: "0 (unlimited)",
+        doc: "Most bytes per second this node takes from peers.",
+    },
+    Key {
+        path: "swarm.max_piece_transfers",
+        kind: "integer",
+        default: "8",
+        doc: "Pieces fetched at once per download.",
+    },
+    Key {
+        path: "swarm.max_uploads",
+        kind: "integer",
+        default: "32",
+        doc: "Piece requests from peers served at once; more get a 503 and go elsewhere.",
+    },
+    Key {
+        path: "swarm.hedge_after",
+        kind: "duration",
+        default: "300ms",
+        doc: "A peer that has not answered a piece request this long is hedged: the piece is asked of the next source too, and the first answer wins.",
+    },
+    Key {
+        path: "swarm.stall_timeout",
+        kind: "duration",
+        default: "1s",
+        doc: "A piece transfer that moves no byte for this long is abandoned and the rest of the piece asked elsewhere.",
+    },
+    Key {
+        path: "swarm.heartbeat",
+        kind: "duration",
+        default: "1s",
+        doc: "Membership heartbeat period; a member silent for 4 heartbeats is dropped.",
+    },
+    Key {
         path: "registry[].host",
         kind: "string",
         default: "(required)",
@@ -205,6 +320,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub origin: OriginConfig,
     pub containerd: ContainerdConfig,
+    pub swarm: SwarmConfig,
     /// Empty means: mirror any registry over HTTPS.
     pub registries: Vec<RegistryConfig>,
 }
@@ -217,6 +333,31 @@ pub struct ContainerdConfig {
     pub certs_dir: Option<PathBuf>,
     pub dial_timeout: String,
     pub patch_config: bool,
+}
+
+/// The peer-to-peer layer (see `swarm`).
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    pub enabled: bool,
+    pub listen: String,
+    pub data_listen: SocketAddr,
+    pub advertise: Option<std::net::IpAddr>,
+    pub bootstrap: Vec<String>,
+    pub dns_refresh: Duration,
+    /// `None` only with `insecure_no_cluster_key`.
+    pub cluster_key_file: Option<PathBuf>,
+    pub data_tls: bool,
+    pub mdns: bool,
+    pub role: crate::swarm::Role,
+    pub piece_size: u64,
+    /// Bytes per second; 0 is unlimited.
+    pub upload_limit: u64,
+    pub download_limit: u64,
+    pub max_piece_transfers: usize,
+    pub max_uploads: usize,
+    pub hedge_after: Duration,
+    pub stall_timeout: Duration,
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -484,6 +625,8 @@ impl Config {
             v.issue("containerd.dial_timeout", &e.to_string());
         }
         let registries = v.registries(root);
+        let swarm = v.section(root, "swarm").unwrap_or(&empty);
+        let swarm_cfg = v.swarm(swarm);
 
         if let Some(default) = &mirror_cfg.default_registry {
             if !registries.iter().any(|r| &r.host == default) {
@@ -511,6 +654,7 @@ impl Config {
                 telemetry: telemetry_cfg,
                 origin: origin_cfg,
                 containerd: containerd_cfg,
+                swarm: swarm_cfg,
                 registries,
             })
         } else {
@@ -752,6 +896,122 @@ impl Validator {
                 );
                 default
             }
+        }
+    }
+
+    fn swarm(&mut self, t: &Table) -> SwarmConfig {
+        const S: &str = "swarm";
+        let enabled = self.bool(t, S, "enabled", false);
+        let listen = self
+            .opt_string(t, S, "listen")
+            .unwrap_or_else(|| "/ip4/0.0.0.0/tcp/4003".into());
+        if let Err(e) = listen.parse::<libp2p::Multiaddr>() {
+            self.issue(
+                "swarm.listen",
+                &format!("{listen:?} is not a multiaddr: {e}"),
+            );
+        }
+        let data_listen = self.addr(t, S, "data_listen", "0.0.0.0:4004");
+        let advertise = self.opt_string(t, S, "advertise").and_then(|a| {
+            a.parse()
+                .map_err(|_| self.issue("swarm.advertise", &format!("{a:?} is not an IP address")))
+                .ok()
+        });
+        let bootstrap = match t.get("bootstrap") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| match item {
+                    Value::String(s) => match crate::swarm::control::Bootstrap::from_str(s) {
+                        Ok(_) => Some(s.clone()),
+                        Err(e) => {
+                            self.issue(&format!("swarm.bootstrap[{i}]"), &e.to_string());
+                            None
+                        }
+                    },
+                    other => {
+                        self.issue(
+                            &format!("swarm.bootstrap[{i}]"),
+                            &format!("must be a string, not {}", other.type_str()),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                self.issue(
+                    "swarm.bootstrap",
+                    &format!("must be a list of strings, not {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        };
+        let insecure = self.bool(t, S, "insecure_no_cluster_key", false);
+        let cluster_key_file = self.opt_path(t, S, "cluster_key_file");
+        match (&cluster_key_file, insecure) {
+            (Some(_), true) => self.issue(
+                "swarm.insecure_no_cluster_key",
+                "contradicts swarm.cluster_key_file: set one or the other",
+            ),
+            (None, false) if enabled => self.issue(
+                "swarm.cluster_key_file",
+                "is required when the swarm is enabled (membership is closed by a pre-shared key); \
+                 set swarm.insecure_no_cluster_key = true only on a trusted network",
+            ),
+            (Some(path), false) if enabled => {
+                if let Err(e) = crate::swarm::control::load_psk(path) {
+                    self.issue("swarm.cluster_key_file", &e.to_string());
+                }
+            }
+            _ => {}
+        }
+        let role = match self.opt_string(t, S, "role").as_deref() {
+            None | Some("node") => crate::swarm::Role::Node,
+            Some("seed") => crate::swarm::Role::Seed,
+            Some(other) => {
+                self.issue(
+                    "swarm.role",
+                    &format!("must be \"node\" or \"seed\", not {other:?}"),
+                );
+                crate::swarm::Role::Node
+            }
+        };
+        let piece_size = self.size(t, S, "piece_size", "8MiB");
+        if !(1 << 20..=64 << 20).contains(&piece_size) {
+            self.issue("swarm.piece_size", "must be between 1MiB and 64MiB");
+        }
+        let hedge_after = self.duration(t, S, "hedge_after", "300ms");
+        let stall_timeout = self.duration(t, S, "stall_timeout", "1s");
+        let heartbeat = self.duration(t, S, "heartbeat", "1s");
+        for (key, d) in [
+            ("hedge_after", hedge_after),
+            ("stall_timeout", stall_timeout),
+            ("heartbeat", heartbeat),
+        ] {
+            if d < Duration::from_millis(10) {
+                self.issue(&format!("swarm.{key}"), "must be at least 10ms");
+            }
+        }
+        SwarmConfig {
+            enabled,
+            listen,
+            data_listen,
+            advertise,
+            bootstrap,
+            dns_refresh: self.duration(t, S, "dns_refresh", "30s"),
+            cluster_key_file: if insecure { None } else { cluster_key_file },
+            data_tls: self.bool(t, S, "data_tls", true),
+            mdns: self.bool(t, S, "mdns", false),
+            role,
+            piece_size,
+            upload_limit: self.size(t, S, "upload_limit", "0"),
+            download_limit: self.size(t, S, "download_limit", "0"),
+            max_piece_transfers: self.integer(t, S, "max_piece_transfers", 8, 1..=256) as usize,
+            max_uploads: self.integer(t, S, "max_uploads", 32, 1..=1024) as usize,
+            hedge_after,
+            stall_timeout,
+            heartbeat,
         }
     }
 

@@ -27,6 +27,8 @@ pub enum DaemonError {
     Listen(std::io::Error),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("swarm: {0}")]
+    Swarm(#[from] crate::swarm::SwarmError),
 }
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
@@ -47,6 +49,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let origin = Origin::new(&cfg, metrics.clone())?;
     origin.prefetch_ecr_tokens();
     let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone());
+    let swarm_stop = CancellationToken::new();
+    let mut swarm_handle = None;
+    if cfg.swarm.enabled {
+        let (swarm, listener) =
+            crate::swarm::Swarm::start(&cfg.swarm, &cfg.store.dir, metrics.clone()).await?;
+        fetcher.attach_swarm(swarm.clone());
+        let follower = fetcher.clone();
+        let seed = cfg.swarm.role == crate::swarm::Role::Seed;
+        swarm.spawn_watchers(move |a| {
+            if let crate::swarm::control::Announce::Want { digest, ns, repo } = &a.what {
+                if seed {
+                    if let Ok(d) = digest.parse() {
+                        follower.follow(&d, ns, repo);
+                    }
+                }
+            }
+        });
+        tokio::spawn(crate::swarm::data::serve(
+            listener,
+            fetcher.clone(),
+            swarm.clone(),
+            swarm_stop.clone(),
+        ));
+        swarm_handle = Some(swarm);
+    }
     let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));
     let mirror = Mirror::new(&cfg, fetcher, metrics);
 
@@ -99,6 +126,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     });
     registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
     telemetry_stop.cancel();
+    swarm_stop.cancel();
+    if let Some(swarm) = swarm_handle {
+        swarm.shutdown().await;
+    }
     let _ = telemetry_task.await;
     let _ = admin_task.await;
     tracing::info!("damselfly stopped");

@@ -12,6 +12,7 @@
 //! re-hashes it and resumes with `Range`.
 
 mod manifest;
+pub mod pieces;
 pub mod tags;
 
 use std::collections::HashMap;
@@ -95,6 +96,9 @@ impl FetchError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Local,
+    /// A download in progress that takes pieces from peers (and the pieces
+    /// nobody holds from the origin).
+    Peer,
     Origin,
 }
 
@@ -102,6 +106,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Local => "local",
+            Source::Peer => "peer",
             Source::Origin => "origin",
         }
     }
@@ -109,12 +114,46 @@ impl Source {
 
 #[derive(Clone, Debug, Default)]
 struct Progress {
-    /// The blob's size, known once the origin answered.
+    /// The blob's size, known once the origin (or a peer) answered.
     total: Option<u64>,
-    /// Bytes on disk in the partial file.
+    /// Bytes on disk in the partial file, contiguous from the start.
     written: u64,
     /// Set once: committed, or failed.
     done: Option<Result<(), Arc<FetchError>>>,
+    /// Piece downloads fill the file out of order: `filled[k]` bytes of
+    /// piece `k` (of `piece_size`) are on disk, contiguous from the piece's
+    /// start. Empty for a sequential download.
+    piece_size: u64,
+    filled: Vec<u64>,
+    /// Readers already past this offset received bytes that turned out
+    /// wrong (a digest mismatch being repaired): they must be cut.
+    poisoned_from: Option<u64>,
+}
+
+impl Progress {
+    /// The end of the bytes on disk contiguous from `pos`.
+    fn available_from(&self, pos: u64) -> u64 {
+        if self.filled.is_empty() || self.piece_size == 0 {
+            return self.written.max(pos);
+        }
+        let ps = self.piece_size;
+        let size = self.total.unwrap_or(u64::MAX);
+        let mut end = pos;
+        let mut k = (pos / ps) as usize;
+        while k < self.filled.len() {
+            let start = k as u64 * ps;
+            let have = start + self.filled[k];
+            if have <= end {
+                break;
+            }
+            end = have;
+            if have < (start + ps).min(size) {
+                break;
+            }
+            k += 1;
+        }
+        end
+    }
 }
 
 /// One download in flight.
@@ -124,6 +163,8 @@ struct Download {
     /// A read handle on the partial file. It stays valid across the rename
     /// that commits the blob.
     file: Arc<File>,
+    /// For a piece download: where peers' requests for pieces go.
+    wants: Option<tokio::sync::mpsc::UnboundedSender<pieces::Want>>,
 }
 
 /// A download in flight, as the admin API shows it.
@@ -142,7 +183,32 @@ pub struct DownloadStatus {
 pub struct Blob {
     pub size: u64,
     pub source: Source,
+    /// Read by a peer: the last byte is not held back (the peer checks the
+    /// digest itself), and bytes stream as soon as they are on disk.
+    for_peer: bool,
     body: BlobBody,
+}
+
+impl Blob {
+    /// Chunk checksums to send a peer with bytes from `start` on (a
+    /// committed blob whose checksums were recorded, `start` on a chunk).
+    pub fn sums_from(
+        &self,
+        store: &Store,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Option<Vec<u64>> {
+        if !matches!(self.body, BlobBody::Local { .. })
+            || !start.is_multiple_of(crate::store::SUM_CHUNK)
+        {
+            return None;
+        }
+        let all = store.sums(digest, self.size)?;
+        let first = (start / crate::store::SUM_CHUNK) as usize;
+        let last = end.div_ceil(crate::store::SUM_CHUNK) as usize;
+        all.get(first..last.min(all.len())).map(|s| s.to_vec())
+    }
 }
 
 enum BlobBody {
@@ -160,6 +226,8 @@ struct Inner {
     store: Store,
     origin: Origin,
     metrics: Metrics,
+    /// Set once the swarm is up (it needs the fetcher to serve peers).
+    swarm: std::sync::OnceLock<crate::swarm::Swarm>,
     retries: u32,
     inflight: Mutex<HashMap<Digest, Arc<Download>>>,
     tags: tags::TagCache,
@@ -173,6 +241,7 @@ impl Fetcher {
                 store,
                 origin,
                 metrics,
+                swarm: std::sync::OnceLock::new(),
                 retries: cfg.origin.retries,
                 inflight: Mutex::new(HashMap::new()),
             }),
@@ -185,6 +254,38 @@ impl Fetcher {
 
     pub fn origin(&self) -> &Origin {
         &self.inner.origin
+    }
+
+    /// Hands the fetcher the swarm; from then on downloads take pieces from
+    /// peers. Only the first call counts.
+    pub fn attach_swarm(&self, swarm: crate::swarm::Swarm) {
+        let _ = self.inner.swarm.set(swarm);
+    }
+
+    pub fn swarm(&self) -> Option<&crate::swarm::Swarm> {
+        self.inner.swarm.get()
+    }
+
+    /// A seed's answer to a peer starting a pull: fetch the same blob, whole,
+    /// from the swarm, so that a copy outlives the nodes that pulled it.
+    pub fn follow(&self, digest: &Digest, ns: &str, repo: &str) {
+        if self.inner.store.contains(digest) {
+            return;
+        }
+        let Some(up) = self.inner.origin.upstream(ns) else {
+            tracing::debug!(digest = %digest, registry = ns, "not following a pull of a registry not mirrored here");
+            return;
+        };
+        if crate::oci::validate_repository(repo).is_err() {
+            return;
+        }
+        match self.join_or_start(&up, repo, digest, None, false) {
+            Ok(Some((_, true))) => {
+                tracing::info!(digest = %digest, registry = ns, repo, "seed: keeping a copy of a blob the cluster pulls");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(digest = %digest, error = %e, "seed cannot follow a pull"),
+        }
     }
 
     /// A snapshot of the downloads in flight, for the admin API.
@@ -228,6 +329,7 @@ impl Fetcher {
                 return Ok(Blob {
                     size: opened.size,
                     source: Source::Local,
+                    for_peer: false,
                     body: BlobBody::Local {
                         file: Arc::new(opened.file),
                         lease: opened.lease,
@@ -258,9 +360,15 @@ impl Fetcher {
                 return Err(FetchError::Abandoned(digest.clone()));
             }
         };
+        let source = if dl.wants.is_some() {
+            Source::Peer
+        } else {
+            Source::Origin
+        };
         Ok(Blob {
             size,
-            source: Source::Origin,
+            source,
+            for_peer: false,
             body: BlobBody::Growing(dl),
         })
     }
@@ -273,12 +381,30 @@ impl Fetcher {
         client_auth: Option<&HeaderValue>,
         last_try: bool,
     ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
+        self.join_or_start_as(up, repo, digest, client_auth, last_try, Starter::Local)
+    }
+
+    fn join_or_start_as(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        digest: &Digest,
+        client_auth: Option<&HeaderValue>,
+        last_try: bool,
+        starter: Starter,
+    ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
         let mut inflight = self
             .inner
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(dl) = inflight.get(digest) {
+            if let Some(w) = &dl.wants {
+                let _ = w.send(match starter {
+                    Starter::Local => pieces::Want::All,
+                    Starter::Peer { piece, .. } => pieces::Want::Piece(piece),
+                });
+            }
             return Ok(Some((dl.clone(), false)));
         }
         // Downloads commit before they leave the map, so under this lock a
@@ -299,25 +425,149 @@ impl Fetcher {
             .open(&path)
             .map_err(io)?;
         let reader = File::open(&path).map_err(io)?;
+        // Alone, a node downloads sequentially (and can resume after a
+        // crash); with peers, or for a peer, piece by piece.
+        let swarm = self
+            .inner
+            .swarm
+            .get()
+            .filter(|s| matches!(starter, Starter::Peer { .. }) || s.has_peers())
+            .cloned();
+        let (wants_tx, wants_rx) = tokio::sync::mpsc::unbounded_channel();
         let dl = Arc::new(Download {
             digest: digest.clone(),
             progress: watch::Sender::new(Progress::default()),
             file: Arc::new(reader),
+            wants: swarm.as_ref().map(|_| wants_tx.clone()),
         });
         inflight.insert(digest.clone(), dl.clone());
         drop(inflight);
         self.inner.metrics.downloads_in_flight.inc();
-        let job = DownloadJob {
-            fetcher: self.clone(),
-            dl: dl.clone(),
-            up: up.clone(),
-            repo: repo.to_owned(),
-            client_auth: client_auth.cloned(),
-            writer: Arc::new(writer),
-        };
-        tokio::spawn(job.run());
+        match swarm {
+            Some(swarm) => {
+                let (full, size) = match starter {
+                    Starter::Local => (true, None),
+                    Starter::Peer { piece, size } => {
+                        let _ = wants_tx.send(pieces::Want::Piece(piece));
+                        (false, size)
+                    }
+                };
+                let job = pieces::PieceJob::new(
+                    self.clone(),
+                    swarm,
+                    dl.clone(),
+                    up.clone(),
+                    repo.to_owned(),
+                    client_auth.cloned(),
+                    Arc::new(writer),
+                    wants_rx,
+                    full,
+                    size,
+                );
+                tokio::spawn(job.run());
+            }
+            None => {
+                let job = DownloadJob {
+                    fetcher: self.clone(),
+                    dl: dl.clone(),
+                    up: up.clone(),
+                    repo: repo.to_owned(),
+                    client_auth: client_auth.cloned(),
+                    writer: Arc::new(writer),
+                };
+                tokio::spawn(job.run());
+            }
+        }
         Ok(Some((dl, true)))
     }
+
+    /// Opens bytes of blob `digest` for a peer: from the store, from a
+    /// download in flight (asking it for the piece at `start`), or, with
+    /// `origin` given, from a new serving download of just the pieces peers
+    /// ask for. `None`: not here and not fetchable.
+    pub async fn blob_for_peer(
+        &self,
+        digest: &Digest,
+        start: u64,
+        size: Option<u64>,
+        origin: Option<(Upstream, String)>,
+    ) -> Result<Option<Blob>, FetchError> {
+        if let Some(opened) = self.inner.store.open_blob(digest)? {
+            return Ok(Some(Blob {
+                size: opened.size,
+                source: Source::Local,
+                for_peer: true,
+                body: BlobBody::Local {
+                    file: Arc::new(opened.file),
+                    lease: opened.lease,
+                },
+            }));
+        }
+        let piece = self
+            .inner
+            .swarm
+            .get()
+            .map_or(0, |s| (start / s.piece_size()) as usize);
+        let existing = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned();
+        let dl = match (existing, origin) {
+            (Some(dl), _) => {
+                if let Some(w) = &dl.wants {
+                    let _ = w.send(pieces::Want::Piece(piece));
+                }
+                dl
+            }
+            (None, Some((up, repo))) => {
+                match self.join_or_start_as(
+                    &up,
+                    &repo,
+                    digest,
+                    None,
+                    false,
+                    Starter::Peer { piece, size },
+                )? {
+                    Some((dl, _)) => dl,
+                    None => return Box::pin(self.blob_for_peer(digest, start, size, None)).await,
+                }
+            }
+            (None, None) => return Ok(None),
+        };
+        let mut rx = dl.progress.subscribe();
+        let size = loop {
+            {
+                let p = rx.borrow_and_update();
+                if let Some(Err(e)) = &p.done {
+                    return Err(FetchError::Shared(e.clone()));
+                }
+                if let Some(total) = p.total {
+                    break total;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Abandoned(digest.clone()));
+            }
+        };
+        Ok(Some(Blob {
+            size,
+            source: Source::Peer,
+            for_peer: true,
+            body: BlobBody::Growing(dl),
+        }))
+    }
+}
+
+/// Who starts a download, which decides how much of it is fetched.
+#[derive(Debug, Clone, Copy)]
+enum Starter {
+    /// A reader on this node: the whole blob.
+    Local,
+    /// A peer asking for one piece: only what peers ask for.
+    Peer { piece: usize, size: Option<u64> },
 }
 
 struct DownloadJob {
@@ -711,7 +961,7 @@ async fn rehash(file: Arc<File>) -> io::Result<(sha2::Sha256, u64)> {
 }
 
 /// Parses `bytes <start>-<end>/<size>`.
-fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     let rest = v.strip_prefix("bytes ")?;
     let (range, size) = rest.split_once('/')?;
     let (start, end) = range.split_once('-')?;
@@ -758,6 +1008,7 @@ impl Blob {
         };
         let size = self.size;
         let state = ReadState {
+            for_peer: self.for_peer,
             pos: start,
             end: end.min(size),
             size,
@@ -804,6 +1055,7 @@ impl Blob {
 }
 
 struct ReadState {
+    for_peer: bool,
     pos: u64,
     end: u64,
     size: u64,
@@ -839,13 +1091,19 @@ impl ReadState {
         loop {
             {
                 let p = rx.borrow_and_update();
+                if p.poisoned_from.is_some_and(|f| self.pos > f) {
+                    return Err(io::Error::other(
+                        "bytes already sent were wrong (digest mismatch, being repaired)",
+                    ));
+                }
                 let limit = match &p.done {
                     Some(Ok(())) => self.size,
                     Some(Err(e)) => {
                         return Err(io::Error::other(format!("download failed: {e}")));
                     }
+                    None if self.for_peer => p.available_from(self.pos),
                     // The final byte waits for the digest check.
-                    None => p.written.min(self.size.saturating_sub(1)),
+                    None => p.available_from(self.pos).min(self.size.saturating_sub(1)),
                 };
                 let limit = limit.min(self.end);
                 if limit > self.pos {

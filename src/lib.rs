@@ -44,4 +44,5 @@ pub mod oci;
 pub mod origin;
 pub mod registry;
 pub mod store;
+pub mod swarm;
 pub mod telemetry;

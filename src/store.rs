@@ -40,6 +40,9 @@ pub use pins::PinRecord;
 /// refreshes it; bounds the metadata writes a hot blob causes.
 const ACCESS_PERSIST_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Bytes per checksum in a blob's `.sums` side file.
+pub const SUM_CHUNK: u64 = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O on {path}: {source}")]
@@ -266,6 +269,39 @@ impl Store {
             .join(format!("{}.source", d.hex()))
     }
 
+    fn sums_path(&self, d: &Digest) -> PathBuf {
+        self.inner
+            .root
+            .join("meta/sha256")
+            .join(format!("{}.sums", d.hex()))
+    }
+
+    /// Records the chunk checksums of a committed blob (see
+    /// `fetch::pieces`): xxh3-64 of every [`SUM_CHUNK`] bytes, little
+    /// endian. Peers receive them with the bytes, so a disk that rotted
+    /// under a committed blob is caught by the receiver, chunk by chunk.
+    pub fn set_sums(&self, d: &Digest, sums: &[u64]) -> Result<(), StoreError> {
+        self.writable()?;
+        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        write_atomic(&self.sums_path(d), &bytes)
+    }
+
+    /// The chunk checksums of a committed blob of `size` bytes, if recorded
+    /// and of the right length.
+    pub fn sums(&self, d: &Digest, size: u64) -> Option<Vec<u64>> {
+        let bytes = std::fs::read(self.sums_path(d)).ok()?;
+        let want = size.div_ceil(SUM_CHUNK) as usize;
+        if bytes.len() != want * 8 {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+        )
+    }
+
     /// Removes a blob's file and its side files. The index is the caller's.
     fn unlink(&self, d: &Digest) -> io::Result<bool> {
         let path = self.blob_path(d);
@@ -276,6 +312,7 @@ impl Store {
         };
         let _ = std::fs::remove_file(self.meta_path(d));
         let _ = std::fs::remove_file(self.source_path(d));
+        let _ = std::fs::remove_file(self.sums_path(d));
         Ok(existed)
     }
 

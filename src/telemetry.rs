@@ -62,6 +62,20 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     pub store_blobs: IntGauge,
     pub store_max_bytes: IntGauge,
+    /// Live swarm members other than this node.
+    pub swarm_members: IntGauge,
+    /// Bytes that came into this node's downloads, by source (peer, origin).
+    pub fetched_bytes: IntCounterVec,
+    /// Data-plane bytes by peer and direction (in, out).
+    pub peer_bytes: IntCounterVec,
+    /// Time to get one piece, by where it came from (peer, origin).
+    pub piece_seconds: HistogramVec,
+    pub hedges: IntCounter,
+    pub distrusted_peers: IntCounter,
+    /// Data-plane connections refused: not a member, or a failed handshake.
+    pub peer_refused: IntCounter,
+    /// Piece requests answered 503 because `swarm.max_uploads` were busy.
+    pub uploads_busy: IntCounter,
 }
 
 impl Metrics {
@@ -103,7 +117,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "damselfly_bytes_served_total",
-                        "Blob bytes sent to clients, by source (local, origin).",
+                        "Blob bytes sent to clients, by source (local; peer: a download taking pieces from peers; origin).",
                     ),
                     &["source"],
                 )?,
@@ -185,6 +199,74 @@ impl Metrics {
             store_max_bytes: reg(
                 registry,
                 IntGauge::new("damselfly_store_max_bytes", "The store's quota in bytes.")?,
+            )?,
+            swarm_members: reg(
+                registry,
+                IntGauge::new(
+                    "damselfly_swarm_members",
+                    "Live swarm members other than this node.",
+                )?,
+            )?,
+            fetched_bytes: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_fetched_bytes_total",
+                        "Blob bytes that came into this node's downloads, by source (peer, origin).",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            peer_bytes: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_peer_bytes_total",
+                        "Data-plane bytes by peer (libp2p id) and direction (in, out).",
+                    ),
+                    &["peer", "direction"],
+                )?,
+            )?,
+            piece_seconds: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "damselfly_piece_seconds",
+                        "Time to get one piece, by source (peer, origin).",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ]),
+                    &["source"],
+                )?,
+            )?,
+            hedges: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_hedges_total",
+                    "Piece requests hedged: a peer was slow to answer, so the next source was asked too.",
+                )?,
+            )?,
+            distrusted_peers: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_distrusted_peers_total",
+                    "Peers distrusted for sending bytes that did not match.",
+                )?,
+            )?,
+            peer_refused: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_peer_refused_total",
+                    "Data-plane connections refused (not a member, or a failed TLS handshake).",
+                )?,
+            )?,
+            uploads_busy: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_peer_uploads_busy_total",
+                    "Piece requests turned away because swarm.max_uploads were in progress.",
+                )?,
             )?,
         })
     }

@@ -1,0 +1,633 @@
+//! The swarm: every byte from the origin once per cluster, fanned out peer
+//! to peer.
+//!
+//! Two planes. The control plane ([`control`]) is libp2p: TCP, noise and
+//! yamux, closed by a pre-shared cluster key (pnet); identify; gossipsub for
+//! membership heartbeats and announcements; Kademlia for "who holds this
+//! digest"; discovery from static multiaddrs, DNS names re-resolved
+//! periodically, and mDNS. The data plane ([`data`]) moves piece bytes as
+//! HTTP Range requests over TLS 1.3 on the peer port, by digest only; both
+//! ends present a self-signed certificate whose fingerprint the other learnt
+//! from a membership heartbeat on the key-protected control plane ([`tls`]).
+//!
+//! Which node fetches a piece from the origin is decided without a
+//! coordinator: rendezvous hashing of (digest, piece) over the live members
+//! ([`rendezvous`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub mod control;
+pub mod rendezvous;
+pub mod tls;
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Pulls what its containerd asks for, and serves peers.
+    #[default]
+    Node,
+    /// Also keeps full copies of what it sees the cluster pull, so the cache
+    /// survives when every other node has scaled away.
+    Seed,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Seed => "seed",
+        }
+    }
+}
+
+/// What each member announces about itself in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Where its data plane listens.
+    pub data_addr: SocketAddr,
+    /// Lower-case hex SHA-256 of its TLS certificate (DER); empty when the
+    /// data plane runs plain HTTP.
+    pub fingerprint: String,
+    pub role: Role,
+}
+
+pub mod data;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use libp2p::PeerId;
+use tokio::sync::watch;
+
+use crate::config::SwarmConfig;
+use crate::oci::Digest;
+use crate::telemetry::Metrics;
+
+/// A failure to start the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on the data plane address {addr}: {source}")]
+    DataListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data plane client: {0}")]
+    Client(String),
+}
+
+/// A failed piece request to one peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("request to {addr} failed: {source}")]
+    Request {
+        addr: SocketAddr,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{addr} answered {status}")]
+    Status {
+        addr: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("{addr} answered without a usable Content-Range")]
+    NoRange { addr: SocketAddr },
+}
+
+/// A peer to ask for bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRef {
+    pub id: PeerId,
+    pub addr: SocketAddr,
+}
+
+/// Where a piece may come from, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceSource {
+    Peer(PeerRef),
+    Origin,
+}
+
+/// A peer's answer to a piece request, before its body.
+pub struct PeerResponse {
+    pub start: u64,
+    pub total: u64,
+    /// Checksums of each [`crate::store::SUM_CHUNK`] from `start`, when the
+    /// peer holds the whole verified blob.
+    pub sums: Option<Vec<u64>>,
+    pub body: BoxStream<'static, Result<Bytes, reqwest::Error>>,
+}
+
+/// The swarm, as the fetch engine and the admin API see it. Cheap to clone.
+#[derive(Clone)]
+pub struct Swarm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: SwarmConfig,
+    control: control::Control,
+    local: PeerId,
+    members: watch::Receiver<Arc<BTreeMap<PeerId, control::Member>>>,
+    /// Peers known to hold a whole blob, from announcements and Kademlia.
+    holders: Mutex<HashMap<String, HashSet<PeerId>>>,
+    distrusted: Mutex<HashSet<PeerId>>,
+    client: reqwest::Client,
+    scheme: &'static str,
+    metrics: Metrics,
+    upload_limit: Option<data::RateLimiter>,
+    download_limit: Option<data::RateLimiter>,
+    trusted: tls::Trusted,
+    fingerprint: String,
+    data_addr: SocketAddr,
+}
+
+/// A member, as `damselfly peers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub data_addr: SocketAddr,
+    pub role: Role,
+    pub last_seen_ms: u64,
+    pub distrusted: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Swarm {
+    /// Starts the control plane and the data-plane client. The data-plane
+    /// server is [`data::serve`], started by the daemon with the fetcher.
+    pub async fn start(
+        cfg: &SwarmConfig,
+        store_dir: &std::path::Path,
+        metrics: Metrics,
+    ) -> Result<(Swarm, data::Listener), SwarmError> {
+        let identity = tls::TlsIdentity::generate()?;
+        let trusted = tls::Trusted::default();
+        let listener =
+            data::Listener::bind(cfg, &identity, trusted.clone(), metrics.clone()).await?;
+        let data_addr = SocketAddr::new(advertise_ip(cfg), listener.local_addr().port());
+        let fingerprint = if cfg.data_tls {
+            identity.fingerprint().to_owned()
+        } else {
+            String::new()
+        };
+        let psk = match &cfg.cluster_key_file {
+            Some(path) => Some(control::load_psk(path)?),
+            None => {
+                tracing::warn!("swarm running without a cluster key (swarm.insecure_no_cluster_key): any node that reaches the port can join");
+                None
+            }
+        };
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .filter_map(|b| b.parse::<control::Bootstrap>().ok())
+            .collect();
+        let listen = cfg
+            .listen
+            .parse()
+            .map_err(|e| SwarmError::Client(format!("swarm.listen: {e}")))?;
+        let control = control::Control::start(control::ControlConfig {
+            listen,
+            bootstrap,
+            psk,
+            mdns: cfg.mdns,
+            identity_file: store_dir.join("identity/p2p.key"),
+            dns_refresh: cfg.dns_refresh,
+            heartbeat: cfg.heartbeat,
+            member_ttl: cfg.heartbeat * 4,
+            info: MemberInfo {
+                data_addr,
+                fingerprint: fingerprint.clone(),
+                role: cfg.role,
+            },
+        })
+        .await?;
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none());
+        if cfg.data_tls {
+            let tls = tls::client_config(&identity, trusted.clone())?;
+            builder = builder.use_preconfigured_tls((*tls).clone());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| SwarmError::Client(e.to_string()))?;
+        let local = control.local_peer_id();
+        let swarm = Swarm {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                members: control.members(),
+                control,
+                local,
+                holders: Mutex::new(HashMap::new()),
+                distrusted: Mutex::new(HashSet::new()),
+                client,
+                scheme: if cfg.data_tls { "https" } else { "http" },
+                metrics,
+                upload_limit: data::RateLimiter::new(cfg.upload_limit),
+                download_limit: data::RateLimiter::new(cfg.download_limit),
+                trusted,
+                fingerprint,
+                data_addr,
+            }),
+        };
+        tracing::info!(peer_id = %local, data = %data_addr, role = cfg.role.as_str(),
+            listen = %cfg.listen, "swarm started");
+        Ok((swarm, listener))
+    }
+
+    /// Keeps the trusted fingerprints and the member gauge in step with the
+    /// membership, and hands announcements to `on_announce` (seeds react to
+    /// them). Runs until the control plane stops.
+    pub fn spawn_watchers(
+        &self,
+        on_announce: impl Fn(control::Announcement) + Send + Sync + 'static,
+    ) {
+        let me = self.clone();
+        let mut rx = self.inner.control.members();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let members = rx.borrow_and_update().clone();
+                    me.inner.trusted.replace(
+                        members
+                            .values()
+                            .map(|m| m.info.fingerprint.clone())
+                            .filter(|f| !f.is_empty()),
+                    );
+                    me.inner.metrics.swarm_members.set(members.len() as i64);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let me = self.clone();
+        let mut ann = self.inner.control.announcements();
+        tokio::spawn(async move {
+            loop {
+                match ann.recv().await {
+                    Ok(a) => {
+                        if let control::Announce::Have { digest, .. } = &a.what {
+                            me.add_holder(digest, a.from);
+                        }
+                        on_announce(a);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "swarm announcements lagged");
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.inner.local
+    }
+
+    pub fn role(&self) -> Role {
+        self.inner.cfg.role
+    }
+
+    pub fn piece_size(&self) -> u64 {
+        self.inner.cfg.piece_size
+    }
+
+    pub fn max_piece_transfers(&self) -> usize {
+        self.inner.cfg.max_piece_transfers
+    }
+
+    pub fn hedge_after(&self) -> Duration {
+        self.inner.cfg.hedge_after
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        self.inner.cfg.stall_timeout
+    }
+
+    pub(crate) fn max_uploads(&self) -> usize {
+        self.inner.cfg.max_uploads
+    }
+
+    /// Whether any other member is alive (else downloads go straight to
+    /// the origin, sequentially).
+    pub fn has_peers(&self) -> bool {
+        !self.inner.members.borrow().is_empty()
+    }
+
+    fn add_holder(&self, digest: &str, peer: PeerId) {
+        if peer == self.inner.local {
+            return;
+        }
+        self.inner
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_owned())
+            .or_default()
+            .insert(peer);
+    }
+
+    /// Asks Kademlia who holds `digest`, for at most `timeout`, and
+    /// remembers the answer for [`Swarm::piece_plan`].
+    pub async fn find_holders(&self, digest: &Digest, timeout: Duration) {
+        let key = digest.to_string();
+        let found = self.inner.control.providers(&key, timeout).await;
+        for p in found {
+            self.add_holder(&key, p);
+        }
+    }
+
+    /// Tells the cluster this node starts pulling `digest` (seeds follow).
+    pub fn announce_want(&self, digest: &Digest, ns: &str, repo: &str) {
+        self.inner.control.announce(control::Announce::Want {
+            digest: digest.to_string(),
+            ns: ns.to_owned(),
+            repo: repo.to_owned(),
+        });
+    }
+
+    /// Tells the cluster this node holds the whole verified blob.
+    pub fn blob_committed(&self, digest: &Digest, size: u64) {
+        let key = digest.to_string();
+        self.inner.control.provide(&key);
+        self.inner
+            .control
+            .announce(control::Announce::Have { digest: key, size });
+    }
+
+    /// The blob is gone from the store (evicted or removed).
+    pub fn blob_removed(&self, digest: &Digest) {
+        self.inner.control.unprovide(&digest.to_string());
+    }
+
+    /// Where piece `piece` of `digest` should come from, best first, always
+    /// ending with the origin. Holders of the whole blob come first, spread
+    /// by rendezvous over the holders; then, for a node pulling the whole
+    /// blob (`full`), the piece's rendezvous owners down to this node (which
+    /// means: this node fetches it from the origin). A serving download
+    /// (`full == false`) never asks non-holders, so requests cannot loop.
+    pub fn piece_plan(
+        &self,
+        digest: &Digest,
+        piece: u64,
+        full: bool,
+        failed: &HashSet<PeerId>,
+    ) -> Vec<PieceSource> {
+        let members = self.inner.members.borrow().clone();
+        let distrusted = self
+            .inner
+            .distrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let usable = |id: &PeerId| {
+            members.contains_key(id) && !distrusted.contains(id) && !failed.contains(id)
+        };
+        let key = digest.to_string();
+        let peer_ref = |id: &PeerId| {
+            members.get(id).map(|m| PeerRef {
+                id: *id,
+                addr: m.info.data_addr,
+            })
+        };
+        let holders: Vec<PeerId> = self
+            .inner
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map(|h| h.iter().filter(|id| usable(id)).copied().collect())
+            .unwrap_or_default();
+        let holder_bytes: Vec<(Vec<u8>, PeerId)> =
+            holders.iter().map(|id| (id.to_bytes(), *id)).collect();
+        let mut out: Vec<PieceSource> = rendezvous::rank(
+            &key,
+            piece,
+            holder_bytes.iter().map(|(b, id)| (b.as_slice(), *id)),
+        )
+        .into_iter()
+        .filter_map(|id| peer_ref(&id).map(PieceSource::Peer))
+        .collect();
+        if full {
+            let local = self.inner.local.to_bytes();
+            let all: Vec<(Vec<u8>, Option<PeerId>)> = members
+                .keys()
+                .filter(|id| !distrusted.contains(id))
+                .map(|id| (id.to_bytes(), Some(*id)))
+                .chain(std::iter::once((local, None)))
+                .collect();
+            for owner in
+                rendezvous::rank(&key, piece, all.iter().map(|(b, id)| (b.as_slice(), *id)))
+            {
+                let Some(id) = owner else { break };
+                if failed.contains(&id) || holders.contains(&id) {
+                    continue;
+                }
+                if let Some(p) = peer_ref(&id) {
+                    out.push(PieceSource::Peer(p));
+                }
+            }
+        }
+        out.push(PieceSource::Origin);
+        out
+    }
+
+    /// Asks `peer` for bytes `start..=end_incl` of `digest`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_piece(
+        &self,
+        peer: &PeerRef,
+        digest: &Digest,
+        start: u64,
+        end_incl: u64,
+        size: Option<u64>,
+        ns: &str,
+        repo: &str,
+    ) -> Result<PeerResponse, PeerError> {
+        let addr = peer.addr;
+        let url = format!("{}://{}/v1/blobs/{}", self.inner.scheme, addr, digest);
+        let mut req = self
+            .inner
+            .client
+            .get(url)
+            .header(http::header::RANGE, format!("bytes={start}-{end_incl}"))
+            .header(data::REGISTRY_HEADER, ns)
+            .header(data::REPOSITORY_HEADER, repo);
+        if let Some(s) = size {
+            req = req.header(data::SIZE_HEADER, s.to_string());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| PeerError::Request { addr, source })?;
+        if resp.status() != http::StatusCode::PARTIAL_CONTENT {
+            return Err(PeerError::Status {
+                addr,
+                status: resp.status(),
+            });
+        }
+        let (rstart, total) = resp
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::fetch::parse_content_range)
+            .ok_or(PeerError::NoRange { addr })?;
+        let sums = resp
+            .headers()
+            .get(data::SUMS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(data::parse_sums);
+        use futures_util::StreamExt;
+        Ok(PeerResponse {
+            start: rstart,
+            total,
+            sums,
+            body: resp.bytes_stream().boxed(),
+        })
+    }
+
+    /// Stops asking `peer` for anything, for the life of this process.
+    pub fn distrust(&self, peer: &PeerId, why: &str) {
+        let new = self
+            .inner
+            .distrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer);
+        if new {
+            self.inner.metrics.distrusted_peers.inc();
+            tracing::warn!(peer = %peer, reason = why, "peer distrusted");
+        }
+    }
+
+    /// Waits as the download limit asks, for `n` bytes from peers.
+    pub async fn throttle_in(&self, n: u64) {
+        if let Some(l) = &self.inner.download_limit {
+            l.take(n).await;
+        }
+    }
+
+    pub async fn throttle_out(&self, n: u64) {
+        if let Some(l) = &self.inner.upload_limit {
+            l.take(n).await;
+        }
+    }
+
+    pub fn record_in(&self, peer: &PeerId, n: u64) {
+        self.inner
+            .metrics
+            .peer_bytes
+            .with_label_values(&[&peer.to_string(), "in"])
+            .inc_by(n);
+    }
+
+    /// The member whose certificate has this fingerprint.
+    pub fn member_by_fingerprint(&self, fp: &str) -> Option<PeerId> {
+        self.inner
+            .members
+            .borrow()
+            .values()
+            .find(|m| m.info.fingerprint == fp)
+            .map(|m| m.peer_id)
+    }
+
+    /// The member with this data-plane IP, for plain-HTTP peers.
+    pub fn member_by_ip(&self, ip: std::net::IpAddr) -> Option<PeerId> {
+        self.inner
+            .members
+            .borrow()
+            .values()
+            .find(|m| m.info.data_addr.ip() == ip)
+            .map(|m| m.peer_id)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The members, for `damselfly peers`.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let members = self.inner.members.borrow().clone();
+        let distrusted = self
+            .inner
+            .distrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let bytes = |id: &PeerId, dir: &str| {
+            self.inner
+                .metrics
+                .peer_bytes
+                .get_metric_with_label_values(&[&id.to_string(), dir])
+                .map(|c| c.get())
+                .unwrap_or(0)
+        };
+        members
+            .values()
+            .map(|m| PeerStatus {
+                peer_id: m.peer_id.to_string(),
+                data_addr: m.info.data_addr,
+                role: m.info.role,
+                last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
+                distrusted: distrusted.contains(&m.peer_id),
+                bytes_in: bytes(&m.peer_id, "in"),
+                bytes_out: bytes(&m.peer_id, "out"),
+            })
+            .collect()
+    }
+
+    /// This node as the swarm knows it.
+    pub fn local_info(&self) -> (String, SocketAddr, Role, &str) {
+        (
+            self.inner.local.to_string(),
+            self.inner.data_addr,
+            self.inner.cfg.role,
+            &self.inner.fingerprint,
+        )
+    }
+
+    pub async fn shutdown(&self) {
+        self.inner.control.shutdown().await;
+    }
+}
+
+/// The IP peers should dial for this node's data plane.
+fn advertise_ip(cfg: &SwarmConfig) -> std::net::IpAddr {
+    if let Some(ip) = cfg.advertise {
+        return ip;
+    }
+    if !cfg.data_listen.ip().is_unspecified() {
+        return cfg.data_listen.ip();
+    }
+    for var in ["POD_IP", "HOST_IP"] {
+        if let Some(ip) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+            return ip;
+        }
+    }
+    // The source address of the default route; connect() on UDP sends
+    // nothing.
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("10.255.255.255:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+}
