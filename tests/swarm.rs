@@ -25,6 +25,27 @@ use common::{push_raw_image, BlobSource, OriginRequest, PushedImage, Registry, R
 use daemon::{Daemon, Options, SwarmOptions};
 
 const MIB: u64 = 1 << 20;
+
+/// `eprintln!` with the UTC time of day, to line up with the daemons' logs.
+macro_rules! note {
+    ($($arg:tt)*) => {
+        eprintln!("[{}] {}", clock(), format!($($arg)*))
+    };
+}
+
+fn clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        now.subsec_millis()
+    )
+}
 /// How long membership may take to settle.
 const JOIN: Duration = Duration::from_secs(60);
 /// One `ctr content fetch` of a big image on a loaded 2-core box.
@@ -191,18 +212,20 @@ fn pulled() -> MutexGuard<'static, Option<Pulled>> {
         let images = [big_image(), multi_image()];
         let started = Instant::now();
         let cluster = Cluster::start(reg, 8);
-        eprintln!("8 nodes started in {:?}", started.elapsed());
+        note!("8 nodes started in {:?}", started.elapsed());
         if let Err(e) = cluster.wait_members(7, JOIN) {
             panic!("the eight nodes did not form a swarm: {e}");
         }
-        eprintln!("8 nodes joined after {:?}", started.elapsed());
+        note!("8 nodes joined after {:?}", started.elapsed());
         let nodes: Vec<&Node> = cluster.nodes.iter().collect();
         let mut rounds = Vec::new();
         for img in images {
             let mark = reg.mark();
             let started = Instant::now();
+            note!("8 pulls of {} start", img.reference);
             let results = fetch_all(&nodes, img, BIG_PULL);
             let wall = started.elapsed();
+            note!("8 pulls of {} done in {wall:?}", img.reference);
             rounds.push(Round {
                 image: img,
                 results,
@@ -226,7 +249,7 @@ fn eight_nodes_pull_at_once() {
     let pulled = guard.as_ref().expect("set up");
     for round in &pulled.rounds {
         let img = round.image;
-        eprintln!(
+        note!(
             "{} ({} layers, {} bytes): all pulls in {:?}, origin blob bytes {} ({:.3}x)",
             img.reference,
             img.layers.len(),
@@ -237,13 +260,14 @@ fn eight_nodes_pull_at_once() {
         );
         for (node, result) in pulled.cluster.nodes.iter().zip(&round.results) {
             let d = &node.daemon;
-            eprintln!(
-                "  {}: {:?}; fetched from peers {}, from origin {}; peer out {}",
+            note!(
+                "  {}: {:?}; so far: fetched from peers {}, from origin {}; peer out {}; hedges {}",
                 node.name(),
                 result.as_ref().map_err(|_| "FAILED"),
                 fetched_from(d, "peer"),
                 fetched_from(d, "origin"),
-                peer_out_bytes(d)
+                peer_out_bytes(d),
+                d.metric("damselfly_hedges_total")
             );
         }
     }
@@ -298,7 +322,7 @@ fn latecomer_pulls_from_peers() {
             .fetch_checked(img, BIG_PULL)
             .unwrap_or_else(|e| panic!("{e}\n{}", cluster.report(20)));
         let origin_bytes = origin_blob_bytes_since(img, mark);
-        eprintln!(
+        note!(
             "{}: {} in {took:?}, origin blob bytes {origin_bytes}",
             late.name(),
             img.reference
@@ -350,7 +374,7 @@ fn kill_holder_mid_transfer() {
     let holder_took = cluster.nodes[0]
         .fetch_checked(img, PULL)
         .unwrap_or_else(|e| panic!("the holder's own pull: {e}"));
-    eprintln!("holder pulled from the origin in {holder_took:?}");
+    note!("holder pulled from the origin in {holder_took:?}");
 
     let mark = reg.mark();
     let finished = AtomicUsize::new(0);
@@ -382,7 +406,7 @@ fn kill_holder_mid_transfer() {
         let running = handles.len() - finished.load(Ordering::SeqCst);
         let holder_report = holder.report(40);
         holder.daemon.kill9();
-        eprintln!("killed the holder after it served {out} bytes; {running} pulls still running");
+        note!("killed the holder after it served {out} bytes; {running} pulls still running");
         let results: Vec<_> = handles
             .into_iter()
             .map(|h| {
@@ -403,7 +427,7 @@ fn kill_holder_mid_transfer() {
         "every pull had finished before the holder died ({out_at_kill} bytes out); the test proved nothing"
     );
     assert_all_ok("pulls after the holder died", &results, &cluster);
-    eprintln!(
+    note!(
         "origin blob bytes after the kill: {} (image {})",
         origin_blob_bytes_since(img, mark),
         img.total_size
@@ -452,23 +476,28 @@ fn corrupt_peer_is_distrusted() {
     static I: OnceLock<PushedImage> = OnceLock::new();
     let img = image(&I, "swarm/corrupt", &[(520, 48 * MIB)]);
     let reg = origin();
-    let cluster = Cluster::start(reg, 2);
+    // The puller joins only after the liar has the blob, so that it holds
+    // no piece of it (a member may fetch pieces for another node's pull:
+    // the piece's rendezvous owner) and takes them all from the liar.
+    let mut cluster = Cluster::start(reg, 1);
+    cluster.nodes[0]
+        .fetch_checked(img, PULL)
+        .unwrap_or_else(|e| panic!("the liar's own pull: {e}"));
+    let (layer, _) = &img.layers[0];
+    let path = cluster.nodes[0].daemon.blob_path(layer);
+    let offset = flip_byte(&path);
+    note!("flipped the byte at {offset} of {}", path.display());
+    cluster.add(reg, NodeSpec::default());
     cluster
         .wait_members(1, JOIN)
         .unwrap_or_else(|e| panic!("{e}"));
     let (liar, puller) = (&cluster.nodes[0], &cluster.nodes[1]);
-    liar.fetch_checked(img, PULL)
-        .unwrap_or_else(|e| panic!("the liar's own pull: {e}"));
-    let (layer, _) = &img.layers[0];
-    let path = liar.daemon.blob_path(layer);
-    let offset = flip_byte(&path);
-    eprintln!("flipped the byte at {offset} of {}", path.display());
 
     let mark = reg.mark();
     puller
         .fetch_checked(img, PULL)
         .unwrap_or_else(|e| panic!("{e}\n{}", liar.report(40)));
-    eprintln!(
+    note!(
         "puller: from peers {}, from origin {}; origin blob bytes {}",
         fetched_from(&puller.daemon, "peer"),
         fetched_from(&puller.daemon, "origin"),
@@ -492,8 +521,8 @@ fn corrupt_peer_is_distrusted() {
 // ---------------------------------------------------------------------------
 // 5. Every peer is gone.
 
-/// A node whose bootstrap peers (one of which held the image) are all
-/// stopped still pulls: from the origin.
+/// A node whose bootstrap peers are all stopped, one of them a holder of
+/// the image it wants, still pulls: from the origin.
 #[test]
 fn all_peers_gone() {
     let _heavy = heavy();
@@ -501,6 +530,13 @@ fn all_peers_gone() {
     let img = image(&I, "swarm/gone", &[(530, 16 * MIB), (531, 4 * MIB)]);
     let reg = origin();
     let mut cluster = Cluster::start(reg, 2);
+    cluster
+        .wait_members(1, JOIN)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster.nodes[0]
+        .fetch_checked(img, PULL)
+        .unwrap_or_else(|e| panic!("the holder's pull: {e}"));
+    // Joins after that pull, so it holds no piece of the image.
     let bootstrap = vec![
         cluster.nodes[0].daemon.swarm_multiaddr(),
         cluster.nodes[1].daemon.swarm_multiaddr(),
@@ -515,9 +551,6 @@ fn all_peers_gone() {
     cluster
         .wait_members(2, JOIN)
         .unwrap_or_else(|e| panic!("{e}"));
-    cluster.nodes[0]
-        .fetch_checked(img, PULL)
-        .unwrap_or_else(|e| panic!("the first holder's pull: {e}"));
     cluster.nodes[0].daemon.kill9();
     cluster.nodes[1].daemon.terminate();
 
@@ -527,7 +560,7 @@ fn all_peers_gone() {
         .fetch_checked(img, PULL)
         .unwrap_or_else(|e| panic!("the pull with every peer gone: {e}"));
     let origin_bytes = origin_blob_bytes_since(img, mark);
-    eprintln!("pulled alone in {took:?}; origin blob bytes {origin_bytes}");
+    note!("pulled alone in {took:?}; origin blob bytes {origin_bytes}");
     let bypassed = bypassed_blob_requests(img, mark);
     assert!(
         bypassed.is_empty(),
@@ -645,7 +678,7 @@ fn keyless_node_cannot_join() {
         }
     });
     match &outcome {
-        Err(e) => eprintln!("TLS client refused as expected: {e}"),
+        Err(e) => note!("TLS client refused as expected: {e}"),
         Ok((status, body)) => panic!(
             "a client without the cluster's certificate got an HTTP answer from {url}: {status}, body {body:?}\n{}",
             holder.log_tail(30)

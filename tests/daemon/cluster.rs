@@ -81,6 +81,9 @@ pub fn write_key(path: &Path) {
         .unwrap_or_default();
     let seed = format!("{}-{nanos}-{}", std::process::id(), path.display());
     std::fs::write(path, format!("{}\n", sha256_hex(seed.as_bytes()))).expect("write cluster key");
+    // The daemon warns about a key that group or others can read.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600 cluster key");
 }
 
 /// One node: a daemon on its own loopback address and a containerd that

@@ -162,7 +162,15 @@ impl Daemon {
 
     /// Writes the config; no process yet.
     fn configure(opts: Options) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // DAMSELFLY_LAB_KEEP=1 keeps the dir (config, log, store), as the
+        // lab does with its own temp dirs.
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(keep_dirs())
+            .tempdir()
+            .expect("tempdir");
+        if keep_dirs() {
+            eprintln!("lab: keeping {}", dir.path().display());
+        }
         let ip = opts.ip.unwrap_or(Ipv4Addr::LOCALHOST);
         let mirror = free_addr_on(ip);
         let telemetry = free_addr_on(ip);
@@ -238,7 +246,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn damselfly");
-        exit_cleanup::register(child.id(), self.dir.path());
+        exit_cleanup::register(child.id(), self.dir.path(), keep_dirs());
         self.child = Some(child);
     }
 
@@ -438,6 +446,10 @@ impl Drop for Daemon {
     }
 }
 
+fn keep_dirs() -> bool {
+    std::env::var_os("DAMSELFLY_LAB_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// `{a="b",c="d"}`'s inside as a map (Prometheus escapes `\\`, `\"`, `\n`).
 fn parse_labels(text: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
@@ -482,7 +494,7 @@ mod exit_cleanup {
         live_mutex().lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(pid: u32, dir: &Path) {
+    pub fn register(pid: u32, dir: &Path, keep_dir: bool) {
         static HOOK: Once = Once::new();
         HOOK.call_once(|| {
             // SAFETY: registering a plain `extern "C" fn()` with atexit(3).
@@ -492,7 +504,7 @@ mod exit_cleanup {
         });
         let mut live = live();
         live.pids.push(pid);
-        if !live.dirs.iter().any(|d| d == dir) {
+        if !keep_dir && !live.dirs.iter().any(|d| d == dir) {
             live.dirs.push(dir.to_path_buf());
         }
     }
