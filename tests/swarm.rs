@@ -443,62 +443,94 @@ fn kill_holder_mid_transfer() {
 // ---------------------------------------------------------------------------
 // 4. A peer serves corrupt bytes.
 
-/// Flips one byte in a stored blob and returns where.
-fn flip_byte(path: &std::path::Path) -> u64 {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    use std::os::unix::fs::PermissionsExt as _;
+/// Flips one byte in every `stride` bytes of a stored blob (chmod first:
+/// the store keeps blobs read-only); returns the offsets.
+fn flip_bytes(path: &std::path::Path, stride: u64) -> Vec<u64> {
+    use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mode = meta.permissions().mode();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o600)).expect("chmod");
-    let offset = meta.len() / 2 + 12345;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .expect("open blob for writing");
-    let mut byte = [0u8; 1];
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.read_exact(&mut byte).unwrap();
-    byte[0] ^= 0xff;
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(&byte).unwrap();
+    let mut offsets = Vec::new();
+    let mut offset = stride / 2 + 12345;
+    while offset < meta.len() {
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, offset).unwrap();
+        byte[0] ^= 0xff;
+        f.write_all_at(&byte, offset).unwrap();
+        offsets.push(offset);
+        offset += stride;
+    }
     f.sync_all().unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod back");
-    offset
+    offsets
 }
 
-/// A node whose stored blob has one flipped byte serves it to a peer; the
-/// peer's pull still completes with the right content, and it distrusts
-/// the liar.
+/// A node whose stored blob has a flipped byte in every piece serves it to
+/// a peer; the peer's pull still completes with the right content, and it
+/// distrusts the liar. The liar pulled as a member, so it sends the
+/// per-MiB checksums it recorded when it verified the blob: the puller
+/// catches the bad chunks before writing them.
 #[test]
 fn corrupt_peer_is_distrusted() {
     let _heavy = heavy();
     static I: OnceLock<PushedImage> = OnceLock::new();
     let img = image(&I, "swarm/corrupt", &[(520, 48 * MIB)]);
+    corrupt_case(img, false);
+}
+
+/// The same with a liar that got the blob before it had peers (a plain
+/// mirror download records no chunk checksums): only the blob's SHA-256
+/// catches the bad pieces, the puller repairs them from the origin, and
+/// containerd still never gets a wrong byte.
+#[test]
+fn corrupt_peer_without_checksums_is_repaired() {
+    let _heavy = heavy();
+    static I: OnceLock<PushedImage> = OnceLock::new();
+    let img = image(&I, "swarm/corrupt-nosum", &[(521, 48 * MIB)]);
+    corrupt_case(img, true);
+}
+
+/// The liar (node 0) pulls `img`, gets a flipped byte in every 8 MiB piece
+/// (the default piece size), then node 1 pulls. With `puller_joins_late`
+/// node 1 starts only after the liar's pull; otherwise both are members
+/// from the start (and the puller may already hold the pieces it fetched
+/// from the origin as their rendezvous owner).
+fn corrupt_case(img: &PushedImage, puller_joins_late: bool) {
     let reg = origin();
-    // The puller joins only after the liar has the blob, so that it holds
-    // no piece of it (a member may fetch pieces for another node's pull:
-    // the piece's rendezvous owner) and takes them all from the liar.
-    let mut cluster = Cluster::start(reg, 1);
+    let mut cluster = Cluster::start(reg, if puller_joins_late { 1 } else { 2 });
+    if !puller_joins_late {
+        cluster
+            .wait_members(1, JOIN)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     cluster.nodes[0]
         .fetch_checked(img, PULL)
         .unwrap_or_else(|e| panic!("the liar's own pull: {e}"));
     let (layer, _) = &img.layers[0];
     let path = cluster.nodes[0].daemon.blob_path(layer);
-    let offset = flip_byte(&path);
-    note!("flipped the byte at {offset} of {}", path.display());
-    cluster.add(reg, NodeSpec::default());
-    cluster
-        .wait_members(1, JOIN)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let offsets = flip_bytes(&path, 8 * MIB);
+    note!("flipped the bytes at {offsets:?} of {}", path.display());
+    if puller_joins_late {
+        cluster.add(reg, NodeSpec::default());
+        cluster
+            .wait_members(1, JOIN)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let (liar, puller) = (&cluster.nodes[0], &cluster.nodes[1]);
 
     let mark = reg.mark();
+    let out_before = peer_out_bytes(&liar.daemon);
     puller
         .fetch_checked(img, PULL)
         .unwrap_or_else(|e| panic!("{e}\n{}", liar.report(40)));
+    let served = peer_out_bytes(&liar.daemon) - out_before;
     note!(
-        "puller: from peers {}, from origin {}; origin blob bytes {}",
+        "puller: from peers {}, from origin {}; origin blob bytes {}; the liar served {served}",
         fetched_from(&puller.daemon, "peer"),
         fetched_from(&puller.daemon, "origin"),
         origin_blob_bytes_since(img, mark)
@@ -509,11 +541,15 @@ fn corrupt_peer_is_distrusted() {
         "containerd went around the mirror: {bypassed:#?}\n{}",
         cluster.report(40)
     );
+    assert!(
+        served > 0.0,
+        "the liar served no byte to the puller, so nothing could be judged:\n{}",
+        cluster.report(40)
+    );
     let distrusted = puller.daemon.metric("damselfly_distrusted_peers_total");
     assert!(
         distrusted >= 1.0,
-        "damselfly_distrusted_peers_total is {distrusted} on the puller; the liar's peer out bytes: {}\n{}",
-        peer_out_bytes(&liar.daemon),
+        "damselfly_distrusted_peers_total is {distrusted} on the puller after the liar served {served} bytes\n{}",
         cluster.report(60)
     );
 }
