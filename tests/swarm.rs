@@ -173,9 +173,32 @@ fn assert_all_ok(what: &str, results: &[Result<Duration, String>], cluster: &Clu
 // ---------------------------------------------------------------------------
 // 1 and 2: eight nodes pull at once; a ninth joins later.
 
+/// A node's counters at one moment: fetched from peers, fetched from the
+/// origin, peer bytes out, hedges.
+#[derive(Clone, Copy, Default)]
+struct NodeStats {
+    from_peers: f64,
+    from_origin: f64,
+    peer_out: f64,
+    hedges: f64,
+}
+
+impl NodeStats {
+    fn of(d: &Daemon) -> NodeStats {
+        NodeStats {
+            from_peers: fetched_from(d, "peer"),
+            from_origin: fetched_from(d, "origin"),
+            peer_out: peer_out_bytes(d),
+            hedges: d.metric("damselfly_hedges_total"),
+        }
+    }
+}
+
 struct Round {
     image: &'static PushedImage,
     results: Vec<Result<Duration, String>>,
+    /// Each node's counters before and after the round.
+    stats: Vec<(NodeStats, NodeStats)>,
     wall: Duration,
     origin_bytes: u64,
     bypassed: Vec<OriginRequest>,
@@ -221,14 +244,21 @@ fn pulled() -> MutexGuard<'static, Option<Pulled>> {
         let mut rounds = Vec::new();
         for img in images {
             let mark = reg.mark();
+            let before: Vec<NodeStats> = nodes.iter().map(|n| NodeStats::of(&n.daemon)).collect();
             let started = Instant::now();
             note!("8 pulls of {} start", img.reference);
             let results = fetch_all(&nodes, img, BIG_PULL);
             let wall = started.elapsed();
             note!("8 pulls of {} done in {wall:?}", img.reference);
+            let stats = nodes
+                .iter()
+                .zip(before)
+                .map(|(n, b)| (b, NodeStats::of(&n.daemon)))
+                .collect();
             rounds.push(Round {
                 image: img,
                 results,
+                stats,
                 wall,
                 origin_bytes: origin_blob_bytes_since(img, mark),
                 bypassed: bypassed_blob_requests(img, mark),
@@ -258,16 +288,21 @@ fn eight_nodes_pull_at_once() {
             round.origin_bytes,
             round.origin_bytes as f64 / img.total_size as f64
         );
-        for (node, result) in pulled.cluster.nodes.iter().zip(&round.results) {
-            let d = &node.daemon;
+        for ((node, result), (before, after)) in pulled
+            .cluster
+            .nodes
+            .iter()
+            .zip(&round.results)
+            .zip(&round.stats)
+        {
             note!(
-                "  {}: {:?}; so far: fetched from peers {}, from origin {}; peer out {}; hedges {}",
+                "  {}: {:?}; fetched from peers {}, from origin {}; peer out {}; hedges {}",
                 node.name(),
                 result.as_ref().map_err(|_| "FAILED"),
-                fetched_from(d, "peer"),
-                fetched_from(d, "origin"),
-                peer_out_bytes(d),
-                d.metric("damselfly_hedges_total")
+                after.from_peers - before.from_peers,
+                after.from_origin - before.from_origin,
+                after.peer_out - before.peer_out,
+                after.hedges - before.hedges
             );
         }
     }
