@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
 
-use super::blob::{Endpoint, RegistryClient};
+use super::blob::{BlobSource, Endpoint, RegistryClient};
 use super::random::RandomReader;
 use super::util::{self, block_on, run_command, TestDir};
 
@@ -437,6 +437,123 @@ pub fn push_image(
     }
     Ok(PushedImage {
         reference,
+        registry: host,
+        repo: repo.to_string(),
+        tag: tag.to_string(),
+        manifest_digest: manifest.digest,
+        manifest_media_type: manifest.media_type,
+        manifest: manifest.bytes,
+        config_digest,
+        config_size,
+        layers,
+        total_size,
+    })
+}
+
+/// Pushes an image made by hand, without `umoci` or `skopeo`: each layer is
+/// a raw blob of `layers[i]` (streamed, never held in memory; e.g.
+/// [`BlobSource::random`]) with media type
+/// `application/vnd.oci.image.layer.v1.tar`, plus a small config that lists
+/// them as its `diff_ids` and an OCI manifest tagged `repo:tag`. Quick for
+/// big layers (a 512 MiB layer takes a few seconds), and fine for `ctr
+/// content fetch`; the layers are not real tars, so the image cannot be
+/// unpacked. Returns what the registry serves, as [`push_image`] does.
+pub fn push_raw_image(
+    endpoint: &(impl Endpoint + ?Sized),
+    repo: &str,
+    tag: &str,
+    layers: &[BlobSource],
+) -> anyhow::Result<PushedImage> {
+    use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+    let base = endpoint.base_url();
+    let host = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .ok_or_else(|| anyhow!("push_raw_image needs an http(s):// endpoint, got {base}"))?
+        .trim_end_matches('/')
+        .to_string();
+    let client = RegistryClient::new(endpoint, None)?;
+    let manifest = block_on(async {
+        let mut pushed = Vec::new();
+        for layer in layers {
+            pushed.push(client.push_blob(repo, layer).await?);
+        }
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let config = serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "created": FIXED_CREATED,
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": pushed.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+            },
+        });
+        let config = Bytes::from(serde_json::to_vec(&config)?);
+        let (config_digest, config_size) =
+            client.push_blob(repo, &BlobSource::Bytes(config)).await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config_size,
+            },
+            "layers": pushed.iter().map(|(digest, size)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": size,
+            })).collect::<Vec<_>>(),
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+        );
+        let response = client
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v2/{repo}/manifests/{tag}"),
+                headers,
+                Some(Bytes::from(serde_json::to_vec(&manifest)?)),
+            )
+            .await?;
+        let status = response.status();
+        if status != reqwest::StatusCode::CREATED {
+            bail!(
+                "PUT manifest {repo}:{tag}: {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        client.fetch_manifest(repo, tag).await
+    })?;
+    let json = manifest.json()?;
+    let descriptor = |v: &serde_json::Value| -> anyhow::Result<(String, u64)> {
+        Ok((
+            v["digest"]
+                .as_str()
+                .ok_or_else(|| anyhow!("descriptor without digest: {v}"))?
+                .to_string(),
+            v["size"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("descriptor without size: {v}"))?,
+        ))
+    };
+    let (config_digest, config_size) = descriptor(&json["config"])?;
+    let layers = json["layers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("manifest without layers: {json}"))?
+        .iter()
+        .map(descriptor)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let total_size = config_size + layers.iter().map(|(_, s)| s).sum::<u64>();
+    Ok(PushedImage {
+        reference: format!("{host}/{repo}:{tag}"),
         registry: host,
         repo: repo.to_string(),
         tag: tag.to_string(),

@@ -11,6 +11,7 @@
 //! | [`Registry`] | a `docker-registry serve` with no auth, htpasswd, token auth, or as a pull-through cache, over HTTP or HTTPS ([`TlsFiles`]); counts requests from its own access log |
 //! | [`TokenServer`] | an RS256 JWT token server that the registry's `auth.token` trusts |
 //! | [`build_image`], [`push_image`] | multi-layer OCI images built with `umoci`, pushed with `skopeo` |
+//! | [`push_raw_image`] | an image of raw random layers pushed blob by blob (big layers in seconds; fetch-only) |
 //! | [`push_blob`], [`verify_blob`], [`random_bytes`] | raw blobs of any size streamed from a seeded generator |
 //! | [`Containerd`], [`write_hosts_toml`] | a private containerd and the `hosts.toml` that points it at a mirror |
 //! | [`FaultProxy`] | a streaming HTTP/1.1 reverse proxy that counts requests and injects faults |
@@ -70,7 +71,8 @@ pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml
 pub use cri::cri_pull;
 #[allow(unused_imports)]
 pub use image::{
-    build_image, build_image_cached, push_image, ImageSpec, LayerSpec, OciLayout, PushedImage,
+    build_image, build_image_cached, push_image, push_raw_image, ImageSpec, LayerSpec, OciLayout,
+    PushedImage,
 };
 #[allow(unused_imports)]
 pub use proxy::{Fault, FaultProxy, ProxyRequest, ALWAYS};

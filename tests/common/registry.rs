@@ -756,6 +756,17 @@ impl Registry {
             .sum()
     }
 
+    /// Body bytes written for successful (2xx: whole blobs and ranges) blob
+    /// GETs in repository `repo` after `mark`: what the origin gave out for
+    /// one test's images when other tests share the registry.
+    pub fn blob_bytes_sent_in_repo_since(&self, repo: &str, mark: usize) -> u64 {
+        self.requests_in_repo(repo, mark)
+            .iter()
+            .filter(|r| r.is_blob_get() && (200..300).contains(&r.status))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
     /// Whether the registry's storage holds blob `digest` (a committed
     /// `.../blobs/sha256/<ab>/<hex>/data` file). A pull-through cache stores
     /// a missed blob in the background, so tests can wait on this.

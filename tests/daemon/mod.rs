@@ -1,10 +1,14 @@
 //! A damselfly daemon run as a real process, for integration tests and
-//! benches: its own store, config and free ports on 127.0.0.1.
+//! benches: its own store, config and free ports on 127.0.0.1 (or on another
+//! loopback address, [`Options::ip`], so that several daemons can form a
+//! swarm on one machine).
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The binary under test, built once by cargo for every test target.
@@ -12,9 +16,64 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+/// A free TCP port on `ip` (binds `ip:0`, reads the port, releases it).
+pub fn free_addr_on(ip: Ipv4Addr) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
     l.local_addr().expect("local addr")
+}
+
+fn free_addr() -> SocketAddr {
+    free_addr_on(Ipv4Addr::LOCALHOST)
+}
+
+/// What a daemon's `[swarm]` section says, apart from its own addresses
+/// (those come from the daemon's [`Options::ip`]). See [`swarm_section`].
+#[derive(Debug, Clone, Default)]
+pub struct SwarmOptions {
+    /// `bootstrap`: multiaddrs (`/ip4/127.0.0.2/tcp/4003`) or `dns:host:port`.
+    pub bootstrap: Vec<String>,
+    /// `cluster_key_file`; `None` leaves the key out.
+    pub cluster_key_file: Option<PathBuf>,
+    /// `role` (`"node"` or `"seed"`); `None` leaves it out (the default).
+    pub role: Option<String>,
+    /// More lines inside `[swarm]`, e.g. `upload_limit = "50MiB"`.
+    pub extra: String,
+}
+
+/// The `[swarm]` section of a node whose control plane listens on
+/// `listen` and data plane on `data_listen`: `enabled = true`, the
+/// addresses, then what `opts` gives.
+pub fn swarm_section(listen: SocketAddr, data_listen: SocketAddr, opts: &SwarmOptions) -> String {
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let mut text = format!(
+        "[swarm]\nenabled = true\nlisten = {}\ndata_listen = {}\n",
+        q(&multiaddr(listen)),
+        q(&data_listen.to_string())
+    );
+    let bootstrap: Vec<String> = opts.bootstrap.iter().map(|b| q(b)).collect();
+    text.push_str(&format!("bootstrap = [{}]\n", bootstrap.join(", ")));
+    if let Some(key) = &opts.cluster_key_file {
+        text.push_str(&format!(
+            "cluster_key_file = {}\n",
+            q(&key.to_string_lossy())
+        ));
+    }
+    if let Some(role) = &opts.role {
+        text.push_str(&format!("role = {}\n", q(role)));
+    }
+    text.push_str(&opts.extra);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
+}
+
+/// `/ip4/<ip>/tcp/<port>` (or `/ip6/...`).
+pub fn multiaddr(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) => format!("/ip4/{ip}/tcp/{}", addr.port()),
+        IpAddr::V6(ip) => format!("/ip6/{ip}/tcp/{}", addr.port()),
+    }
 }
 
 pub struct Daemon {
@@ -22,6 +81,11 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub mirror: SocketAddr,
     pub telemetry: SocketAddr,
+    /// The swarm control plane's address (`[swarm] listen` when the config
+    /// has a swarm section; reserved either way).
+    pub swarm_listen: SocketAddr,
+    /// The swarm data plane's address (`[swarm] data_listen`).
+    pub data_listen: SocketAddr,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     env: Vec<(String, String)>,
@@ -41,6 +105,13 @@ pub struct Options {
     /// Removed from the daemon's environment before `env` is applied; a name
     /// ending in `*` removes every variable with that prefix (`AWS_*`).
     pub env_remove: Vec<String>,
+    /// The loopback address every listener binds (mirror, telemetry, swarm
+    /// control and data planes), each on a free port; 127.0.0.1 when
+    /// `None`.
+    pub ip: Option<Ipv4Addr>,
+    /// A `[swarm]` section ([`swarm_section`]) on this daemon's own swarm
+    /// addresses; none when `None`.
+    pub swarm: Option<SwarmOptions>,
 }
 
 impl Daemon {
@@ -68,7 +139,9 @@ impl Daemon {
         let ready = format!("http://{}/readyz", d.telemetry);
         loop {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                d.child = None;
+                if let Some(c) = d.child.take() {
+                    exit_cleanup::unregister(c.id());
+                }
                 return (status, d.log());
             }
             if plain_http::blocking_get(&ready).ok() == Some(200) {
@@ -89,16 +162,32 @@ impl Daemon {
 
     /// Writes the config; no process yet.
     fn configure(opts: Options) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mirror = free_addr();
-        let telemetry = free_addr();
+        // DAMSELFLY_LAB_KEEP=1 keeps the dir (config, log, store), as the
+        // lab does with its own temp dirs.
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(keep_dirs())
+            .tempdir()
+            .expect("tempdir");
+        if keep_dirs() {
+            eprintln!("lab: keeping {}", dir.path().display());
+        }
+        let ip = opts.ip.unwrap_or(Ipv4Addr::LOCALHOST);
+        let mirror = free_addr_on(ip);
+        let telemetry = free_addr_on(ip);
+        let swarm_listen = free_addr_on(ip);
+        let data_listen = free_addr_on(ip);
         let config_path = dir.path().join("damselfly.toml");
         let store = dir.path().join("store");
+        let swarm = opts
+            .swarm
+            .as_ref()
+            .map(|s| swarm_section(swarm_listen, data_listen, s))
+            .unwrap_or_default();
         let text = format!(
             "[mirror]\nlisten = \"{mirror}\"\ndrain_timeout = \"2s\"\n{}\n\
              [store]\ndir = \"{}\"\n{}\n\
              [telemetry]\nlisten = \"{telemetry}\"\nlog_level = \"info,damselfly=debug\"\n\
-             {}\n",
+             {}\n{swarm}",
             opts.mirror,
             store.display(),
             opts.store,
@@ -111,6 +200,8 @@ impl Daemon {
             dir,
             mirror,
             telemetry,
+            swarm_listen,
+            data_listen,
             config_path,
             log_path,
             env: opts.env,
@@ -155,6 +246,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn damselfly");
+        exit_cleanup::register(child.id(), self.dir.path(), keep_dirs());
         self.child = Some(child);
     }
 
@@ -212,6 +304,42 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The swarm control plane's multiaddr, `/ip4/127.0.0.N/tcp/PORT`: what
+    /// other nodes put in `bootstrap`.
+    pub fn swarm_multiaddr(&self) -> String {
+        multiaddr(self.swarm_listen)
+    }
+
+    /// The data plane's `host:port`.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_listen
+    }
+
+    /// The loopback address it binds.
+    pub fn ip(&self) -> IpAddr {
+        self.mirror.ip()
+    }
+
+    /// Whether the process was started and not yet killed or reaped by a
+    /// helper here (it may still have died on its own: see
+    /// [`Daemon::has_exited`]).
+    pub fn is_started(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whether a started process has exited (on its own).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if exited {
+            // Reaped: its pid may be reused, so the exit hook must not kill it.
+            exit_cleanup::unregister(self.pid());
+        }
+        exited
+    }
+
     /// The Prometheus exposition text.
     pub fn metrics(&self) -> String {
         plain_http::blocking_text(&format!("http://{}/metrics", self.telemetry)).unwrap_or_default()
@@ -229,6 +357,43 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
+    /// Every sample of metric family `name` whose labels include all of
+    /// `labels`, as `(labels, value)`; e.g. `("damselfly_peer_bytes_total",
+    /// &[("direction", "out")])` gives one sample per peer.
+    pub fn metric_samples(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Vec<(HashMap<String, String>, f64)> {
+        self.metrics()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (family, label_text) = match series.split_once('{') {
+                    Some((f, rest)) => (f, rest.strip_suffix('}')?),
+                    None => (series, ""),
+                };
+                if family != name {
+                    return None;
+                }
+                let found = parse_labels(label_text);
+                labels
+                    .iter()
+                    .all(|(k, v)| found.get(*k).map(String::as_str) == Some(*v))
+                    .then(|| Some((found, value.parse().ok()?)))?
+            })
+            .collect()
+    }
+
+    /// The sum of [`Daemon::metric_samples`]; 0 when there are none.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metric_samples(name, labels)
+            .iter()
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -238,6 +403,7 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            exit_cleanup::unregister(c.id());
         }
     }
 
@@ -250,10 +416,12 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(Some(s)) = c.try_wait() {
+                exit_cleanup::unregister(c.id());
                 return Some(s);
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
+                exit_cleanup::unregister(c.id());
                 return c.wait().ok();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -274,6 +442,103 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        exit_cleanup::forget_dir(self.dir.path());
+    }
+}
+
+fn keep_dirs() -> bool {
+    std::env::var_os("DAMSELFLY_LAB_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `{a="b",c="d"}`'s inside as a map (Prometheus escapes `\\`, `\"`, `\n`).
+fn parse_labels(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c)) => value.push(c),
+                    None => {}
+                },
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_string(), value);
+        rest = &after[end..];
+    }
+    out
+}
+
+/// Daemons that a test keeps in a `static` are never dropped: at process
+/// exit, kill those still running and remove their dirs (a swarm test's
+/// stores hold GiBs).
+mod exit_cleanup {
+    use super::*;
+
+    #[derive(Default)]
+    struct Live {
+        pids: Vec<u32>,
+        dirs: Vec<PathBuf>,
+    }
+
+    fn live() -> std::sync::MutexGuard<'static, Live> {
+        live_mutex().lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(pid: u32, dir: &Path, keep_dir: bool) {
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            // SAFETY: registering a plain `extern "C" fn()` with atexit(3).
+            unsafe {
+                libc::atexit(at_exit);
+            }
+        });
+        let mut live = live();
+        live.pids.push(pid);
+        if !keep_dir && !live.dirs.iter().any(|d| d == dir) {
+            live.dirs.push(dir.to_path_buf());
+        }
+    }
+
+    pub fn unregister(pid: u32) {
+        live().pids.retain(|p| *p != pid);
+    }
+
+    pub fn forget_dir(dir: &Path) {
+        live().dirs.retain(|d| d != dir);
+    }
+
+    fn live_mutex() -> &'static Mutex<Live> {
+        static LIVE: OnceLock<Mutex<Live>> = OnceLock::new();
+        LIVE.get_or_init(Default::default)
+    }
+
+    extern "C" fn at_exit() {
+        // Never block at exit: skip if another thread holds the lock.
+        let mut live = match live_mutex().try_lock() {
+            Ok(mut guard) => std::mem::take(&mut *guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => std::mem::take(&mut *p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        for pid in live.pids.drain(..) {
+            // SAFETY: kill(2)/waitpid(2) on our own child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+            }
+        }
+        for dir in live.dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -1,0 +1,361 @@
+//! A damselfly swarm on one machine: N nodes, each a real daemon bound to
+//! its own loopback address (node `i` on 127.0.0.(2+i)) with its own real
+//! containerd whose hosts.toml points at that node's mirror, one shared
+//! cluster key, and node 0 as everyone's bootstrap peer unless a
+//! [`NodeSpec`] says otherwise.
+//!
+//! Used by `tests/swarm.rs` as a sibling of `common` and `daemon`:
+//!
+//! ```ignore
+//! mod common;
+//! mod daemon;
+//! #[path = "daemon/cluster.rs"]
+//! mod cluster;
+//! ```
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    sha256_hex, write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir,
+};
+use crate::daemon::{Daemon, Options, SwarmOptions};
+
+/// The loopback address of node `index`: 127.0.0.(2+index).
+pub fn node_ip(index: usize) -> Ipv4Addr {
+    assert!(index < 250, "node index {index} out of loopback range");
+    Ipv4Addr::new(127, 0, 0, 2 + index as u8)
+}
+
+/// Which key a node's `[swarm]` gets.
+#[derive(Debug, Clone, Default)]
+pub enum Key {
+    /// The cluster's shared key file.
+    #[default]
+    Cluster,
+    /// Another key file (a stranger's key).
+    File(PathBuf),
+    /// No `cluster_key_file` line (add `insecure_no_cluster_key = true` to
+    /// [`NodeSpec::extra`] for a node that should start anyway).
+    None,
+}
+
+/// How to configure one node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSpec {
+    /// `role`: `Some("seed")` for a seed; `None` leaves the default.
+    pub role: Option<String>,
+    /// More lines inside `[swarm]` (`upload_limit = "50MiB"`).
+    pub extra: String,
+    /// The key file.
+    pub key: Key,
+    /// `bootstrap`; `None`: node 0's address (none for node 0 itself).
+    pub bootstrap: Option<Vec<String>>,
+}
+
+impl NodeSpec {
+    /// A node with role `seed`.
+    pub fn seed() -> NodeSpec {
+        NodeSpec {
+            role: Some("seed".into()),
+            ..NodeSpec::default()
+        }
+    }
+
+    /// A default node with these extra `[swarm]` lines.
+    pub fn with_extra(extra: &str) -> NodeSpec {
+        NodeSpec {
+            extra: extra.into(),
+            ..NodeSpec::default()
+        }
+    }
+}
+
+/// Writes a fresh random cluster key (64 hex characters) to `path`.
+pub fn write_key(path: &Path) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let seed = format!("{}-{nanos}-{}", std::process::id(), path.display());
+    std::fs::write(path, format!("{}\n", sha256_hex(seed.as_bytes()))).expect("write cluster key");
+    // The daemon warns about a key that group or others can read.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600 cluster key");
+}
+
+/// One node: a daemon on its own loopback address and a containerd that
+/// pulls through it.
+pub struct Node {
+    pub index: usize,
+    pub daemon: Daemon,
+    pub containerd: Containerd,
+    hosts: TestDir,
+}
+
+impl Node {
+    /// Starts node `index` for `origin` (daemon and containerd).
+    pub fn start(index: usize, origin: &Registry, swarm: SwarmOptions) -> Node {
+        let ip = node_ip(index);
+        let daemon = Daemon::start_with(Options {
+            ip: Some(ip),
+            swarm: Some(swarm),
+            extra: format!(
+                "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+                origin.host(),
+                origin.url()
+            ),
+            ..Options::default()
+        });
+        let hosts = TestDir::new("hosts").expect("hosts dir");
+        write_hosts_toml(hosts.path(), &origin.host(), &daemon.url()).expect("hosts.toml");
+        let containerd = Containerd::start().expect("containerd");
+        Node {
+            index,
+            daemon,
+            containerd,
+            hosts,
+        }
+    }
+
+    /// `node 3 (127.0.0.5)`.
+    pub fn name(&self) -> String {
+        format!("node {} ({})", self.index, node_ip(self.index))
+    }
+
+    /// The hosts dir that routes this node's pulls through its daemon.
+    pub fn hosts_dir(&self) -> &Path {
+        self.hosts.path()
+    }
+
+    /// `ctr content fetch` of `img` through this node's daemon (every blob of
+    /// the image into this node's containerd, no unpack), killed after
+    /// `timeout`.
+    pub fn fetch(&self, img: &PushedImage, timeout: Duration) -> anyhow::Result<CmdOutput> {
+        let hosts = self.hosts.path().to_string_lossy().into_owned();
+        self.containerd.ctr_with_timeout(
+            &["content", "fetch", "--hosts-dir", &hosts, &img.reference],
+            timeout,
+        )
+    }
+
+    /// The digests of `img` (manifest, config, layers) that this node's
+    /// containerd does not hold. containerd commits content only after
+    /// checking its digest, so a digest it lists has the right bytes.
+    pub fn missing_content(&self, img: &PushedImage) -> anyhow::Result<Vec<String>> {
+        let have = self.containerd.content_digests()?;
+        let mut want = vec![img.manifest_digest.clone()];
+        want.extend(img.blob_digests());
+        Ok(want.into_iter().filter(|d| !have.contains(d)).collect())
+    }
+
+    /// Fetches `img` and checks that every digest arrived; the error carries
+    /// ctr's output and this node's daemon log tail.
+    pub fn fetch_checked(&self, img: &PushedImage, timeout: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        let out = self
+            .fetch(img, timeout)
+            .map_err(|e| format!("{}: ctr did not run: {e:#}", self.name()))?;
+        let elapsed = started.elapsed();
+        if !out.success() {
+            return Err(format!(
+                "{}: fetch of {} failed: {out:?}\n--- daemon log ---\n{}",
+                self.name(),
+                img.reference,
+                self.daemon.log_tail(40)
+            ));
+        }
+        match self.missing_content(img) {
+            Ok(missing) if missing.is_empty() => Ok(elapsed),
+            Ok(missing) => Err(format!(
+                "{}: fetch of {} succeeded but containerd lacks {missing:?}\n--- daemon log ---\n{}",
+                self.name(),
+                img.reference,
+                self.daemon.log_tail(40)
+            )),
+            Err(e) => Err(format!("{}: ctr content ls: {e:#}", self.name())),
+        }
+    }
+
+    /// `damselfly_swarm_members`: live members other than itself.
+    pub fn members(&self) -> f64 {
+        self.daemon.metric("damselfly_swarm_members")
+    }
+
+    /// Whether the daemon process is still meant to be running.
+    pub fn is_live(&self) -> bool {
+        self.daemon.is_started()
+    }
+
+    /// Whether its store holds every blob (config and layers) of `img`.
+    pub fn holds(&self, img: &PushedImage) -> bool {
+        img.blob_digests()
+            .iter()
+            .all(|d| self.daemon.blob_path(d).is_file())
+    }
+
+    /// The name, the swarm metrics and the daemon's log tail, for messages.
+    pub fn report(&self, lines: usize) -> String {
+        let metrics: Vec<String> = self
+            .daemon
+            .metrics()
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("swarm")
+                        || l.contains("peer")
+                        || l.contains("fetched")
+                        || l.contains("origin_bytes")
+                        || l.contains("hedges")
+                        || l.contains("distrusted"))
+            })
+            .map(str::to_string)
+            .collect();
+        format!(
+            "=== {} ===\n{}\n--- daemon log ---\n{}",
+            self.name(),
+            metrics.join("\n"),
+            self.daemon.log_tail(lines)
+        )
+    }
+}
+
+/// N nodes sharing one cluster key.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub key_file: PathBuf,
+    origin_host: String,
+    origin_url: String,
+    // Last: the key file goes with it.
+    dir: TestDir,
+}
+
+impl Cluster {
+    /// `n` default nodes: node 0 first, then the others in parallel, all
+    /// bootstrapped to node 0.
+    pub fn start(origin: &Registry, n: usize) -> Cluster {
+        Cluster::start_specs(origin, vec![NodeSpec::default(); n])
+    }
+
+    /// One node per spec, node 0 first, then the others in parallel.
+    pub fn start_specs(origin: &Registry, specs: Vec<NodeSpec>) -> Cluster {
+        let dir = TestDir::new("cluster").expect("cluster dir");
+        let key_file = dir.join("cluster.key");
+        write_key(&key_file);
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            key_file,
+            origin_host: origin.host(),
+            origin_url: origin.url(),
+            dir,
+        };
+        let mut specs = specs.into_iter();
+        if let Some(first) = specs.next() {
+            let swarm = cluster.swarm_options(0, &first);
+            cluster.nodes.push(Node::start(0, origin, swarm));
+        }
+        let rest: Vec<(usize, SwarmOptions)> = specs
+            .enumerate()
+            .map(|(i, spec)| (i + 1, cluster.swarm_options(i + 1, &spec)))
+            .collect();
+        let started: Vec<Node> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rest
+                .into_iter()
+                .map(|(index, swarm)| scope.spawn(move || Node::start(index, origin, swarm)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        cluster.nodes.extend(started);
+        cluster
+    }
+
+    /// Starts one more node (the next index) and returns it.
+    pub fn add(&mut self, origin: &Registry, spec: NodeSpec) -> &Node {
+        let index = self.nodes.len();
+        let swarm = self.swarm_options(index, &spec);
+        self.nodes.push(Node::start(index, origin, swarm));
+        self.nodes.last().expect("just pushed")
+    }
+
+    /// The `[swarm]` options for node `index` of this cluster.
+    pub fn swarm_options(&self, index: usize, spec: &NodeSpec) -> SwarmOptions {
+        let bootstrap = match &spec.bootstrap {
+            Some(list) => list.clone(),
+            None if index == 0 => Vec::new(),
+            None => vec![self.nodes[0].daemon.swarm_multiaddr()],
+        };
+        SwarmOptions {
+            bootstrap,
+            cluster_key_file: match &spec.key {
+                Key::Cluster => Some(self.key_file.clone()),
+                Key::File(path) => Some(path.clone()),
+                Key::None => None,
+            },
+            role: spec.role.clone(),
+            extra: spec.extra.clone(),
+        }
+    }
+
+    /// A fresh key file in the cluster's dir that is not the cluster key.
+    pub fn stranger_key(&self, name: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.key"));
+        write_key(&path);
+        path
+    }
+
+    /// The nodes whose daemons are still running.
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.is_live())
+    }
+
+    /// Waits until every live node's `damselfly_swarm_members` is `n` (the
+    /// number of *other* members each should see). The error gives each
+    /// node's count and log tail.
+    pub fn wait_members(&self, n: usize, timeout: Duration) -> Result<(), String> {
+        let nodes: Vec<&Node> = self.live().collect();
+        wait_members_of(&nodes, n, timeout)
+    }
+
+    /// Every live node's report, for failure messages.
+    pub fn report(&self, lines: usize) -> String {
+        self.live()
+            .map(|n| n.report(lines))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The origin this cluster mirrors (`127.0.0.1:PORT`, `http://...`).
+    pub fn origin(&self) -> (&str, &str) {
+        (&self.origin_host, &self.origin_url)
+    }
+}
+
+/// Waits until each of `nodes` reports `damselfly_swarm_members == n`.
+pub fn wait_members_of(nodes: &[&Node], n: usize, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let counts: Vec<f64> = nodes.iter().map(|node| node.members()).collect();
+        if counts.iter().all(|c| *c == n as f64) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let detail: Vec<String> = nodes
+                .iter()
+                .zip(&counts)
+                .map(|(node, c)| format!("{}: {c}", node.name()))
+                .collect();
+            let reports: Vec<String> = nodes.iter().map(|node| node.report(25)).collect();
+            return Err(format!(
+                "members did not reach {n} each within {timeout:?}: {}\n{}",
+                detail.join(", "),
+                reports.join("\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
