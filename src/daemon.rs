@@ -72,6 +72,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             swarm.clone(),
             swarm_stop.clone(),
         ));
+        // A restarted node (a DaemonSet rollout) still holds its blobs:
+        // tell the cluster, or latecomers would not find it.
+        let held = fetcher.store().blobs();
+        tracing::info!(
+            blobs = held.len(),
+            "announcing the store's blobs to the swarm"
+        );
+        for b in held {
+            swarm.provide(&b.digest);
+        }
         swarm_handle = Some(swarm);
     }
     let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));

@@ -520,6 +520,12 @@ impl Fetcher {
         let dl = match (existing, origin) {
             (Some(dl), _) => {
                 if let Some(w) = &dl.wants {
+                    // A download still waiting for its first answer takes
+                    // the size the peer knows, so the peer's piece can be
+                    // started (and answered) at once.
+                    if let (Some(size), Some(swarm)) = (size, self.inner.swarm.get()) {
+                        pieces::adopt_size(&dl, size, swarm.piece_size());
+                    }
                     let _ = w.send(pieces::Want::Piece(piece));
                 }
                 dl

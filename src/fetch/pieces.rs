@@ -60,6 +60,23 @@ pub enum Want {
     Piece(usize),
 }
 
+/// Lays out a piece download whose size is not known yet with the size a
+/// peer asked with (the same trust as the size a peer's answer gives).
+pub(super) fn adopt_size(dl: &Download, size: u64, piece_size: u64) {
+    if size > MAX_BLOB {
+        return;
+    }
+    dl.progress.send_if_modified(|p| {
+        if p.total.is_some() || p.done.is_some() {
+            return false;
+        }
+        p.total = Some(size);
+        p.piece_size = piece_size;
+        p.filled = vec![0; size.div_ceil(piece_size).max(1) as usize];
+        true
+    });
+}
+
 /// Where a piece's bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Supplier {
@@ -326,16 +343,7 @@ impl Ctx {
                 reason: format!("claimed size {size} is past the {MAX_BLOB}-byte limit"),
             });
         }
-        let ps = self.piece_size;
-        self.dl.progress.send_if_modified(|p| {
-            if p.total.is_some() {
-                return false;
-            }
-            p.total = Some(size);
-            p.piece_size = ps;
-            p.filled = vec![0; size.div_ceil(ps).max(1) as usize];
-            true
-        });
+        adopt_size(&self.dl, size, self.piece_size);
         Ok(())
     }
 
@@ -567,6 +575,8 @@ async fn peer_piece(
         });
     }
     let stall = ctx.swarm.stall_timeout();
+    // Looked up once: the label is the peer id in base58.
+    let peer_in = ctx.swarm.peer_counter(&peer.id, "in");
     let sums = resp.sums.clone();
     let mut body = resp.body;
     let mut pos = from;
@@ -594,7 +604,7 @@ async fn peer_piece(
         let ended = chunk.is_none();
         if let Some(c) = chunk {
             ctx.swarm.throttle_in(c.len() as u64).await;
-            ctx.swarm.record_in(&peer.id, c.len() as u64);
+            peer_in.inc_by(c.len() as u64);
             buf_len += c.len() as u64;
             buf.push(c);
         }

@@ -372,6 +372,12 @@ impl Swarm {
             .announce(control::Announce::Have { digest: key, size });
     }
 
+    /// Makes this node findable as a holder of `digest` (Kademlia only; no
+    /// announcement, for blobs held since before the swarm started).
+    pub fn provide(&self, digest: &Digest) {
+        self.inner.control.provide(&digest.to_string());
+    }
+
     /// The blob is gone from the store (evicted or removed).
     pub fn blob_removed(&self, digest: &Digest) {
         self.inner.control.unprovide(&digest.to_string());
@@ -535,12 +541,12 @@ impl Swarm {
         }
     }
 
-    pub fn record_in(&self, peer: &PeerId, n: u64) {
+    /// The data-plane byte counter for `peer` in `direction` (`in`, `out`).
+    pub fn peer_counter(&self, peer: &PeerId, direction: &str) -> prometheus::IntCounter {
         self.inner
             .metrics
             .peer_bytes
-            .with_label_values(&[&peer.to_string(), "in"])
-            .inc_by(n);
+            .with_label_values(&[&peer.to_string(), direction])
     }
 
     /// The member whose certificate has this fingerprint.

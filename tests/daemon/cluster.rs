@@ -297,7 +297,14 @@ impl Cluster {
                 Key::None => None,
             },
             role: spec.role.clone(),
-            extra: spec.extra.clone(),
+            // The defaults (300ms, 1s) are for real nodes. Here 8 debug
+            // daemons, 8 containerds and the origin share 2 cores while
+            // they hash and encrypt GiBs: a live peer can take seconds to
+            // answer, and hedging to the origin would only measure that.
+            extra: format!(
+                "hedge_after = \"1s\"\nstall_timeout = \"5s\"\n{}",
+                spec.extra
+            ),
         }
     }
 
