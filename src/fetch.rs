@@ -169,6 +169,40 @@ struct Download {
     wants: Option<tokio::sync::mpsc::UnboundedSender<pieces::Want>>,
 }
 
+impl Download {
+    /// Waits until the download knows the blob's size (or failed).
+    async fn size(&self) -> Result<u64, FetchError> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if let Some(Err(e)) = &p.done {
+                    return Err(FetchError::Shared(e.clone()));
+                }
+                if let Some(total) = p.total {
+                    return Ok(total);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Abandoned(self.digest.clone()));
+            }
+        }
+    }
+
+    /// Ends a download: out of the single-flight map (after the commit, so
+    /// a new request finds the blob), and the verdict to every reader.
+    fn finish(&self, inner: &Inner, result: Result<(), FetchError>) {
+        inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
+        inner.metrics.downloads_in_flight.dec();
+        self.progress
+            .send_modify(|p| p.done = Some(result.map_err(Arc::new)));
+    }
+}
+
 /// A download in flight, as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadStatus {
@@ -347,21 +381,7 @@ impl Fetcher {
         m.cache_lookups
             .with_label_values(&["blob", if started { "miss" } else { "joined" }])
             .inc();
-        let mut rx = dl.progress.subscribe();
-        let size = loop {
-            {
-                let p = rx.borrow_and_update();
-                if let Some(Err(e)) = &p.done {
-                    return Err(FetchError::Shared(e.clone()));
-                }
-                if let Some(total) = p.total {
-                    break total;
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(FetchError::Abandoned(digest.clone()));
-            }
-        };
+        let size = dl.size().await?;
         let source = if dl.wants.is_some() {
             Source::Peer
         } else {
@@ -545,21 +565,7 @@ impl Fetcher {
             }
             (None, None) => return Ok(None),
         };
-        let mut rx = dl.progress.subscribe();
-        let size = loop {
-            {
-                let p = rx.borrow_and_update();
-                if let Some(Err(e)) = &p.done {
-                    return Err(FetchError::Shared(e.clone()));
-                }
-                if let Some(total) = p.total {
-                    break total;
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(FetchError::Abandoned(digest.clone()));
-            }
-        };
+        let size = dl.size().await?;
         Ok(Some(Blob {
             size,
             source: Source::Peer,
@@ -609,15 +615,7 @@ impl DownloadJob {
         }
         // Commit happened inside download(); only now may a new request
         // start another download of this digest, and it will find the blob.
-        inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&digest);
-        inner.metrics.downloads_in_flight.dec();
-        self.dl
-            .progress
-            .send_modify(|p| p.done = Some(result.map_err(Arc::new)));
+        self.dl.finish(&inner, result);
     }
 
     async fn download(&self) -> Result<(), FetchError> {

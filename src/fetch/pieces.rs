@@ -164,15 +164,7 @@ impl PieceJob {
                 }
             }
         }
-        inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&digest);
-        inner.metrics.downloads_in_flight.dec();
-        ctx.dl
-            .progress
-            .send_modify(|p| p.done = Some(result.map_err(Arc::new)));
+        ctx.dl.finish(&inner, result);
     }
 
     async fn download(&mut self) -> Result<(), FetchError> {
@@ -889,6 +881,25 @@ async fn hash_prefix(dl: Arc<Download>, size: u64) -> Result<(Digest, Vec<u64>),
     Ok((Digest::from_sha256(&hasher.finalize()), sums))
 }
 
+/// xxh3-128 of bytes `start..end` of the partial file: enough to tell
+/// whether a piece changed when it was fetched again.
+async fn xxh3_of(file: &Arc<File>, start: u64, end: u64) -> Result<u128, FetchError> {
+    let f = file.clone();
+    let len = end.saturating_sub(start) as usize;
+    let io = |source| FetchError::Io {
+        what: "reading piece".into(),
+        source,
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, start)
+            .map(|_| xxhash_rust::xxh3::xxh3_128(&buf))
+    })
+    .await
+    .map_err(|e| io(io::Error::other(e)))?
+    .map_err(io)
+}
+
 /// The blob's digest did not match: compare every piece that came from a
 /// peer with the origin's bytes, distrust the peers whose bytes differ,
 /// replace their pieces, and hash again.
@@ -929,42 +940,10 @@ async fn repair(
         };
         let (start, end) = ctx.piece_range(k);
         let end = end.unwrap_or(size).min(size);
-        let mine = {
-            let f = ctx.writer.clone();
-            let len = (end - start) as usize;
-            tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                f.read_exact_at(&mut buf, start).map(|_| buf)
-            })
-            .await
-            .map_err(|e| FetchError::Io {
-                what: "reading piece".into(),
-                source: io::Error::other(e),
-            })?
-            .map_err(|source| FetchError::Io {
-                what: "reading piece".into(),
-                source,
-            })?
-        };
-        let mine_sum = xxhash_rust::xxh3::xxh3_128(&mine);
+        let mine = xxh3_of(&ctx.writer, start, end).await?;
         let mut have = 0u64;
         origin_piece(ctx, k, &mut have).await?;
-        let f = ctx.writer.clone();
-        let len = (end - start) as usize;
-        let theirs = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            f.read_exact_at(&mut buf, start).map(|_| buf)
-        })
-        .await
-        .map_err(|e| FetchError::Io {
-            what: "reading piece".into(),
-            source: io::Error::other(e),
-        })?
-        .map_err(|source| FetchError::Io {
-            what: "reading piece".into(),
-            source,
-        })?;
-        if xxhash_rust::xxh3::xxh3_128(&theirs) != mine_sum {
+        if xxh3_of(&ctx.writer, start, end).await? != mine {
             bad += 1;
             ctx.swarm
                 .distrust(peer, "sent a piece that differs from the origin's bytes");
