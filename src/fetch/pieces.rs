@@ -48,6 +48,10 @@ use crate::swarm::{PeerRef, PieceSource, Swarm};
 /// without bound.
 const MAX_BLOB: u64 = 1 << 40;
 
+/// How many stall timeouts the last peer in a piece's plan may take to
+/// answer before the piece goes to the origin instead.
+const LAST_PEER_PATIENCE: u32 = 3;
+
 /// A serving download nobody asked anything of for this long is dropped.
 const SERVING_IDLE: Duration = Duration::from_secs(30);
 
@@ -519,11 +523,12 @@ async fn peer_piece(
                     metrics.hedges.inc();
                     pending.push(open(plan[idx].clone()));
                     idx += 1;
-                } else if asked.elapsed() >= ctx.swarm.stall_timeout() {
-                    // Nobody left to hedge with but the origin, which the
-                    // owners may be waiting on themselves: only a peer
-                    // silent for the whole stall timeout sends the piece
-                    // to the origin a second time.
+                } else if asked.elapsed() >= ctx.swarm.stall_timeout() * LAST_PEER_PATIENCE {
+                    // Nobody left to hedge with but the origin, which would
+                    // fetch the piece a second time: a live peer that is
+                    // only slow (a loaded node) gets a few stall timeouts
+                    // to answer. A dead one fails at once (refused, reset)
+                    // and never gets here.
                     metrics.hedges.inc();
                     for p in &plan[..idx] {
                         failed.insert(p.id);
