@@ -481,11 +481,18 @@ async fn peer_piece(
             // shortly: it is alive and will have the piece, and going
             // elsewhere could mean the origin. Hedging still applies.
             let mut backoff = Duration::from_millis(10);
+            let mut retried = false;
             loop {
                 let r = swarm
                     .open_piece(&p, &d, from, end_incl, known_size, &ns, &repo)
                     .await;
                 match r {
+                    // A pooled connection the peer had just closed as idle
+                    // fails the request without the peer being gone: once,
+                    // on a fresh connection. A dead peer fails again at once.
+                    Err(crate::swarm::PeerError::Request { .. }) if !retried => {
+                        retried = true;
+                    }
                     Err(crate::swarm::PeerError::Status { status, .. })
                         if status == StatusCode::SERVICE_UNAVAILABLE
                             && backoff < Duration::from_secs(2) =>

@@ -36,7 +36,13 @@ pub const SIZE_HEADER: &str = "x-damselfly-size";
 pub const SUMS_HEADER: &str = "x-damselfly-sums";
 
 /// A peer that sends nothing of its request for this long is dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// hyper also applies it to a kept-alive connection waiting for its next
+/// request, so it is the idle limit too: long enough to keep connections
+/// between members warm across pieces.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A TLS handshake that takes longer is dropped (and counted as refused).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -110,7 +116,7 @@ pub async fn serve(
             match tls {
                 Some(acceptor) => {
                     let accepted =
-                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await;
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         // rustls' verdicts arrive as InvalidData; a peer that
@@ -166,7 +172,7 @@ async fn serve_conn<S>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(IDLE_TIMEOUT)
         .max_buf_size(64 << 10)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     tokio::select! {

@@ -89,7 +89,7 @@ pub enum SwarmError {
 /// A failed piece request to one peer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("request to {addr} failed: {source}")]
+    #[error("request to {addr} failed: {}", error_chain(source))]
     Request {
         addr: SocketAddr,
         #[source]
@@ -102,6 +102,19 @@ pub enum PeerError {
     },
     #[error("{addr} answered without a usable Content-Range")]
     NoRange { addr: SocketAddr },
+}
+
+/// An error with its causes, `a: b: c`: reqwest's own message alone
+/// ("error sending request") hides what went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 /// A peer to ask for bytes.
@@ -216,7 +229,9 @@ impl Swarm {
         .await?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the data plane's idle limit, so the client drops an
+            // idle connection before the server does.
+            .pool_idle_timeout(data::IDLE_TIMEOUT / 2)
             .tcp_nodelay(true)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none());
