@@ -376,6 +376,19 @@ fn latecomer_pulls_from_peers() {
             reg.requests_in_repo(&img.repo, mark),
             late.report(60)
         );
+        // The tag is resolved at the origin (the authorization check); the
+        // manifest by digest comes from the peers like any blob.
+        let by_digest: Vec<_> = reg
+            .requests_in_repo(&img.repo, mark)
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.is_manifest() && r.path.contains("sha256:"))
+            .collect();
+        assert!(
+            by_digest.is_empty(),
+            "{}: the latecomer fetched manifests by digest from the origin: {by_digest:#?}\n{}",
+            img.reference,
+            late.report(40)
+        );
     }
     let from_peers = fetched_from(&late.daemon, "peer");
     let want = (big_image().total_size + multi_image().total_size) as f64;

@@ -49,6 +49,11 @@ impl Fetcher {
             }
             lookups.with_label_values(&["manifest", "miss"]).inc();
         }
+        if let Reference::Digest(d) = reference {
+            if let Some(m) = self.peer_manifest(up, repo, d).await {
+                return Ok(m);
+            }
+        }
         let key = format!("{}/{repo}:{reference}", up.host());
         match self
             .origin_manifest(up, repo, reference, accept, client_auth)
@@ -194,6 +199,9 @@ impl Fetcher {
                 what: "storing manifest".into(),
                 source: std::io::Error::other(e),
             })??;
+            if let Some(swarm) = self.inner.swarm.get() {
+                swarm.blob_committed(&actual, body.len() as u64);
+            }
         }
         Ok(Manifest {
             digest: actual,
@@ -206,6 +214,86 @@ impl Fetcher {
 }
 
 /// The media type a manifest declares, or the OCI type its shape implies.
+impl Fetcher {
+    /// A manifest by digest from a member that holds it. Not an
+    /// authorization bypass: whoever asks got the digest from an answer of
+    /// the origin (a tag resolved with its own credentials), and content by
+    /// digest is what it is. Only holders are asked, with no origin hint, so
+    /// no peer fetches it from the origin on our behalf.
+    async fn peer_manifest(&self, up: &Upstream, repo: &str, d: &Digest) -> Option<Manifest> {
+        let swarm = self.inner.swarm.get()?;
+        if !swarm.has_peers() {
+            return None;
+        }
+        swarm.find_holders(d, swarm.hedge_after()).await;
+        let plan = swarm.piece_plan(d, 0, false, &std::collections::HashSet::new());
+        for src in plan {
+            let crate::swarm::PieceSource::Peer(p) = src else {
+                break;
+            };
+            let resp = match swarm
+                .open_piece(&p, d, 0, MAX_MANIFEST - 1, None, "", "")
+                .await
+            {
+                Ok(r) if r.total <= MAX_MANIFEST && r.start == 0 => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(peer = %p.id, digest = %d, error = %e, "peer cannot serve the manifest");
+                    continue;
+                }
+            };
+            let content_type = resp.content_type.clone();
+            let mut body = BytesMut::new();
+            let mut stream = resp.body;
+            let complete = loop {
+                match tokio::time::timeout(swarm.stall_timeout(), stream.next()).await {
+                    Ok(Some(Ok(c))) if (body.len() + c.len()) as u64 <= MAX_MANIFEST => {
+                        body.extend_from_slice(&c)
+                    }
+                    Ok(None) => break true,
+                    _ => break false,
+                }
+            };
+            if !complete {
+                continue;
+            }
+            let body = body.freeze();
+            if Digest::from_sha256(&sha2::Sha256::digest(&body)) != *d {
+                swarm.distrust(&p.id, "sent a manifest that does not match its digest");
+                continue;
+            }
+            let media_type = content_type.unwrap_or_else(|| sniff_media_type(&body));
+            let store = self.inner.store.clone();
+            let (dd, b, mt) = (d.clone(), body.clone(), media_type.clone());
+            let mut prov = crate::store::Provenance::origin(up.host(), repo);
+            prov.from = crate::store::Fetched::Peer;
+            let stored = tokio::task::spawn_blocking(move || {
+                store.put_small(&dd, &b, Some(&mt))?;
+                let _ = store.set_provenance(&dd, &prov);
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
+            if !matches!(stored, Ok(Ok(()))) {
+                tracing::debug!(digest = %d, "cannot store a manifest from a peer");
+            }
+            swarm.blob_committed(d, body.len() as u64);
+            self.inner
+                .metrics
+                .cache_lookups
+                .with_label_values(&["manifest", "peer"])
+                .inc();
+            return Some(Manifest {
+                digest: d.clone(),
+                media_type,
+                body,
+                source: Source::Peer,
+                stale: false,
+            });
+        }
+        None
+    }
+}
+
 fn sniff_media_type(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Probe {

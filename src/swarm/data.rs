@@ -295,6 +295,13 @@ async fn handle(
     {
         h.insert(http::header::CONTENT_RANGE, v);
     }
+    if let Some(mt) = fetcher
+        .store()
+        .media_type(&digest)
+        .and_then(|mt| HeaderValue::from_str(&mt).ok())
+    {
+        h.insert(http::header::CONTENT_TYPE, mt);
+    }
     if let Some(sums) = sums {
         let text: Vec<String> = sums.iter().map(|s| format!("{s:016x}")).collect();
         if let Ok(v) = HeaderValue::from_str(&text.join(",")) {

@@ -138,6 +138,8 @@ pub struct PeerResponse {
     /// Checksums of each [`crate::store::SUM_CHUNK`] from `start`, when the
     /// peer holds the whole verified blob.
     pub sums: Option<Vec<u64>>,
+    /// The media type the peer recorded (manifests).
+    pub content_type: Option<String>,
     pub body: BoxStream<'static, Result<Bytes, reqwest::Error>>,
 }
 
@@ -520,11 +522,17 @@ impl Swarm {
             .get(data::SUMS_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(data::parse_sums);
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         use futures_util::StreamExt;
         Ok(PeerResponse {
             start: rstart,
             total,
             sums,
+            content_type,
             body: resp.bytes_stream().boxed(),
         })
     }
