@@ -48,6 +48,10 @@ use crate::swarm::{PeerRef, PieceSource, Swarm};
 /// without bound.
 const MAX_BLOB: u64 = 1 << 40;
 
+/// The longest a node waits for the second look for holders before its
+/// first origin piece: it delays that piece, and every peer waiting for it.
+const RECHECK_HOLDERS: Duration = Duration::from_millis(100);
+
 /// How many stall timeouts the last peer in a piece's plan may take to
 /// answer before the piece goes to the origin instead.
 const LAST_PEER_PATIENCE: u32 = 3;
@@ -409,7 +413,7 @@ async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, Fe
             // more look for holders: a node that just joined may not have
             // had its routing table filled when the download started.
             ctx.swarm
-                .find_holders(&digest, ctx.swarm.hedge_after())
+                .find_holders(&digest, ctx.swarm.hedge_after().min(RECHECK_HOLDERS))
                 .await;
             continue;
         }

@@ -43,6 +43,8 @@ use tracing::{debug, info, warn};
 
 use super::{MemberInfo, Role};
 
+/// How long a provider lookup goes on collecting after its first answer.
+pub const PROVIDERS_GRACE: Duration = Duration::from_millis(15);
 const MEMBERS_TOPIC: &str = "damselfly/members/1";
 const CONTENT_TOPIC: &str = "damselfly/content/1";
 const IDENTIFY_PROTOCOL: &str = "/damselfly/id/1.0.0";
@@ -416,7 +418,8 @@ impl Control {
     }
 
     /// Other nodes that provide `digest` (never this node), collected until
-    /// the Kademlia query finishes or `timeout` passes, whichever is first.
+    /// the Kademlia query finishes, `timeout` passes, or [`PROVIDERS_GRACE`]
+    /// after the first one was found, whichever is first.
     pub async fn providers(&self, digest: &str, timeout: Duration) -> Vec<PeerId> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cmd = Command::Providers {
@@ -435,6 +438,13 @@ impl Control {
                     Some(p) => {
                         if !found.contains(&p) {
                             found.push(p);
+                        }
+                        // One holder is enough to start: the caller is
+                        // waiting to send its first byte. Others that answer
+                        // within a moment are kept, to spread the load.
+                        let soon = tokio::time::Instant::now() + PROVIDERS_GRACE;
+                        if deadline.deadline() > soon {
+                            deadline.as_mut().reset(soon);
                         }
                     }
                     None => break,
