@@ -40,10 +40,10 @@
 //! print where; blobs are always removed).
 //!
 //! In the one-peer scenario the holder A pulls the blob with a helper node in
-//! the cluster, which then leaves: a node that pulls while it is alone does
-//! not announce the blob to the swarm, and a latecomer then takes about half
-//! the blob from the origin. One extra run measures that case and reports it
-//! on its own row.
+//! the cluster, which then leaves. One extra run has A pull while it is
+//! alone (the sequential download path), and reports on its own row where a
+//! latecomer then takes the blob from: before `e2f06a6` that path did not
+//! announce the blob, and the latecomer took about half from the origin.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
