@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 pub mod control;
+pub mod model;
 pub mod rendezvous;
 pub mod tls;
 

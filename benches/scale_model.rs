@@ -1,0 +1,85 @@
+//! The swarm's scale model (`damselfly::swarm::model`) for more nodes than
+//! fit on one machine: the same rendezvous assignment and in-order piece
+//! windows as the daemon, with bandwidth as a fluid and no CPU cost.
+//!
+//! ```text
+//! cargo bench --bench scale_model
+//! ```
+//!
+//! Settings (environment): `DAMSELFLY_MODEL_BLOB_MIB` (256),
+//! `DAMSELFLY_MODEL_NODE_MBIT` and `DAMSELFLY_MODEL_ORIGIN_MBIT` (400 each,
+//! as in `benches/swarm.rs`, so N = 2, 4, 8 can be read against its
+//! measured points), `DAMSELFLY_MODEL_NODES` (`2,4,8,10,100,1000`),
+//! `DAMSELFLY_MODEL_PIECE_MIB` (`8,1`).
+
+use damselfly::swarm::model::{simulate, ModelParams};
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+fn main() {
+    let blob_mib = env_f64("DAMSELFLY_MODEL_BLOB_MIB", 256.0) as u64;
+    let node_mbit = env_f64("DAMSELFLY_MODEL_NODE_MBIT", 400.0);
+    let origin_mbit = env_f64("DAMSELFLY_MODEL_ORIGIN_MBIT", 400.0);
+    let nodes = env_list("DAMSELFLY_MODEL_NODES", "2,4,8,10,100,1000");
+    let pieces = env_list("DAMSELFLY_MODEL_PIECE_MIB", "8,1");
+    println!(
+        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window 8\n"
+    );
+    println!("| N | piece | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | every node from the origin / ideal |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in &nodes {
+        for &piece in &pieces {
+            let p = ModelParams {
+                nodes: n as usize,
+                blob: blob_mib << 20,
+                piece_size: piece << 20,
+                node_bandwidth: node_mbit * 1e6 / 8.0,
+                origin_bandwidth: origin_mbit * 1e6 / 8.0,
+                window: 8,
+                // Coarser steps for big clusters keep the run short; the
+                // error is one step per piece boundary at most.
+                step: if n >= 100 { 0.05 } else { 0.01 },
+            };
+            let r = simulate(&p);
+            // Without the swarm, N clients share the origin's link.
+            let direct = (n as f64 * p.blob as f64 / p.origin_bandwidth)
+                .max(p.blob as f64 / p.node_bandwidth)
+                / r.ideal;
+            // The model stops at 100x the ideal; past it, say so.
+            let secs = |t: f64| {
+                if t.is_finite() {
+                    format!("{t:.2} s")
+                } else {
+                    format!("> {:.0} s", 100.0 * r.ideal)
+                }
+            };
+            let ratio = if r.slowest.is_finite() {
+                format!("{:.2}x", r.slowest / r.ideal)
+            } else {
+                "> 100x".into()
+            };
+            println!(
+                "| {n} | {piece} MiB | {:.3}x | {} | {ratio} | {} | {} ({:.1}) | {:.1}x |",
+                r.origin_ratio,
+                secs(r.slowest),
+                secs(r.median),
+                r.max_owned,
+                r.mean_owned,
+                direct
+            );
+        }
+    }
+}
