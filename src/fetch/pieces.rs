@@ -53,7 +53,8 @@ const MAX_BLOB: u64 = 1 << 40;
 const RECHECK_HOLDERS: Duration = Duration::from_millis(100);
 
 /// How many stall timeouts the last peer in a piece's plan may take to
-/// answer before the piece goes to the origin instead.
+/// answer before the piece goes to the origin instead (the data-plane
+/// client's connect timeout is the same).
 const LAST_PEER_PATIENCE: u32 = 3;
 
 /// A serving download nobody asked anything of for this long is dropped.

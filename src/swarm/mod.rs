@@ -231,7 +231,10 @@ impl Swarm {
         })
         .await?;
         let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
+            // A dead peer refuses at once; a timeout means a loaded one (or
+            // a lost host), which gets as long as the last peer before the
+            // origin does (see fetch::pieces).
+            .connect_timeout(cfg.stall_timeout * 3)
             // Below the data plane's idle limit, so the client drops an
             // idle connection before the server does.
             .pool_idle_timeout(data::IDLE_TIMEOUT / 2)
