@@ -49,8 +49,6 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -408,30 +406,8 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-/// A plain HTTP/1.1 GET from the calling thread's namespace.
-fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let sock: SocketAddr = addr
-        .parse()
-        .map_err(|_| std::io::Error::other(format!("bad address {addr}")))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+// Plain HTTP/1.1 GETs go out from the calling thread's namespace.
+use common::http_get;
 
 // ---------------------------------------------------------------------------
 // The origin registry.

@@ -87,6 +87,6 @@ pub use registry::{
 pub use token::{TokenServer, TokenServerOptions};
 #[allow(unused_imports)]
 pub use util::{
-    block_on, free_port, missing_tools, require_tools, run_command, sha256_hex, wait_for_http,
-    CmdOutput, TestDir,
+    block_on, free_port, http_get, missing_tools, require_tools, run_command, sha256_hex,
+    wait_for_http, CmdOutput, TestDir,
 };

@@ -545,33 +545,12 @@ mod exit_cleanup {
 /// Minimal blocking HTTP helpers that need no runtime, so `Daemon` works
 /// from sync and async tests alike.
 mod plain_http {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
-    use std::time::Duration;
-
     fn get(url: &str) -> std::io::Result<(u16, String)> {
         let rest = url.strip_prefix("http://").unwrap_or(url);
         let (host, path) = rest
             .split_once('/')
             .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-        let mut s = TcpStream::connect(host)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        let status = buf
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::common::http_get(host, &path)
     }
 
     pub fn blocking_get(url: &str) -> std::io::Result<u16> {
