@@ -36,6 +36,9 @@ pub struct Containerd {
     hosts_dir: PathBuf,
     log: PathBuf,
     config: PathBuf,
+    /// The network namespace it and its `ctr` commands run in (`ctr`
+    /// fetches in its own process), or the caller's.
+    netns: Option<String>,
     // Last: removed after the child is killed.
     dir: TestDir,
 }
@@ -54,16 +57,23 @@ impl Containerd {
     /// own (initially empty) [`Containerd::hosts_dir`]. Each call gives an
     /// independent instance with an empty content store.
     pub fn start() -> anyhow::Result<Containerd> {
-        Containerd::start_inner(None)
+        Containerd::start_inner(None, None)
     }
 
     /// Like [`Containerd::start`] with the CRI `config_path` set to
     /// `hosts_dir`.
     pub fn start_with_hosts_dir(hosts_dir: &Path) -> anyhow::Result<Containerd> {
-        Containerd::start_inner(Some(hosts_dir))
+        Containerd::start_inner(Some(hosts_dir), None)
     }
 
-    fn start_inner(hosts_dir: Option<&Path>) -> anyhow::Result<Containerd> {
+    /// Like [`Containerd::start_with_hosts_dir`], with containerd and every
+    /// `ctr` command of this instance in network namespace `netns` (a node
+    /// of the benches' network lab).
+    pub fn start_in_netns(netns: &str, hosts_dir: &Path) -> anyhow::Result<Containerd> {
+        Containerd::start_inner(Some(hosts_dir), Some(netns))
+    }
+
+    fn start_inner(hosts_dir: Option<&Path>, netns: Option<&str>) -> anyhow::Result<Containerd> {
         if !util::is_root() {
             bail!("containerd needs root; run the lab tests as root");
         }
@@ -134,11 +144,14 @@ disabled_plugins = [
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().context("dup log fd")?)
             .stderr(log_file);
+        if let Some(ns) = netns {
+            util::in_netns(&mut cmd, ns).with_context(|| format!("network namespace {ns}"))?;
+        }
         let mut child = ChildGuard::spawn(cmd, "containerd")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if socket.exists() {
-                let version = ctr_command(&socket, &["version"], Duration::from_secs(5))?;
+                let version = ctr_command(&socket, netns, &["version"], Duration::from_secs(5))?;
                 if version.success() {
                     break;
                 }
@@ -163,6 +176,7 @@ disabled_plugins = [
             hosts_dir,
             log,
             config,
+            netns: netns.map(str::to_owned),
             dir,
         })
     }
@@ -199,12 +213,12 @@ disabled_plugins = [
 
     /// `ctr -a <socket> <args>` with [`CTR_TIMEOUT`].
     pub fn ctr(&self, args: &[&str]) -> anyhow::Result<CmdOutput> {
-        ctr_command(&self.socket, args, CTR_TIMEOUT)
+        ctr_command(&self.socket, self.netns.as_deref(), args, CTR_TIMEOUT)
     }
 
     /// `ctr -a <socket> <args>`, killed after `timeout`.
     pub fn ctr_with_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
-        ctr_command(&self.socket, args, timeout)
+        ctr_command(&self.socket, self.netns.as_deref(), args, timeout)
     }
 
     /// `ctr images pull --hosts-dir <hosts_dir> --snapshotter native
@@ -299,9 +313,17 @@ disabled_plugins = [
     }
 }
 
-fn ctr_command(socket: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
+fn ctr_command(
+    socket: &Path,
+    netns: Option<&str>,
+    args: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<CmdOutput> {
     let mut cmd = util::command("ctr");
     cmd.arg("--address").arg(socket).args(args);
+    if let Some(ns) = netns {
+        util::in_netns(&mut cmd, ns).with_context(|| format!("network namespace {ns}"))?;
+    }
     run_command(cmd, timeout)
 }
 

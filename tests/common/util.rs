@@ -86,6 +86,24 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Makes `cmd` run in network namespace `ns` (`/run/netns/<ns>`, as
+/// `ip netns add` makes it): the child calls setns(2) before exec. The
+/// namespace file stays open for as long as `cmd` exists.
+pub fn in_netns(cmd: &mut Command, ns: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    // SAFETY: setns(2) is async-signal-safe; the fd is owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Asks the kernel for a free TCP port on 127.0.0.1 (binds port 0, reads the
 /// port, releases it). Another process may take it before it is used again:
 /// callers that cannot bind it themselves retry on "address in use"
