@@ -405,12 +405,13 @@ impl Swarm {
     }
 
     /// Where piece `piece` of `digest` should come from, best first, always
-    /// ending with the origin. Holders of the whole blob come first, spread
-    /// by rendezvous over the holders; then, for a node pulling the whole
-    /// blob (`full`), the piece's first rendezvous owner that has not
-    /// failed, unless that is this node (which means: this node fetches it
-    /// from the origin). A serving download
-    /// (`full == false`) never asks non-holders, so requests cannot loop.
+    /// ending with the origin: [`rendezvous::plan`] over the live members
+    /// that are not distrusted and have not `failed`. Holders of the whole
+    /// blob, spread by rendezvous; for a node pulling the whole blob
+    /// (`full`), the piece's owner too: first when it holds nothing yet (it
+    /// fetches the piece once and passes it on), none when it is this node
+    /// (this node fetches it). A serving download (`full == false`) never
+    /// asks non-holders, so requests cannot loop.
     pub fn piece_plan(
         &self,
         digest: &Digest,
@@ -445,38 +446,32 @@ impl Swarm {
             .unwrap_or_default();
         let holder_bytes: Vec<(Vec<u8>, PeerId)> =
             holders.iter().map(|id| (id.to_bytes(), *id)).collect();
-        let mut out: Vec<PieceSource> = rendezvous::rank(
-            &key,
-            piece,
-            holder_bytes.iter().map(|(b, id)| (b.as_slice(), *id)),
-        )
-        .into_iter()
-        .filter_map(|id| peer_ref(&id).map(PieceSource::Peer))
-        .collect();
-        if full {
-            let local = self.inner.local.to_bytes();
-            let all: Vec<(Vec<u8>, Option<PeerId>)> = members
+        let all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
+            members
                 .keys()
                 .filter(|id| !distrusted.contains(id))
                 .map(|id| (id.to_bytes(), Some(*id)))
-                .chain(std::iter::once((local, None)))
-                .collect();
-            for owner in
-                rendezvous::rank(&key, piece, all.iter().map(|(b, id)| (b.as_slice(), *id)))
-            {
-                let Some(id) = owner else { break };
-                if failed.contains(&id) || holders.contains(&id) {
-                    continue;
-                }
-                // Only the first owner that has not failed: asking the next
-                // one as a hedge would make it fetch the piece from the
-                // origin too. The next one is asked once this one failed.
-                if let Some(p) = peer_ref(&id) {
-                    out.push(PieceSource::Peer(p));
-                    break;
-                }
-            }
-        }
+                .chain(std::iter::once((self.inner.local.to_bytes(), None)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let holder_refs: Vec<(&[u8], PeerId)> = holder_bytes
+            .iter()
+            .map(|(b, id)| (b.as_slice(), *id))
+            .collect();
+        let member_refs: Vec<(&[u8], Option<PeerId>)> =
+            all.iter().map(|(b, id)| (b.as_slice(), *id)).collect();
+        // Only the first owner that has not failed: asking the next one as
+        // a hedge would make it fetch the piece from the origin too. The
+        // next one is asked once this one failed.
+        let mut out: Vec<PieceSource> =
+            rendezvous::plan(&key, piece, &holder_refs, &member_refs, |id| {
+                failed.contains(id)
+            })
+            .into_iter()
+            .filter_map(|id| peer_ref(&id).map(PieceSource::Peer))
+            .collect();
         out.push(PieceSource::Origin);
         out
     }

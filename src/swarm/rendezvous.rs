@@ -50,6 +50,52 @@ pub fn owner<'a>(
     })
 }
 
+/// The peers to ask for a piece, best first; the origin comes after them.
+///
+/// - `holders`: peers that hold the whole blob and may be asked; they come
+///   first, spread by rendezvous among themselves.
+/// - `members`: for a download of the whole blob (`full`), every member
+///   this node may ask, and this node itself as `None`. The piece's owner
+///   is the first of them by rendezvous that has not `failed`:
+///   - this node: no peer is added (this node fetches the piece itself,
+///     from the holders, then the origin);
+///   - a holder: the first non-holder after it is added after the holders,
+///     as a last peer before the origin;
+///   - a peer that holds nothing yet: it goes first. It fetches the piece
+///     once (from a holder or the origin) and passes it on, so that the
+///     nodes that start together after a scale-to-zero share the work
+///     rather than all taking the whole blob from the one seed.
+///
+/// A serving download (`members` empty) asks holders only, so requests
+/// cannot loop between nodes that hold nothing.
+pub fn plan<T: Copy + PartialEq>(
+    digest: &str,
+    piece: u64,
+    holders: &[(&[u8], T)],
+    members: &[(&[u8], Option<T>)],
+    failed: impl Fn(&T) -> bool,
+) -> Vec<T> {
+    let mut out: Vec<T> = rank(digest, piece, holders.iter().map(|(b, t)| (*b, *t)));
+    let mut holder_above = false;
+    for id in rank(digest, piece, members.iter().map(|(b, t)| (*b, *t))) {
+        let Some(id) = id else { break };
+        if failed(&id) {
+            continue;
+        }
+        if out.contains(&id) {
+            holder_above = true;
+            continue;
+        }
+        if holder_above {
+            out.push(id);
+        } else {
+            out.insert(0, id);
+        }
+        break;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +165,113 @@ mod tests {
             })
             .count();
         assert!(differ > 20, "only {differ} of 64 pieces differ");
+    }
+
+    /// Node indices ranked for `piece`.
+    fn ranked(nodes: &[Vec<u8>], piece: u64) -> Vec<usize> {
+        rank(
+            D,
+            piece,
+            nodes.iter().enumerate().map(|(i, v)| (v.as_slice(), i)),
+        )
+    }
+
+    /// `plan` with node `me` as this node, `holders` holding the blob.
+    fn plan_for(
+        nodes: &[Vec<u8>],
+        piece: u64,
+        me: usize,
+        holders: &[usize],
+        failed: &[usize],
+    ) -> Vec<usize> {
+        let h: Vec<(&[u8], usize)> = holders.iter().map(|&i| (nodes[i].as_slice(), i)).collect();
+        let m: Vec<(&[u8], Option<usize>)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), (i != me).then_some(i)))
+            .collect();
+        plan(D, piece, &h, &m, |i| failed.contains(i))
+    }
+
+    #[test]
+    fn cold_the_owner_or_nobody() {
+        let nodes = ids(6);
+        for piece in 0..32 {
+            let r = ranked(&nodes, piece);
+            let owner = r[0];
+            for me in 0..nodes.len() {
+                let p = plan_for(&nodes, piece, me, &[], &[]);
+                if me == owner {
+                    assert!(p.is_empty(), "piece {piece}: the owner asks nobody");
+                } else {
+                    assert_eq!(p, vec![owner], "piece {piece}");
+                }
+            }
+            // A failed owner: the next one, unless that is this node.
+            let me = r[2];
+            assert_eq!(plan_for(&nodes, piece, me, &[], &[owner]), vec![r[1]]);
+            assert!(plan_for(&nodes, piece, r[1], &[], &[owner]).is_empty());
+        }
+    }
+
+    #[test]
+    fn an_owner_that_holds_nothing_goes_before_the_holders() {
+        // After a scale-to-zero: node 0 is the seed, 1..=4 pull afresh.
+        let nodes = ids(5);
+        let mut from_seed = 0;
+        for piece in 0..64 {
+            let r = ranked(&nodes, piece);
+            let owner = r[0];
+            for me in 1..5 {
+                let p = plan_for(&nodes, piece, me, &[0], &[]);
+                if owner == 0 {
+                    // The seed owns it: the seed, then the best non-holder
+                    // that is not this node (if it ranks before this node).
+                    assert_eq!(p[0], 0, "piece {piece}");
+                    assert!(p.len() <= 2);
+                } else if owner == me {
+                    assert_eq!(
+                        p,
+                        vec![0],
+                        "piece {piece}: the owner takes it from the seed"
+                    );
+                    from_seed += 1;
+                } else {
+                    assert_eq!(p, vec![owner, 0], "piece {piece}");
+                }
+            }
+        }
+        // Each piece the seed does not own leaves it once, to its owner.
+        let seed_owned = (0..64).filter(|&p| ranked(&nodes, p)[0] == 0).count();
+        assert_eq!(from_seed, 64 - seed_owned);
+    }
+
+    #[test]
+    fn serving_downloads_ask_holders_only() {
+        let nodes = ids(5);
+        let h: Vec<(&[u8], usize)> = [1usize, 3]
+            .iter()
+            .map(|&i| (nodes[i].as_slice(), i))
+            .collect();
+        for piece in 0..16 {
+            let mut p = plan(D, piece, &h, &[], |_| false);
+            p.sort();
+            assert_eq!(p, vec![1, 3]);
+        }
+    }
+
+    #[test]
+    fn a_failed_holder_is_passed_over() {
+        let nodes = ids(4);
+        for piece in 0..16 {
+            let r = ranked(&nodes, piece);
+            let me = r[3];
+            // Every other node holds the blob but the top one failed: the
+            // holders list (the caller already dropped failed holders)
+            // comes first, nobody else is added.
+            let p = plan_for(&nodes, piece, me, &[r[1], r[2]], &[r[0]]);
+            assert_eq!(p.len(), 2, "piece {piece}: {p:?}");
+            assert!(!p.contains(&r[0]));
+        }
     }
 }
