@@ -245,8 +245,8 @@ pub const KEYS: &[Key] = &[
     Key {
         path: "swarm.stall_timeout",
         kind: "duration",
-        default: "1s",
-        doc: "A piece transfer that moves no byte for this long is abandoned and the rest of the piece asked elsewhere.",
+        default: "5s",
+        doc: "A piece transfer that moves no byte for this long is abandoned and the rest of the piece asked elsewhere (often the origin). Congested links stall healthy TCP streams for a second or more; 1s sent 6-26% extra bytes to the origin in the 8-node lab.",
     },
     Key {
         path: "swarm.heartbeat",
@@ -987,7 +987,7 @@ impl Validator {
             self.issue("swarm.piece_size", "must be between 1MiB and 64MiB");
         }
         let hedge_after = self.duration(t, S, "hedge_after", "300ms");
-        let stall_timeout = self.duration(t, S, "stall_timeout", "1s");
+        let stall_timeout = self.duration(t, S, "stall_timeout", "5s");
         let heartbeat = self.duration(t, S, "heartbeat", "1s");
         for (key, d) in [
             ("hedge_after", hedge_after),

@@ -419,6 +419,10 @@ async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, Fe
             continue;
         }
         if plan.is_empty() {
+            // Why a piece went to the origin: what the lab's origin-byte
+            // figures are explained with.
+            tracing::debug!(digest = %digest, piece = k, full, have, failed = ?failed,
+                peer_tries, "piece from the origin");
             origin_piece(&ctx, k, &mut have).await?;
             histogram
                 .with_label_values(&["origin"])
