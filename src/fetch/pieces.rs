@@ -405,14 +405,17 @@ async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, Fe
             Vec::new()
         };
         if plan.is_empty()
-            && full
             && !ctx
                 .holders_rechecked
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             // Before this node first fetches a piece from the origin, one
             // more look for holders: a node that just joined may not have
-            // had its routing table filled when the download started.
+            // had its routing table filled when the download started, and
+            // a serving download (a peer asked this node, as the piece's
+            // owner, before this node pulled the blob itself) has not
+            // looked at all. Without it, fresh nodes after a scale-to-zero
+            // fetched pieces from the origin that the seed held.
             ctx.swarm
                 .find_holders(&digest, ctx.swarm.hedge_after().min(RECHECK_HOLDERS))
                 .await;
