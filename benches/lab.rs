@@ -57,7 +57,9 @@
 //! node rate), `DAMSELFLY_LAB_OUT` (default `target/damselfly-lab`),
 //! `DAMSELFLY_LAB_ROUTES` (e.g. `damselfly`, for experiments; all three by
 //! default), `DAMSELFLY_BENCH_SWARM` (extra `[swarm]` lines for every daemon),
-//! `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs).
+//! `DAMSELFLY_BENCH_LOG` (the daemons' `log_level`, e.g.
+//! `info,damselfly::fetch::pieces=debug` to see why pieces went to the
+//! origin), `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
