@@ -20,12 +20,14 @@
 mod common;
 #[path = "../tests/daemon/mod.rs"]
 mod daemon;
+mod netlab;
 
 use std::time::{Duration, Instant};
 
 use common::{push_blob, BlobSource, Registry, RegistryAuth};
 use daemon::Daemon;
 use futures_util::StreamExt;
+use netlab::median;
 
 const RUNS: usize = 3;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -76,11 +78,6 @@ async fn pull(client: &reqwest::Client, url: &str) -> Pull {
     pull_to(client, url, None).await
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Peak resident set (VmHWM) and CPU seconds (user + system) of a process.
 fn process_usage(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -89,19 +86,7 @@ fn process_usage(pid: u32) -> (u64, f64) {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
-    let clk_tck = 100.0;
-    (hwm_kib * 1024, (ticks(11) + ticks(12)) / clk_tck)
+    (hwm_kib * 1024, netlab::cpu_secs(pid))
 }
 
 fn daemon_for(reg: &Registry) -> Daemon {
@@ -200,16 +185,7 @@ fn main() {
     let (rss_peak, cpu) = process_usage(d.pid());
     let gib = big as f64 / (1u64 << 30) as f64;
 
-    let machine = format!(
-        "{} cores, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| c
-                .lines()
-                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
-            .unwrap_or_default()
-    );
+    let machine = netlab::machine();
     println!("\n## mirror bench ({machine})\n");
     println!("| measure | baseline | damselfly | ratio | goal |");
     println!("|---|---|---|---|---|");
