@@ -18,8 +18,18 @@ pub fn binary() -> PathBuf {
 
 /// A free TCP port on `ip` (binds `ip:0`, reads the port, releases it).
 pub fn free_addr_on(ip: Ipv4Addr) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
-    l.local_addr().expect("local addr")
+    let [addr] = free_addrs_on(ip);
+    addr
+}
+
+/// `N` distinct free ports on `ip`. Every listener stays open until all are
+/// picked: released one by one, the kernel once handed a daemon the same
+/// port for its telemetry and its data plane.
+pub fn free_addrs_on<const N: usize>(ip: Ipv4Addr) -> [SocketAddr; N] {
+    let listeners: [std::net::TcpListener; N] = std::array::from_fn(|_| {
+        std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
+    });
+    listeners.map(|l| l.local_addr().expect("local addr"))
 }
 
 fn free_addr() -> SocketAddr {
@@ -94,7 +104,7 @@ pub struct Daemon {
 
 /// Extra config lines: `mirror` and `store` go into those sections,
 /// `extra` after them (`[[registry]]` tables, `[origin]`).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Options {
     pub mirror: String,
     pub store: String,
@@ -124,9 +134,21 @@ impl Daemon {
     }
 
     pub fn start_with(opts: Options) -> Daemon {
-        let mut d = Daemon::configure(opts);
-        d.spawn();
-        d
+        // The ports are free when picked, but another test of the same
+        // binary may take one before the daemon binds it: a daemon that
+        // exits for a port in use is started again on new ports.
+        for attempt in 1.. {
+            let mut d = Daemon::configure(opts.clone());
+            d.spawn_child();
+            match d.wait_ready_or_exit() {
+                None => return d,
+                Some(log) if attempt < 3 && log.contains("Address already in use") => {
+                    eprintln!("damselfly: a port was taken before it bound; again on new ports");
+                }
+                Some(log) => panic!("damselfly exited before it was ready:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Starts a daemon that should refuse to start: waits (20 s at most)
@@ -172,10 +194,7 @@ impl Daemon {
             eprintln!("lab: keeping {}", dir.path().display());
         }
         let ip = opts.ip.unwrap_or(Ipv4Addr::LOCALHOST);
-        let mirror = free_addr_on(ip);
-        let telemetry = free_addr_on(ip);
-        let swarm_listen = free_addr_on(ip);
-        let data_listen = free_addr_on(ip);
+        let [mirror, telemetry, swarm_listen, data_listen] = free_addrs_on(ip);
         let config_path = dir.path().join("damselfly.toml");
         let store = dir.path().join("store");
         let swarm = opts
@@ -212,6 +231,32 @@ impl Daemon {
     fn spawn(&mut self) {
         self.spawn_child();
         self.wait_ready();
+    }
+
+    /// Waits (20 s at most) until the daemon is ready (`None`) or has
+    /// exited (`Some` of the end of its log).
+    fn wait_ready_or_exit(&mut self) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = format!("http://{}/readyz", self.telemetry);
+        loop {
+            if plain_http::blocking_get(&url).ok() == Some(200) {
+                return None;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                if let Some(c) = self.child.take() {
+                    exit_cleanup::unregister(c.id());
+                }
+                return Some(format!("{status}\n{}", self.log_tail(40)));
+            }
+            if Instant::now() > deadline {
+                panic!("damselfly not ready after 20 s:\n{}", self.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     fn spawn_child(&mut self) {
