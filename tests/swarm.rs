@@ -570,6 +570,16 @@ fn corrupt_case(img: &PushedImage, puller_joins_late: bool) {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let (liar, puller) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // When the puller owned every piece of the layer during the liar's pull,
+    // it fetched them all from the origin and committed the blob: its own
+    // pull would then ask the liar for nothing. Evicted, it must.
+    let held = puller.daemon.blob_path(layer).exists();
+    let removed = puller.daemon.evict(&[layer.as_str()]);
+    assert!(removed <= 1, "evicted {removed} blobs for one digest");
+    if held {
+        assert_eq!(removed, 1, "the puller's copy was not evicted");
+        note!("the puller already held the layer (it owned every piece); evicted it");
+    }
 
     let mark = reg.mark();
     let out_before = peer_out_bytes(&liar.daemon);

@@ -329,6 +329,32 @@ impl Daemon {
         self.dir.path().join("store")
     }
 
+    /// Removes blobs from the running daemon's store through its admin
+    /// socket (`POST /v1/evict`, what `bench pull --cold` uses); returns how
+    /// many were there.
+    pub fn evict(&self, digests: &[&str]) -> u64 {
+        use std::io::{Read as _, Write as _};
+        let body = serde_json::json!({ "digests": digests }).to_string();
+        let sock = self.store_dir().join("admin.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| panic!("admin socket {}: {e}", sock.display()));
+        write!(
+            s,
+            "POST /v1/evict HTTP/1.1\r\nHost: damselfly\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write evict request");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read evict response");
+        let (head, json) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "evict: {resp}");
+        serde_json::from_str::<serde_json::Value>(json.trim())
+            .ok()
+            .and_then(|v| v["removed"].as_u64())
+            .unwrap_or_else(|| panic!("evict answered {resp}"))
+    }
+
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.store_dir().join("blobs/sha256").join(hex)
