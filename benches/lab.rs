@@ -810,12 +810,7 @@ fn main() {
         .unwrap_or(1);
     let lab = Lab::new(max_n, s.keep);
     eprintln!("lab: {} (bridge {})", lab.dir.display(), lab.bridge);
-    let key = lab.dir.join("cluster.key");
-    std::fs::write(&key, hex::encode(rand::random::<[u8; 32]>())).expect("cluster key");
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
-    }
+    let key = lab.cluster_key();
     let origin = Origin::start(&lab);
     let ctx = Ctx {
         s: &s,

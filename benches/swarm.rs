@@ -468,12 +468,7 @@ fn main() {
     let max_n = s.nodes.iter().copied().max().unwrap_or(2);
     let lab = Lab::new((max_n + 1).max(3), s.keep);
     eprintln!("lab: {} (bridge {})", lab.dir.display(), lab.bridge);
-    let key = lab.dir.join("cluster.key");
-    std::fs::write(&key, hex::encode(rand::random::<[u8; 32]>())).expect("cluster key");
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
-    }
+    let key = lab.cluster_key();
     let origin = Origin::start(&lab);
 
     let settings_line = format!(

@@ -244,6 +244,16 @@ impl Lab {
         }
     }
 
+    /// Writes a fresh random cluster key (mode 0600) into the lab's dir and
+    /// returns its path, for every daemon's `swarm.cluster_key_file`.
+    pub fn cluster_key(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = self.dir.join("cluster.key");
+        std::fs::write(&key, hex::encode(rand::random::<[u8; 32]>())).expect("cluster key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        key
+    }
+
     pub fn next_generation(&self) -> u16 {
         self.generation.fetch_add(1, Ordering::Relaxed)
     }
@@ -389,7 +399,7 @@ pub struct Origin {
 impl Origin {
     /// The origin registry, in the lab's origin namespace.
     pub fn start(lab: &Lab) -> Origin {
-        Origin::start_in(lab, &lab.origin, &lab.dir.join("origin"), None)
+        Origin::start_in(&lab.origin, &lab.dir.join("origin"), None)
     }
 
     /// A central pull-through cache of `upstream` (`proxy.remoteurl`, the
@@ -397,13 +407,12 @@ impl Origin {
     /// namespace.
     pub fn start_proxy(lab: &Lab, upstream: &Origin) -> Origin {
         let dir = lab.dir.join(format!("proxy-g{}", lab.next_generation()));
-        let mut proxy = Origin::start_in(lab, &lab.proxy, &dir, Some(&upstream.url()));
+        let mut proxy = Origin::start_in(&lab.proxy, &dir, Some(&upstream.url()));
         proxy.scratch = Some(dir.join("storage"));
         proxy
     }
 
-    fn start_in(lab: &Lab, link: &Link, dir: &Path, proxy_of: Option<&str>) -> Origin {
-        let _ = lab;
+    fn start_in(link: &Link, dir: &Path, proxy_of: Option<&str>) -> Origin {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).expect("registry dir");
         let ip = link.ip.clone();
