@@ -15,7 +15,8 @@
 //!   documented default, and [`config::reference_markdown`] generates the
 //!   reference in `docs/configuration.md`.
 //! - [`oci`]: the distribution spec's vocabulary: digests, repository names,
-//!   tags, and the error codes that the mirror answers with.
+//!   tags, image references and manifest descriptors ([`oci::image`]), and
+//!   the error codes that the mirror answers with.
 //! - [`registry`]: the mirror's HTTP surface (`/v2/...`). It parses and
 //!   validates requests, picks the upstream from containerd's `?ns=`, and maps
 //!   every error to OCI error JSON in one place.
@@ -33,12 +34,25 @@
 //!   atomic rename, LRU eviction under a quota, crash recovery.
 //! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
 //!   `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`gpu`]: the node's GPUs behind one seam ([`gpu::Inventory`]): NVML
+//!   loaded at run time, GPU Feature Discovery labels, or `[gpu.assume]`.
+//! - [`cri`]: containerd over its socket: the kubelet's CRI image calls and
+//!   containerd's images API (tonic clients generated from the protos).
+//! - [`prewarm`]: on top of the fetch engine: the images a node's rules
+//!   pick for its GPUs, fetched through the swarm at background priority,
+//!   pinned, and pulled into containerd with CRI `PullImage`.
 //! - [`daemon`]: wires the parts together and owns graceful shutdown.
+//!
+//! Imports point down: `config` and `oci` at the bottom; `store`, `origin`,
+//! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
+//! the fetch engine; `admin`, `cli`, `bench` and `daemon` on top. Known
+//! exceptions, still to untangle: `config` validates with `swarm` and
+//! `origin::ecr` helpers, and `fetch` and `swarm` call each other.
 //! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
 //!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
 //!   answers from the store, so the CLI can also read a store directly.
-//! - [`cli`]: `damselfly cache|images|peers|bench`: the client of the admin
-//!   API, its tables and its JSON.
+//! - [`cli`]: `damselfly cache|images|peers|gpu|prewarm|bench`: the client
+//!   of the admin API, its tables and its JSON.
 //! - [`bench`]: `damselfly bench pull`: a pull through the mirror as
 //!   containerd does it, timed, with bytes by source and a warm verdict.
 #![forbid(unsafe_code)]
