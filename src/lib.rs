@@ -33,6 +33,8 @@
 //!   atomic rename, LRU eviction under a quota, crash recovery.
 //! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
 //!   `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`node`]: Kubernetes node gating: the startup taint comes off this
+//!   node's Node once containerd is wired and the daemon is ready.
 //! - [`daemon`]: wires the parts together and owns graceful shutdown.
 //! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
 //!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
@@ -49,6 +51,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;
+pub mod node;
 pub mod oci;
 pub mod origin;
 pub mod registry;

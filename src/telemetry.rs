@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -281,19 +280,33 @@ impl Metrics {
     }
 }
 
-/// Readiness as the health endpoint reports it.
-#[derive(Clone, Default)]
+/// Readiness as the health endpoint reports it. A watch channel, so that
+/// the node gate can wait for it ([`Health::subscribe`]).
+#[derive(Clone)]
 pub struct Health {
-    ready: Arc<AtomicBool>,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            ready: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
 }
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
+        self.ready.send_replace(ready);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        *self.ready.borrow()
+    }
+
+    /// Follows readiness: `wait_for(|r| *r)` returns once it is ready.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 }
 
