@@ -302,3 +302,100 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The daemon as the DaemonSet runs it: the hostsd init container's files
+/// (`damselfly hosts apply`, from the daemon's own config) are checked
+/// before the taint comes off, through a kubeconfig and `$NODE_NAME`.
+#[test]
+fn the_daemon_untaints_its_node_once_the_init_containers_files_check_out() {
+    let server = ApiServer::start().unwrap();
+    server.add_node(NODE, json!({}), vec![gpu(), ours()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let certs = tmp.path().join("certs.d");
+    std::fs::create_dir(&certs).unwrap();
+    let d = daemon::Daemon::start_with(daemon::Options {
+        extra: format!(
+            "[containerd]\nconfig = \"{}\"\ncerts_dir = \"{}\"\n\
+             [node]\ngate = true\nkubeconfig = \"{}\"\npoll_interval = \"50ms\"\n\
+             [[registry]]\nhost = \"registry.example.test\"\n",
+            tmp.path().join("no-config.toml").display(),
+            certs.display(),
+            kubeconfig.display()
+        ),
+        env: vec![("NODE_NAME".into(), NODE.into())],
+        ..Default::default()
+    });
+    // Ready, but containerd is not wired yet: the taint stays.
+    wait_for_log(&d, "containerd is not wired to the mirror yet");
+    assert!(server.accepted_patches().is_empty());
+    assert_eq!(server.taints(NODE), [gpu(), ours()]);
+
+    let out = std::process::Command::new(daemon::binary())
+        .args(["hosts", "apply", "--config"])
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let written =
+        std::fs::read_to_string(certs.join("registry.example.test/hosts.toml")).unwrap();
+    assert!(
+        written.contains(&format!("[host.\"http://{}\"]", d.mirror)),
+        "{written}"
+    );
+
+    wait_for_log(&d, "node gate: taint removed");
+    assert_eq!(server.taints(NODE), [gpu()]);
+    assert_eq!(server.accepted_patches().len(), 1);
+    let auth = server.requests()[0].authorization.clone();
+    assert_eq!(auth.as_deref(), Some("Bearer standin-token"));
+}
+
+/// With `containerd.configure_hosts` the daemon's own hostsd run is the
+/// condition; without a node name the daemon refuses to start.
+#[test]
+fn the_daemon_gates_on_its_own_hostsd_run_and_needs_a_node_name() {
+    let server = ApiServer::start().unwrap();
+    server.add_node(NODE, json!({}), vec![ours()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let certs = tmp.path().join("certs.d");
+    std::fs::create_dir(&certs).unwrap();
+    let extra = format!(
+        "[containerd]\nconfigure_hosts = true\nconfig = \"{}\"\ncerts_dir = \"{}\"\n\
+         [node]\ngate = true\nkubeconfig = \"{}\"\nwait_for_taints = []\n",
+        tmp.path().join("no-config.toml").display(),
+        certs.display(),
+        kubeconfig.display()
+    );
+    let d = daemon::Daemon::start_with(daemon::Options {
+        extra: extra.clone(),
+        env: vec![("NODE_NAME".into(), NODE.into())],
+        ..Default::default()
+    });
+    wait_for_log(&d, "node gate: taint removed");
+    assert!(certs.join("_default/hosts.toml").exists());
+    assert!(server.taints(NODE).is_empty());
+
+    let (status, log) = daemon::Daemon::start_expecting_exit(daemon::Options {
+        extra,
+        env_remove: vec!["NODE_NAME".into()],
+        ..Default::default()
+    });
+    assert!(!status.success());
+    assert!(log.contains("NODE_NAME from the downward API"), "{log}");
+}
+
+fn wait_for_log(d: &daemon::Daemon, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in 30 s:\n{}",
+            d.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
