@@ -310,6 +310,12 @@ impl Health {
     }
 }
 
+/// The telemetry paths (the DaemonSet's probes use them; tests/daemonset.rs
+/// checks that they match).
+pub const METRICS_PATH: &str = "/metrics";
+pub const HEALTH_PATH: &str = "/healthz";
+pub const READY_PATH: &str = "/readyz";
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -352,7 +358,7 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
             .unwrap_or_default()
     };
     match req.uri().path() {
-        "/metrics" => {
+        METRICS_PATH => {
             let mut buf = Vec::new();
             let encoder = TextEncoder::new();
             match encoder.encode(&registry.gather(), &mut buf) {
@@ -363,9 +369,9 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        HEALTH_PATH => text(StatusCode::OK, "ok\n".into()),
+        READY_PATH if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
+        READY_PATH => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
