@@ -460,3 +460,70 @@ fn the_seed_overlay_makes_only_the_seed_daemonset_and_its_config() {
         .to_string();
     assert!(terms.contains("\"In\"") && terms.contains("damselfly.io/role"), "{terms}");
 }
+
+/// The image the manifests name, built as daemonset/image/build.sh builds
+/// it (umoci, no Docker engine here), from this build's binaries: both run
+/// from the image's own root filesystem, and it starts the daemon.
+#[test]
+fn the_image_builds_and_its_binaries_run_from_it() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_damselfly"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    if !bin_dir.join("hostsd").exists() {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-p", "hostsd", "--bin", "hostsd"]);
+        let (ok, text) = run(cargo);
+        assert!(ok, "cargo build -p hostsd: {text}");
+    }
+    tool("umoci");
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("oci");
+    let mut build = Command::new("bash");
+    build
+        .arg(root().join("image/build.sh"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .args(["--tag", "test"])
+        .arg(&layout);
+    let (ok, text) = run(build);
+    assert!(ok, "build.sh:\n{text}");
+    let bundle = scratch.path().join("bundle");
+    let mut unpack = tool("umoci");
+    unpack
+        .args(["unpack", "--image"])
+        .arg(format!("{}:test", layout.display()))
+        .arg(&bundle);
+    let (ok, text) = run(unpack);
+    assert!(ok, "umoci unpack:\n{text}");
+    let rootfs = bundle.join("rootfs");
+    for (bin, want) in [("damselfly", "damselfly "), ("hostsd", "hostsd ")] {
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&rootfs)
+            .arg(format!("/usr/local/bin/{bin}"))
+            .arg("--version");
+        let (ok, text) = run(cmd);
+        assert!(ok && text.starts_with(want), "{bin} in the image: {text}");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["process"]["args"], serde_json::json!(["damselfly", "daemon"]));
+    // Nothing but the binaries, their libraries, the CA bundle and passwd.
+    let mut files = Vec::new();
+    let mut stack = vec![rootfs.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p.strip_prefix(&rootfs).unwrap().display().to_string());
+            }
+        }
+    }
+    assert!(
+        files.len() <= 10 && !files.iter().any(|f| f.contains("bin/sh")),
+        "{files:?}"
+    );
+}
