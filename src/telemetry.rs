@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -280,33 +281,71 @@ impl Metrics {
     }
 }
 
-/// Readiness as the health endpoint reports it. A watch channel, so that
-/// the node gate can wait for it ([`Health::subscribe`]).
+/// Readiness as the health endpoint reports it: the daemon is up, and
+/// nothing holds readiness back (prewarm with `gate_readiness`). Every
+/// change is also published on a watch channel, so that the node gate can
+/// wait for it ([`Health::subscribe`]).
 #[derive(Clone)]
 pub struct Health {
-    ready: Arc<tokio::sync::watch::Sender<bool>>,
+    ready: Arc<AtomicBool>,
+    holds: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
+    published: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Health {
     fn default() -> Health {
         Health {
-            ready: Arc::new(tokio::sync::watch::Sender::new(false)),
+            ready: Arc::default(),
+            holds: Arc::default(),
+            published: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 }
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
-        self.ready.send_replace(ready);
+        self.ready.store(ready, Ordering::SeqCst);
+        self.publish();
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.ready.load(Ordering::SeqCst) && self.waiting_for().is_empty()
     }
 
-    /// Follows readiness: `wait_for(|r| *r)` returns once it is ready.
+    /// Holds readiness back until [`Health::release`] of the same `what`.
+    pub fn hold(&self, what: &'static str) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what);
+        self.publish();
+    }
+
+    pub fn release(&self, what: &'static str) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what);
+        self.publish();
+    }
+
+    /// What readiness waits for.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Follows [`Health::is_ready`]: `wait_for(|r| *r)` returns once it is.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.ready.subscribe()
+        self.published.subscribe()
+    }
+
+    fn publish(&self) {
+        self.published.send_replace(self.is_ready());
     }
 }
 
@@ -371,7 +410,15 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
         }
         HEALTH_PATH => text(StatusCode::OK, "ok\n".into()),
         READY_PATH if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
-        READY_PATH => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        READY_PATH => {
+            let waiting = health.waiting_for();
+            let body = if waiting.is_empty() {
+                "not ready\n".to_owned()
+            } else {
+                format!("not ready: waiting for {}\n", waiting.join(", "))
+            };
+            text(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -4,7 +4,8 @@
 //! `check-jsonschema` against daemonset/schemas (the custom resources), the
 //! PrometheusRule passes `promtool check rules`, each ConfigMap's
 //! damselfly.toml passes the daemon's own config check, and the DaemonSet's
-//! ports, probes and paths are the daemon's.
+//! ports, probes and paths are the daemon's (the gpu-nodes overlay's
+//! prewarm and NVML paths included).
 //!
 //! The tools come from `.ci/run` (kubectl from the machine image, the two
 //! validators from PyPI, promtool from Debian's `prometheus`); a missing one
@@ -13,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use damselfly::config::{Config, KEYS};
+use damselfly::config::Config;
 use serde_json::Value;
 
 /// Every kustomization, and whether it makes the node DaemonSet.
@@ -220,7 +221,9 @@ fn the_alert_rules_pass_promtool() {
         .expect("the dashboard ConfigMap");
     let json: Value =
         serde_json::from_str(dash["data"]["damselfly.json"].as_str().unwrap()).unwrap();
-    assert!(json.to_string().contains("sum by (source) (rate(damselfly_bytes_served_total"));
+    assert!(json
+        .to_string()
+        .contains("sum by (source) (rate(damselfly_bytes_served_total"));
 }
 
 /// Where the base puts the cluster key Secret in the pod.
@@ -229,8 +232,7 @@ const POD_KEY: &str = "/etc/damselfly/key/cluster.key";
 /// An overlay's config as the daemon loads it: the rendered ConfigMap's
 /// files in a directory, with the pod's key path pointing at a stand-in key
 /// (the Secret exists only in the cluster), checked by the daemon's own
-/// `Config::load`. Sections that src/config.rs does not declare yet ([gpu]
-/// and [prewarm], issue 12) are left out, and named on stderr as SKIPPED.
+/// `Config::load`.
 fn load(docs: &[Value], configmap: &str, scratch: &Path, what: &str) -> Config {
     let cm = docs
         .iter()
@@ -245,30 +247,12 @@ fn load(docs: &[Value], configmap: &str, scratch: &Path, what: &str) -> Config {
     std::fs::create_dir_all(&dir).unwrap();
     let key = scratch.join("cluster.key");
     std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
-    let declared = |section: &str| {
-        KEYS.iter()
-            .any(|k| k.path.split(['.', '[']).next() == Some(section))
-    };
-    let mut skipped = Vec::new();
     for (name, text) in cm["data"].as_object().unwrap() {
-        let text = text.as_str().unwrap();
-        let mut table: toml::Table = text
-            .parse()
-            .unwrap_or_else(|e| panic!("{what}: {name} is not TOML: {e}"));
-        table.retain(|section, _| {
-            let keep = declared(section);
-            if !keep {
-                skipped.push(format!("{name}: [{section}]"));
-            }
-            keep
-        });
-        let text = toml::to_string(&table)
+        let text = text
+            .as_str()
             .unwrap()
             .replace(POD_KEY, &key.display().to_string());
         std::fs::write(dir.join(name), text).unwrap();
-    }
-    if !skipped.is_empty() {
-        eprintln!("{what}: SKIPPED, not in config::KEYS yet: {skipped:?}");
     }
     Config::load(&dir).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
@@ -331,9 +315,16 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
 
         // containerd's hosts.toml names 127.0.0.1:4001 on the node itself.
         assert_eq!(spec["hostNetwork"], true, "{dir}");
-        assert_eq!(cfg.mirror.listen, defaults.mirror.listen, "{dir}: mirror.listen");
+        assert_eq!(
+            cfg.mirror.listen, defaults.mirror.listen,
+            "{dir}: mirror.listen"
+        );
         assert_eq!(port(daemon, "mirror"), cfg.mirror.listen.port(), "{dir}");
-        assert_eq!(port(daemon, "telemetry"), cfg.telemetry.listen.port(), "{dir}");
+        assert_eq!(
+            port(daemon, "telemetry"),
+            cfg.telemetry.listen.port(),
+            "{dir}"
+        );
         assert_eq!(
             cfg.telemetry.listen.port(),
             defaults.telemetry.listen.port(),
@@ -349,6 +340,20 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
         assert_eq!(port(daemon, "swarm"), swarm_port, "{dir}");
         assert_eq!(port(daemon, "data"), cfg.swarm.data_listen.port(), "{dir}");
         assert!(cfg.swarm.enabled, "{dir}: the swarm must be on");
+        if *dir == "overlays/gpu-nodes" {
+            // The prewarm's CRI socket and NVML are where the pod has them.
+            assert!(cfg.prewarm.gate_readiness && cfg.node.wait_for_ready, "{dir}");
+            assert!(!cfg.prewarm.rules.is_empty(), "{dir}");
+            let (m, v) = mount_for(spec, daemon, &cfg.prewarm.containerd_socket);
+            assert_eq!(m["mountPath"], cfg.prewarm.containerd_socket.to_str().unwrap());
+            assert_eq!(v["hostPath"]["type"], "Socket", "{dir}");
+            let (m, _) = mount_for(spec, daemon, Path::new(&cfg.gpu.nvml_library));
+            assert_eq!(m["readOnly"], true, "{dir}");
+            assert!(
+                cfg.node.deadline > cfg.prewarm.ready_deadline,
+                "{dir}: the gate should not give up before the prewarm does"
+            );
+        }
 
         for (probe, path) in [
             ("readinessProbe", damselfly::telemetry::READY_PATH),
@@ -356,7 +361,10 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
             ("startupProbe", damselfly::telemetry::HEALTH_PATH),
         ] {
             assert_eq!(daemon[probe]["httpGet"]["path"], path, "{dir}: {probe}");
-            assert_eq!(daemon[probe]["httpGet"]["port"], "telemetry", "{dir}: {probe}");
+            assert_eq!(
+                daemon[probe]["httpGet"]["port"], "telemetry",
+                "{dir}: {probe}"
+            );
         }
 
         // One config directory, in both containers.
@@ -373,7 +381,11 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
         }
         let (m, v) = mount_for(spec, daemon, &cfg.store.dir);
         assert_eq!(m["mountPath"], cfg.store.dir.to_str().unwrap(), "{dir}");
-        assert_eq!(v["hostPath"]["path"], cfg.store.dir.to_str().unwrap(), "{dir}");
+        assert_eq!(
+            v["hostPath"]["path"],
+            cfg.store.dir.to_str().unwrap(),
+            "{dir}"
+        );
         assert_eq!(
             cfg.swarm.cluster_key_file.as_deref(),
             Some(scratch.path().join("cluster.key").as_path()),
@@ -387,7 +399,10 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
         assert_eq!(v["hostPath"]["path"], "/etc/containerd", "{dir}");
         let (m, _) = mount_for(spec, daemon, &cfg.containerd.config);
         assert_eq!(m["readOnly"], true, "{dir}");
-        assert!(!cfg.containerd.configure_hosts, "{dir}: the init container writes");
+        assert!(
+            !cfg.containerd.configure_hosts,
+            "{dir}: the init container writes"
+        );
 
         // The node gate: its Node from the downward API, and its own taint
         // tolerated (the pod must land on the node it un-taints).
@@ -422,8 +437,16 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
         {
             let sc = &c["securityContext"];
             assert_eq!(sc["readOnlyRootFilesystem"], true, "{dir}: {}", c["name"]);
-            assert_eq!(sc["allowPrivilegeEscalation"], false, "{dir}: {}", c["name"]);
-            assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{dir}");
+            assert_eq!(
+                sc["allowPrivilegeEscalation"], false,
+                "{dir}: {}",
+                c["name"]
+            );
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{dir}"
+            );
             assert!(sc["capabilities"]["add"].is_null(), "{dir}");
             assert!(c["resources"]["limits"]["memory"].is_string(), "{dir}");
             assert!(
@@ -432,7 +455,10 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
                 c["name"]
             );
         }
-        assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
         // Every container runs the one image.
         let images: std::collections::BTreeSet<&str> = spec["containers"]
             .as_array()
@@ -458,7 +484,10 @@ fn the_seed_overlay_makes_only_the_seed_daemonset_and_its_config() {
     let terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"]
         .to_string();
-    assert!(terms.contains("\"In\"") && terms.contains("damselfly.io/role"), "{terms}");
+    assert!(
+        terms.contains("\"In\"") && terms.contains("damselfly.io/role"),
+        "{terms}"
+    );
 }
 
 /// The image the manifests name, built as daemonset/image/build.sh builds
@@ -508,7 +537,10 @@ fn the_image_builds_and_its_binaries_run_from_it() {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap())
             .unwrap();
-    assert_eq!(config["process"]["args"], serde_json::json!(["damselfly", "daemon"]));
+    assert_eq!(
+        config["process"]["args"],
+        serde_json::json!(["damselfly", "daemon"])
+    );
     // Nothing but the binaries, their libraries, the CA bundle and passwd.
     let mut files = Vec::new();
     let mut stack = vec![rootfs.clone()];

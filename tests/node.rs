@@ -338,8 +338,7 @@ fn the_daemon_untaints_its_node_once_the_init_containers_files_check_out() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let written =
-        std::fs::read_to_string(certs.join("registry.example.test/hosts.toml")).unwrap();
+    let written = std::fs::read_to_string(certs.join("registry.example.test/hosts.toml")).unwrap();
     assert!(
         written.contains(&format!("[host.\"http://{}\"]", d.mirror)),
         "{written}"

@@ -259,14 +259,14 @@ pub fn probe_mirror(mirror: &str, timeout: Duration) -> MirrorStatus {
 /// as a Dragonfly dfdaemon or a Spegel left from an earlier install:
 /// containerd would pull through it, and damselfly cannot listen there.
 fn foreign_listener(mirror: &str, status: &MirrorStatus) -> Option<String> {
-    let MirrorStatus::Live {
-        server,
-        detail,
-    } = status
-    else {
+    let MirrorStatus::Live { server, detail } = status else {
         return None;
     };
-    if mirror.starts_with("https://") || server.as_deref().is_some_and(|s| s.starts_with("damselfly")) {
+    if mirror.starts_with("https://")
+        || server
+            .as_deref()
+            .is_some_and(|s| s.starts_with("damselfly"))
+    {
         return None;
     }
     Some(format!(

@@ -307,7 +307,9 @@ fn a_soci_snapshotter_is_named() {
     assert_eq!(soci.len(), 1, "{r}");
     assert!(
         soci[0].contains("proxy_plugins.soci")
-            && soci[0].contains("plugins.\"io.containerd.grpc.v1.cri\".containerd.snapshotter = \"soci\""),
+            && soci[0].contains(
+                "plugins.\"io.containerd.grpc.v1.cri\".containerd.snapshotter = \"soci\""
+            ),
         "{}",
         soci[0]
     );

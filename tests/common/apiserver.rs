@@ -213,8 +213,16 @@ fn answer(
     content_type: &str,
     body: &str,
 ) -> Response<LabBody> {
-    let Some(name) = path.strip_prefix("/api/v1/nodes/").filter(|n| !n.contains('/')) else {
-        return status(404, "NotFound", "the server could not find the requested resource", "");
+    let Some(name) = path
+        .strip_prefix("/api/v1/nodes/")
+        .filter(|n| !n.contains('/'))
+    else {
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            "",
+        );
     };
     let user = "system:serviceaccount:damselfly:damselfly";
     let forbidden = |verb: &str| {
@@ -235,7 +243,12 @@ fn answer(
             }
             match s.nodes.get(name) {
                 Some(node) => simple_response(200, "application/json", node.to_string()),
-                None => status(404, "NotFound", &format!("nodes \"{name}\" not found"), name),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("nodes \"{name}\" not found"),
+                    name,
+                ),
             }
         }
         Method::PATCH => {
@@ -266,7 +279,12 @@ fn answer(
             s.resource_version += 1;
             let rv = s.resource_version.to_string();
             let Some(node) = s.nodes.get_mut(name) else {
-                return status(404, "NotFound", &format!("nodes \"{name}\" not found"), name);
+                return status(
+                    404,
+                    "NotFound",
+                    &format!("nodes \"{name}\" not found"),
+                    name,
+                );
             };
             if let Some(taint) = race {
                 match node["spec"]["taints"].as_array_mut() {
@@ -293,6 +311,11 @@ fn answer(
             s.accepted.push((name.to_owned(), ops));
             simple_response(200, "application/json", patched.to_string())
         }
-        _ => status(405, "MethodNotAllowed", "the server does not allow this method", name),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method",
+            name,
+        ),
     }
 }
