@@ -1176,10 +1176,7 @@ impl Validator {
 
     fn swarm(&mut self, t: &Table) -> SwarmConfig {
         const S: &str = "swarm";
-        let explicit = match t.get("enabled") {
-            None => None,
-            Some(_) => Some(self.bool(t, S, "enabled", false)),
-        };
+        let explicit = t.get("enabled").map(|_| self.bool(t, S, "enabled", false));
         let listen = self
             .opt_string(t, S, "listen")
             .unwrap_or_else(|| "/ip4/0.0.0.0/tcp/4003".into());

@@ -305,7 +305,9 @@ async fn check_hosts_until_ok(
         let o = opts.clone();
         match tokio::task::spawn_blocking(move || hostsd::check(&o)).await {
             Ok(Ok(report)) if report.ok() => {
-                tracing::info!("containerd goes through the mirror for every registry (hostsd check)");
+                tracing::info!(
+                    "containerd goes through the mirror for every registry (hostsd check)"
+                );
                 ok.send_replace(true);
                 return;
             }

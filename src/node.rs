@@ -170,16 +170,19 @@ impl NodeApi {
                 json!({"op": "replace", "path": "/spec/taints", "value": kept})
             };
             let ops = json!([{"op": "test", "path": "/spec/taints", "value": taints}, write]);
-            let patch: json_patch::Patch = serde_json::from_value(ops).map_err(|e| {
-                NodeError::Api {
+            let patch: json_patch::Patch =
+                serde_json::from_value(ops).map_err(|e| NodeError::Api {
                     node: self.name.clone(),
                     verb: "build a patch for",
                     source: kube::Error::SerdeError(e),
-                }
-            })?;
+                })?;
             match self
                 .api
-                .patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .patch(
+                    &self.name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
                 .await
             {
                 Ok(_) => return Ok(Removal::Removed { conflicts: attempt }),
@@ -261,9 +264,13 @@ pub struct Condition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// `forced`: the deadline passed before every condition was met.
-    Removed { forced: bool },
+    Removed {
+        forced: bool,
+    },
     /// The Node had no such taint (no `startupTaints` configured).
-    Absent { forced: bool },
+    Absent {
+        forced: bool,
+    },
     Cancelled,
 }
 
@@ -283,7 +290,10 @@ pub async fn gate(
     tracing::info!(%node, %taint, conditions = ?conditions.iter().map(|c| c.name).collect::<Vec<_>>(),
         "node gate: the taint stays until these are met");
     let pending = |cs: &[Condition]| -> Vec<&'static str> {
-        cs.iter().filter(|c| !*c.met.borrow()).map(|c| c.name).collect()
+        cs.iter()
+            .filter(|c| !*c.met.borrow())
+            .map(|c| c.name)
+            .collect()
     };
     let all_met = async {
         for c in &conditions {
@@ -388,11 +398,15 @@ mod tests {
     fn taints_match_by_key_effect_and_given_value() {
         let spec: TaintSpec = "damselfly.io/not-ready:NoSchedule".parse().unwrap();
         let t = |v: Value| matches(&spec, &v);
-        assert!(t(json!({"key": "damselfly.io/not-ready", "effect": "NoSchedule"})));
+        assert!(t(
+            json!({"key": "damselfly.io/not-ready", "effect": "NoSchedule"})
+        ));
         assert!(t(
             json!({"key": "damselfly.io/not-ready", "value": "x", "effect": "NoSchedule"})
         ));
-        assert!(!t(json!({"key": "damselfly.io/not-ready", "effect": "NoExecute"})));
+        assert!(!t(
+            json!({"key": "damselfly.io/not-ready", "effect": "NoExecute"})
+        ));
         assert!(!t(json!({"key": "nvidia.com/gpu", "effect": "NoSchedule"})));
         let valued: TaintSpec = "gpu=true:NoSchedule".parse().unwrap();
         assert!(matches(

@@ -429,3 +429,24 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
         std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node gate follows readiness through `subscribe`, holds included
+    /// (prewarm with `gate_readiness` holds it until the images are warm).
+    #[test]
+    fn subscribers_see_holds_and_releases() {
+        let health = Health::default();
+        let rx = health.subscribe();
+        assert!(!*rx.borrow());
+        health.hold("prewarm");
+        health.set_ready(true);
+        assert!(!health.is_ready() && !*rx.borrow());
+        health.release("prewarm");
+        assert!(health.is_ready() && *rx.borrow());
+        health.set_ready(false);
+        assert!(!*rx.borrow());
+    }
+}

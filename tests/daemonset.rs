@@ -342,10 +342,16 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
         assert!(cfg.swarm.enabled, "{dir}: the swarm must be on");
         if *dir == "overlays/gpu-nodes" {
             // The prewarm's CRI socket and NVML are where the pod has them.
-            assert!(cfg.prewarm.gate_readiness && cfg.node.wait_for_ready, "{dir}");
+            assert!(
+                cfg.prewarm.gate_readiness && cfg.node.wait_for_ready,
+                "{dir}"
+            );
             assert!(!cfg.prewarm.rules.is_empty(), "{dir}");
             let (m, v) = mount_for(spec, daemon, &cfg.prewarm.containerd_socket);
-            assert_eq!(m["mountPath"], cfg.prewarm.containerd_socket.to_str().unwrap());
+            assert_eq!(
+                m["mountPath"],
+                cfg.prewarm.containerd_socket.to_str().unwrap()
+            );
             assert_eq!(v["hostPath"]["type"], "Socket", "{dir}");
             let (m, _) = mount_for(spec, daemon, Path::new(&cfg.gpu.nvml_library));
             assert_eq!(m["readOnly"], true, "{dir}");

@@ -72,7 +72,6 @@ pub fn merge(base: &mut Table, over: Table) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::Config;
 
     #[test]
@@ -102,7 +101,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Config::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("no *.toml file"), "{err}");
-        std::fs::write(dir.path().join("10-a.toml"), "[store]\nmax_size = \"lots\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("10-a.toml"),
+            "[store]\nmax_size = \"lots\"\n",
+        )
+        .unwrap();
         let err = Config::load(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains(&dir.path().display().to_string()) && err.contains("store.max_size"),

@@ -386,11 +386,7 @@ fn swarm_section_that_joins_turns_the_swarm_on() {
     assert_eq!(cfg.swarm.implied_by, ["bootstrap", "cluster_key_file"]);
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
 
-    let off = Config::parse(
-        &format!("{joining}enabled = false\n"),
-        Path::new("x.toml"),
-    )
-    .unwrap();
+    let off = Config::parse(&format!("{joining}enabled = false\n"), Path::new("x.toml")).unwrap();
     assert!(!off.swarm.enabled && off.swarm.implied_by.is_empty());
     assert_eq!(off.warnings.len(), 1, "{:?}", off.warnings);
     assert_eq!(off.warnings[0].path, "swarm.enabled");
@@ -413,7 +409,8 @@ fn swarm_section_that_joins_turns_the_swarm_on() {
     );
 
     // A section with nothing to join with stays off, and says so.
-    let cfg = parse("[swarm]\nlisten = \"/ip4/0.0.0.0/tcp/4003\"\npiece_size = \"4MiB\"\n").unwrap();
+    let cfg =
+        parse("[swarm]\nlisten = \"/ip4/0.0.0.0/tcp/4003\"\npiece_size = \"4MiB\"\n").unwrap();
     assert!(!cfg.swarm.enabled);
     assert_eq!(cfg.warnings[0].path, "swarm");
     assert!(
@@ -429,7 +426,10 @@ fn swarm_section_that_joins_turns_the_swarm_on() {
 fn node_section_defaults_and_checks() {
     let cfg = Config::defaults().unwrap();
     assert!(!cfg.node.gate);
-    assert_eq!(cfg.node.taint.to_string(), "damselfly.io/not-ready:NoSchedule");
+    assert_eq!(
+        cfg.node.taint.to_string(),
+        "damselfly.io/not-ready:NoSchedule"
+    );
     assert_eq!(cfg.node.wait_for_taints, ["karpenter.sh/unregistered"]);
     assert_eq!(cfg.node.deadline, Duration::from_secs(600));
     assert!(cfg.node.wait_for_ready && cfg.node.check_hosts);
@@ -444,7 +444,10 @@ fn node_section_defaults_and_checks() {
     assert_eq!(cfg.node.taint.key, "example.com/wired");
     assert_eq!(cfg.node.taint.value.as_deref(), Some("no"));
     assert!(cfg.node.wait_for_taints.is_empty());
-    assert_eq!(cfg.node.kubeconfig, Some(PathBuf::from("/root/.kube/config")));
+    assert_eq!(
+        cfg.node.kubeconfig,
+        Some(PathBuf::from("/root/.kube/config"))
+    );
 
     let err = issues(
         "[node]\ntaint = \"not-a-taint\"\nwait_for_taints = [\"damselfly.io/not-ready\", 3]\n\
