@@ -47,8 +47,10 @@ use resolve::{BlobRef, Resolved};
 pub use status::{BytesBySource, ImageState, ImageStatus, PrewarmStatus, RuleStatus};
 
 const RETRY_START: Duration = Duration::from_secs(1);
-/// How long a swarm's membership must hold still before prewarm starts.
-const SWARM_SETTLED: Duration = Duration::from_secs(2);
+/// The least time a swarm's membership must hold still before prewarm
+/// starts; otherwise one heartbeat (every live member is heard once a
+/// heartbeat).
+const SWARM_SETTLED_MIN: Duration = Duration::from_millis(200);
 /// One CRI `PullImage` of an image whose blobs are cached (unpacking a
 /// 40 GB image takes minutes on a slow disk).
 const CRI_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -102,8 +104,9 @@ struct Inner {
     entries: Mutex<Vec<Entry>>,
     ready: watch::Sender<bool>,
     host: Platform,
-    /// The swarm and its settle time, when the swarm is on.
-    swarm_wait: Option<Duration>,
+    /// With the swarm on: how long prewarm may wait for it, and how long
+    /// its membership must hold still.
+    swarm_wait: Option<(Duration, Duration)>,
 }
 
 /// The prewarm engine. Cheap to clone.
@@ -195,7 +198,10 @@ impl Prewarm {
         let ready = entries.is_empty();
         let p = Prewarm {
             inner: Arc::new(Inner {
-                swarm_wait: cfg.swarm.enabled.then_some(pcfg.swarm_wait),
+                swarm_wait: cfg
+                    .swarm
+                    .enabled
+                    .then_some((pcfg.swarm_wait, cfg.swarm.heartbeat.max(SWARM_SETTLED_MIN))),
                 cfg: pcfg,
                 facts,
                 fetcher,
@@ -271,11 +277,12 @@ impl Prewarm {
     }
 
     /// With the swarm on, waits (at most `prewarm.swarm_wait`) until this
-    /// node has peers and their number held still for a moment, so nodes
-    /// booting together share the pieces instead of each taking the image
-    /// from the origin alone.
+    /// node has peers and their number held still for a heartbeat, so
+    /// nodes booting together share the pieces instead of each taking the
+    /// image from the origin alone (a download that starts with no peers
+    /// is fetched whole from the origin).
     async fn settle_swarm(&self, shutdown: &CancellationToken) {
-        let Some(wait) = self.inner.swarm_wait else {
+        let Some((wait, settled)) = self.inner.swarm_wait else {
             return;
         };
         let Some(swarm) = self.inner.fetcher.swarm().cloned() else {
@@ -285,12 +292,12 @@ impl Prewarm {
         let mut count = swarm.peers().len();
         let mut since = Instant::now();
         while Instant::now() < deadline {
-            if count > 0 && since.elapsed() >= SWARM_SETTLED {
+            if count > 0 && since.elapsed() >= settled {
                 break;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
             let now = swarm.peers().len();
             if now != count {
