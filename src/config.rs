@@ -16,7 +16,11 @@ use std::time::Duration;
 use toml::{Table, Value};
 use url::Url;
 
+mod layers;
+mod node;
 mod prewarm;
+
+pub use node::{valid_label_key, NodeConfig, TaintEffect, TaintSpec};
 
 pub use prewarm::{
     parse_compute_capability, AssumedGpus, GpuConfig, GpuSelector, GpuSource, PrewarmConfig,
@@ -150,8 +154,8 @@ pub const KEYS: &[Key] = &[
     Key {
         path: "swarm.enabled",
         kind: "bool",
-        default: "false",
-        doc: "Join the cluster's swarm: fetch each blob from the origin once per cluster and share pieces with peers. Off, the daemon is a single-node mirror.",
+        default: "true when `[swarm]` sets `bootstrap`, `cluster_key_file`, `insecure_no_cluster_key` or `mdns`; else false",
+        doc: "Join the cluster's swarm: fetch each blob from the origin once per cluster and share pieces with peers. Off, the daemon is a single-node mirror. `false` keeps it off whatever else the section says (with a warning when it also says how to join).",
     },
     Key {
         path: "swarm.listen",
@@ -260,6 +264,60 @@ pub const KEYS: &[Key] = &[
         kind: "duration",
         default: "1s",
         doc: "Membership heartbeat period; a member silent for 4 heartbeats is dropped.",
+    },
+    Key {
+        path: "node.gate",
+        kind: "bool",
+        default: "false",
+        doc: "Remove `node.taint` from this node's Kubernetes Node once containerd is wired to the mirror and the daemon is ready (Karpenter `startupTaints`; see docs/deploy.md). Needs RBAC get and patch on nodes.",
+    },
+    Key {
+        path: "node.name",
+        kind: "string",
+        default: "$NODE_NAME (the downward API's `spec.nodeName`)",
+        doc: "The Node to un-taint.",
+    },
+    Key {
+        path: "node.taint",
+        kind: "taint",
+        default: "damselfly.io/not-ready:NoSchedule",
+        doc: "The startup taint to remove, as `key[=value]:Effect`. Taints match by key and effect (and value, when one is given); every other taint is kept.",
+    },
+    Key {
+        path: "node.wait_for_taints",
+        kind: "list of taint keys",
+        default: "[\"karpenter.sh/unregistered\"]",
+        doc: "Taints that must be gone before `node.taint` is removed, whatever the deadline: Karpenter writes a NodePool's startup taints when it registers the node, so one removed earlier comes back.",
+    },
+    Key {
+        path: "node.deadline",
+        kind: "duration",
+        default: "10m",
+        doc: "From start-up, the longest the daemon's own conditions (containerd wiring, readiness) may hold the taint. Past it the taint is removed anyway, with a warning, so a broken origin never keeps a node out of service.",
+    },
+    Key {
+        path: "node.wait_for_ready",
+        kind: "bool",
+        default: "true",
+        doc: "Also wait until `/readyz` is ready (with `prewarm.gate_readiness`, that includes the prewarm).",
+    },
+    Key {
+        path: "node.check_hosts",
+        kind: "bool",
+        default: "true",
+        doc: "Also wait until containerd is wired to the mirror: with `containerd.configure_hosts`, the daemon's own hostsd run succeeded; without it (the DaemonSet's `hostsd` init container wrote the files), `hostsd check` passes for every `[[registry]]`.",
+    },
+    Key {
+        path: "node.poll_interval",
+        kind: "duration",
+        default: "2s",
+        doc: "How often the Node (for `node.wait_for_taints`) and the hosts.toml check are looked at again while waiting.",
+    },
+    Key {
+        path: "node.kubeconfig",
+        kind: "path",
+        default: "(in-cluster: the pod's service account; else $KUBECONFIG or ~/.kube/config)",
+        doc: "A kubeconfig file to reach the API server with, instead of the in-cluster service account.",
     },
     Key {
         path: "gpu.source",
@@ -508,10 +566,14 @@ pub struct Config {
     pub origin: OriginConfig,
     pub containerd: ContainerdConfig,
     pub swarm: SwarmConfig,
+    pub node: NodeConfig,
     pub gpu: GpuConfig,
     pub prewarm: PrewarmConfig,
     /// Empty means: mirror any registry over HTTPS.
     pub registries: Vec<RegistryConfig>,
+    /// Valid, but probably not what was meant (the daemon logs them at
+    /// start-up, `config check` prints them).
+    pub warnings: Vec<Issue>,
 }
 
 /// How the daemon wires containerd to itself at start-up (see hostsd).
@@ -528,6 +590,9 @@ pub struct ContainerdConfig {
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
     pub enabled: bool,
+    /// The keys that turned the swarm on when `enabled` was not written
+    /// (empty when it was, or when the swarm is off).
+    pub implied_by: Vec<&'static str>,
     pub listen: String,
     pub data_listen: SocketAddr,
     pub advertise: Option<std::net::IpAddr>,
@@ -708,8 +773,16 @@ impl Config {
         Config::parse("", Path::new("<built-in defaults>"))
     }
 
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, or a directory of `*.toml`
+    /// drop-ins merged in name order (see [`layers`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if path.is_dir() {
+            let table = layers::load_dir(path)?;
+            return Config::from_table(&table, path).map_err(|issues| ConfigError::Invalid {
+                path: path.to_owned(),
+                issues,
+            });
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -736,6 +809,7 @@ impl Config {
     fn from_table(root: &Table, base: &Path) -> Result<Config, Vec<Issue>> {
         let mut v = Validator {
             issues: Vec::new(),
+            warnings: Vec::new(),
             base: base.to_owned(),
         };
         let sections: HashSet<&str> = KEYS
@@ -816,6 +890,8 @@ impl Config {
         let registries = v.registries(root);
         let swarm = v.section(root, "swarm").unwrap_or(&empty);
         let swarm_cfg = v.swarm(swarm);
+        let node = v.section(root, "node").unwrap_or(&empty);
+        let node_cfg = v.node(node);
         let gpu = v.section(root, "gpu").unwrap_or(&empty);
         let gpu_cfg = v.gpu(gpu);
         let prewarm = v.section(root, "prewarm").unwrap_or(&empty);
@@ -848,9 +924,11 @@ impl Config {
                 origin: origin_cfg,
                 containerd: containerd_cfg,
                 swarm: swarm_cfg,
+                node: node_cfg,
                 gpu: gpu_cfg,
                 prewarm: prewarm_cfg,
                 registries,
+                warnings: v.warnings,
             })
         } else {
             Err(v.issues)
@@ -923,12 +1001,20 @@ fn running_as_root() -> bool {
 /// Collects issues while it converts raw TOML values.
 struct Validator {
     issues: Vec<Issue>,
+    warnings: Vec<Issue>,
     base: PathBuf,
 }
 
 impl Validator {
     fn issue(&mut self, path: &str, message: &str) {
         self.issues.push(Issue {
+            path: path.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+
+    fn warn(&mut self, path: &str, message: &str) {
+        self.warnings.push(Issue {
             path: path.to_owned(),
             message: message.to_owned(),
         });
@@ -1090,7 +1176,7 @@ impl Validator {
 
     fn swarm(&mut self, t: &Table) -> SwarmConfig {
         const S: &str = "swarm";
-        let enabled = self.bool(t, S, "enabled", false);
+        let explicit = t.get("enabled").map(|_| self.bool(t, S, "enabled", false));
         let listen = self
             .opt_string(t, S, "listen")
             .unwrap_or_else(|| "/ip4/0.0.0.0/tcp/4003".into());
@@ -1138,6 +1224,41 @@ impl Validator {
         };
         let insecure = self.bool(t, S, "insecure_no_cluster_key", false);
         let cluster_key_file = self.opt_path(t, S, "cluster_key_file");
+        let mdns = self.bool(t, S, "mdns", false);
+        // A section that says how to join a cluster means to join it: a
+        // ConfigMap with bootstrap and a key but no `enabled = true` once left
+        // a lab's swarm silently off (8x the origin's bytes).
+        let joins: Vec<&'static str> = [
+            ("bootstrap", !bootstrap.is_empty()),
+            ("cluster_key_file", cluster_key_file.is_some()),
+            ("insecure_no_cluster_key", insecure),
+            ("mdns", mdns),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        let enabled = explicit.unwrap_or(!joins.is_empty());
+        match explicit {
+            Some(false) if !joins.is_empty() => self.warn(
+                "swarm.enabled",
+                &format!(
+                    "is false, so [swarm] {} are not used: this node is a single-node mirror",
+                    joins.join(", ")
+                ),
+            ),
+            None if joins.is_empty() && !t.is_empty() => {
+                let mut keys: Vec<&str> = t.keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                self.warn(
+                    "swarm",
+                    &format!(
+                        "sets {} but nothing to join with (bootstrap, cluster_key_file, mdns):                          the swarm is off; write enabled = true to turn it on",
+                        keys.join(", ")
+                    ),
+                );
+            }
+            _ => {}
+        }
         match (&cluster_key_file, insecure) {
             (Some(_), true) => self.issue(
                 "swarm.insecure_no_cluster_key",
@@ -1189,6 +1310,11 @@ impl Validator {
         }
         SwarmConfig {
             enabled,
+            implied_by: if explicit.is_none() && enabled {
+                joins
+            } else {
+                Vec::new()
+            },
             listen,
             data_listen,
             advertise,
@@ -1196,7 +1322,7 @@ impl Validator {
             dns_refresh: self.duration(t, S, "dns_refresh", "30s"),
             cluster_key_file: if insecure { None } else { cluster_key_file },
             data_tls: self.bool(t, S, "data_tls", true),
-            mdns: self.bool(t, S, "mdns", false),
+            mdns,
             role,
             piece_size,
             upload_limit: self.size(t, S, "upload_limit", "0"),

@@ -30,6 +30,8 @@ pub enum DaemonError {
     Admin(#[from] admin::AdminError),
     #[error("swarm: {0}")]
     Swarm(#[from] crate::swarm::SwarmError),
+    #[error("node gate: {0}")]
+    Node(#[from] crate::node::NodeError),
     #[error("GPU discovery: {0}")]
     Gpu(String),
 }
@@ -37,6 +39,22 @@ pub enum DaemonError {
 /// Runs the daemon until `shutdown` fires, then drains and returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
+    // node.deadline counts from here.
+    let gate_start = tokio::time::Instant::now();
+    for w in &cfg.warnings {
+        tracing::warn!(key = %w.path, "config: {}", w.message);
+    }
+    if !cfg.swarm.implied_by.is_empty() {
+        tracing::info!(by = ?cfg.swarm.implied_by,
+            "the swarm is on: [swarm] says how to join (write enabled = false to keep it off)");
+    }
+    // A gate that cannot reach the API server would keep the node tainted
+    // for good: fail at start-up, where the pod's status shows it.
+    let node_api = if cfg.node.gate {
+        Some(crate::node::NodeApi::connect(&cfg.node).await?)
+    } else {
+        None
+    };
     let (store, recovery) =
         Store::open(&cfg.store.dir, cfg.store.max_size).map_err(|source| DaemonError::Store {
             dir: cfg.store.dir.clone(),
@@ -138,19 +156,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         gate_on_prewarm(&health, &prewarm, cfg.prewarm.ready_deadline);
     }
     health.set_ready(true);
+    let mirror_addr = mirror_listener.local_addr().map_err(DaemonError::Listen)?;
+    let (hosts_tx, hosts_wired) = tokio::sync::watch::channel(false);
     let hosts = if cfg.containerd.configure_hosts {
-        let mirror_addr = mirror_listener.local_addr().map_err(DaemonError::Listen)?;
         let opts = hosts_options(&cfg, mirror_addr);
         // hostsd does blocking file and HTTP work; the mirror is already
         // listening, so containerd can use the files the moment they land.
         Some(tokio::task::spawn_blocking(
             move || match hostsd::reconcile(&opts) {
-                Ok(report) => tracing::info!(report = %report, "containerd hosts.toml reconciled"),
+                Ok(report) => {
+                    tracing::info!(report = %report, "containerd hosts.toml reconciled");
+                    hosts_tx.send_replace(true);
+                }
                 Err(e) => tracing::error!(error = %e,
                 "cannot wire containerd to the mirror; containerd keeps pulling from the origin"),
             },
         ))
     } else {
+        if cfg.node.gate && cfg.node.check_hosts {
+            // The DaemonSet's hostsd init container wrote the files: check,
+            // read-only, that containerd really goes through this mirror.
+            tokio::spawn(check_hosts_until_ok(
+                hosts_options(&cfg, mirror_addr),
+                cfg.node.poll_interval,
+                hosts_tx,
+                shutdown.clone(),
+            ));
+        }
         None
     };
     let prewarm_stop = CancellationToken::new();
@@ -163,6 +195,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 let _ = h.await;
             }
             prewarm.start(stop);
+        });
+    }
+    if let Some(api) = node_api {
+        let mut conditions = Vec::new();
+        if cfg.node.check_hosts {
+            conditions.push(crate::node::Condition {
+                name: "hosts",
+                met: hosts_wired,
+            });
+        }
+        if cfg.node.wait_for_ready {
+            conditions.push(crate::node::Condition {
+                name: "ready",
+                met: health.subscribe(),
+            });
+        }
+        let node_cfg = cfg.node.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let deadline = gate_start + node_cfg.deadline;
+            crate::node::gate(&api, &node_cfg, conditions, deadline, &stop).await
         });
     }
 
@@ -236,6 +289,43 @@ pub fn hosts_options(cfg: &Config, mirror: std::net::SocketAddr) -> hostsd::Reco
         dial_timeout: cfg.containerd.dial_timeout.clone(),
         patch_config: cfg.containerd.patch_config,
         ..Default::default()
+    }
+}
+
+/// Runs `hostsd check` every `every` until it passes, then says so on `ok`.
+/// The first failure is logged as a warning with the report.
+async fn check_hosts_until_ok(
+    opts: hostsd::ReconcileOptions,
+    every: std::time::Duration,
+    ok: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let o = opts.clone();
+        match tokio::task::spawn_blocking(move || hostsd::check(&o)).await {
+            Ok(Ok(report)) if report.ok() => {
+                tracing::info!(
+                    "containerd goes through the mirror for every registry (hostsd check)"
+                );
+                ok.send_replace(true);
+                return;
+            }
+            Ok(Ok(report)) if !warned => {
+                tracing::warn!(report = %report,
+                    "containerd is not wired to the mirror yet (hostsd check); checking again");
+                warned = true;
+            }
+            Ok(Err(e)) if !warned => {
+                tracing::warn!(error = %e, "hostsd check failed; checking again");
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

@@ -41,13 +41,9 @@
 //! - [`prewarm`]: on top of the fetch engine: the images a node's rules
 //!   pick for its GPUs, fetched through the swarm at background priority,
 //!   pinned, and pulled into containerd with CRI `PullImage`.
+//! - [`node`]: Kubernetes node gating: the startup taint comes off this
+//!   node's Node once containerd is wired and the daemon is ready.
 //! - [`daemon`]: wires the parts together and owns graceful shutdown.
-//!
-//! Imports point down: `config` and `oci` at the bottom; `store`, `origin`,
-//! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
-//! the fetch engine; `admin`, `cli`, `bench` and `daemon` on top. Known
-//! exceptions, still to untangle: `config` validates with `swarm` and
-//! `origin::ecr` helpers, and `fetch` and `swarm` call each other.
 //! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
 //!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
 //!   answers from the store, so the CLI can also read a store directly.
@@ -55,6 +51,13 @@
 //!   of the admin API, its tables and its JSON.
 //! - [`bench`]: `damselfly bench pull`: a pull through the mirror as
 //!   containerd does it, timed, with bytes by source and a warm verdict.
+//!
+//! Imports point down: `config` and `oci` at the bottom; `store`, `origin`,
+//! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
+//! the fetch engine; `node` beside it; `admin`, `cli`, `bench` and `daemon`
+//! on top. Known exceptions, still to untangle: `config` validates with
+//! `swarm` and `origin::ecr` helpers, and `fetch` and `swarm` call each
+//! other.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -65,6 +68,7 @@ pub mod cri;
 pub mod daemon;
 pub mod fetch;
 pub mod gpu;
+pub mod node;
 pub mod oci;
 pub mod origin;
 pub mod prewarm;

@@ -467,6 +467,11 @@ impl Mirror {
 fn base_response(head_only: bool) -> Response<Body> {
     let body = if head_only { empty() } else { full("{}") };
     Response::builder()
+        // `hostsd check` tells damselfly from another program on its port.
+        .header(
+            http::header::SERVER,
+            concat!("damselfly/", env!("CARGO_PKG_VERSION")),
+        )
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::CONTENT_LENGTH, 2)
         .header("Docker-Distribution-API-Version", "registry/2.0")

@@ -282,16 +282,30 @@ impl Metrics {
 }
 
 /// Readiness as the health endpoint reports it: the daemon is up, and
-/// nothing holds readiness back (prewarm with `gate_readiness`).
-#[derive(Clone, Default)]
+/// nothing holds readiness back (prewarm with `gate_readiness`). Every
+/// change is also published on a watch channel, so that the node gate can
+/// wait for it ([`Health::subscribe`]).
+#[derive(Clone)]
 pub struct Health {
     ready: Arc<AtomicBool>,
     holds: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
+    published: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            ready: Arc::default(),
+            holds: Arc::default(),
+            published: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
 }
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.publish();
     }
 
     pub fn is_ready(&self) -> bool {
@@ -304,6 +318,7 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(what);
+        self.publish();
     }
 
     pub fn release(&self, what: &'static str) {
@@ -311,6 +326,7 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(what);
+        self.publish();
     }
 
     /// What readiness waits for.
@@ -322,7 +338,22 @@ impl Health {
             .copied()
             .collect()
     }
+
+    /// Follows [`Health::is_ready`]: `wait_for(|r| *r)` returns once it is.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.published.subscribe()
+    }
+
+    fn publish(&self) {
+        self.published.send_replace(self.is_ready());
+    }
 }
+
+/// The telemetry paths (the DaemonSet's probes use them; tests/daemonset.rs
+/// checks that they match).
+pub const METRICS_PATH: &str = "/metrics";
+pub const HEALTH_PATH: &str = "/healthz";
+pub const READY_PATH: &str = "/readyz";
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
 pub async fn serve(
@@ -366,7 +397,7 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
             .unwrap_or_default()
     };
     match req.uri().path() {
-        "/metrics" => {
+        METRICS_PATH => {
             let mut buf = Vec::new();
             let encoder = TextEncoder::new();
             match encoder.encode(&registry.gather(), &mut buf) {
@@ -377,9 +408,9 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => {
+        HEALTH_PATH => text(StatusCode::OK, "ok\n".into()),
+        READY_PATH if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
+        READY_PATH => {
             let waiting = health.waiting_for();
             let body = if waiting.is_empty() {
                 "not ready\n".to_owned()
@@ -397,4 +428,25 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node gate follows readiness through `subscribe`, holds included
+    /// (prewarm with `gate_readiness` holds it until the images are warm).
+    #[test]
+    fn subscribers_see_holds_and_releases() {
+        let health = Health::default();
+        let rx = health.subscribe();
+        assert!(!*rx.borrow());
+        health.hold("prewarm");
+        health.set_ready(true);
+        assert!(!health.is_ready() && !*rx.borrow());
+        health.release("prewarm");
+        assert!(health.is_ready() && *rx.borrow());
+        health.set_ready(false);
+        assert!(!*rx.borrow());
+    }
 }

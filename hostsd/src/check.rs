@@ -16,8 +16,11 @@ use crate::registry::{self, DEFAULT_DIR};
 /// Whether the mirror answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MirrorStatus {
-    /// It answered; `detail` says how.
-    Live { detail: String },
+    /// It answered; `detail` says how, `server` is its `Server` header.
+    Live {
+        detail: String,
+        server: Option<String>,
+    },
     /// It did not; `reason` says why.
     Down { reason: String },
 }
@@ -85,6 +88,9 @@ pub fn check(opts: &ReconcileOptions) -> Result<CheckReport, Error> {
     let mut warnings = insp.warnings;
     warnings.extend(notes);
     let mirror_status = probe_mirror(&mirror, opts.probe_timeout);
+    if let Some(w) = foreign_listener(&mirror, &mirror_status) {
+        warnings.push(w);
+    }
     let registries = wanted
         .iter()
         .map(|w| check_registry(&insp.roots, w, &mirror))
@@ -216,6 +222,7 @@ pub fn probe_mirror(mirror: &str, timeout: Duration) -> MirrorStatus {
         {
             Some(_) => MirrorStatus::Live {
                 detail: "TCP connect (https is not probed further)".into(),
+                server: None,
             },
             None => MirrorStatus::Down {
                 reason: format!("no TCP connection to {addr}"),
@@ -232,6 +239,11 @@ pub fn probe_mirror(mirror: &str, timeout: Duration) -> MirrorStatus {
     match agent.get(format!("{mirror}/v2/")).call() {
         Ok(resp) => MirrorStatus::Live {
             detail: format!("HTTP {} on GET /v2/", resp.status().as_u16()),
+            server: resp
+                .headers()
+                .get("server")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         },
         Err(ureq::Error::Timeout(_)) => MirrorStatus::Down {
             reason: format!("no answer to GET /v2/ within {timeout:?}"),
@@ -240,6 +252,29 @@ pub fn probe_mirror(mirror: &str, timeout: Duration) -> MirrorStatus {
             reason: e.to_string(),
         },
     }
+}
+
+/// The damselfly mirror answers `/v2/` with `Server: damselfly/<version>`.
+/// Anything else on its address is another program holding the port, such
+/// as a Dragonfly dfdaemon or a Spegel left from an earlier install:
+/// containerd would pull through it, and damselfly cannot listen there.
+fn foreign_listener(mirror: &str, status: &MirrorStatus) -> Option<String> {
+    let MirrorStatus::Live { server, detail } = status else {
+        return None;
+    };
+    if mirror.starts_with("https://")
+        || server
+            .as_deref()
+            .is_some_and(|s| s.starts_with("damselfly"))
+    {
+        return None;
+    }
+    Some(format!(
+        "{mirror} answers ({detail}, Server: {}) but not as damselfly: another program holds the \
+         port (a Dragonfly dfdaemon or another mirror?); containerd sends its pulls there, and the \
+         damselfly daemon cannot listen on it",
+        server.as_deref().unwrap_or("none")
+    ))
 }
 
 fn list(roots: &[PathBuf]) -> String {
@@ -257,7 +292,7 @@ impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "certs.d (search order): {}", list(&self.roots))?;
         match &self.mirror_status {
-            MirrorStatus::Live { detail } => {
+            MirrorStatus::Live { detail, .. } => {
                 writeln!(f, "mirror {}: live ({detail})", self.mirror)?
             }
             MirrorStatus::Down { reason } => {

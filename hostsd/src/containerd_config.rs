@@ -55,6 +55,9 @@ pub struct ContainerdConfig {
     pub imports: Vec<String>,
     /// `config_path` carries hostsd's marker comment.
     pub patched_by_hostsd: bool,
+    /// Where the config names the SOCI snapshotter (a `proxy_plugins` entry,
+    /// a `snapshotter = "soci"`), in dotted form.
+    pub soci: Vec<String>,
 }
 
 impl ContainerdConfig {
@@ -136,6 +139,7 @@ impl ContainerdConfig {
             config_path,
             imports,
             patched_by_hostsd: text.is_some_and(|t| t.contains(PATCH_MARKER)),
+            soci: find_soci(&table),
         })
     }
 
@@ -207,6 +211,19 @@ impl ContainerdConfig {
     }
 
     /// Notes worth a person's attention that do not stop hostsd.
+    /// SOCI fetches the layers it lazy-loads itself, so they never reach
+    /// the mirror.
+    pub fn soci_warning(&self) -> Option<String> {
+        (!self.soci.is_empty()).then(|| {
+            format!(
+                "containerd uses the SOCI snapshotter ({}): SOCI fetches the layers it \
+                 lazy-loads itself, with its own registry settings, not through hosts.toml, so \
+                 those bytes bypass the damselfly mirror",
+                self.soci.join(", ")
+            )
+        })
+    }
+
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if !self.exists {
@@ -228,6 +245,7 @@ impl ContainerdConfig {
                 self.inline_auth.join(", ")
             ));
         }
+        w.extend(self.soci_warning());
         if !self.imports.is_empty() {
             w.push(format!(
                 "config imports {}: hostsd does not read imported files; a config_path or \
@@ -361,3 +379,40 @@ pub fn created_by_hostsd(text: &str) -> bool {
 #[cfg(test)]
 #[path = "containerd_config_tests.rs"]
 mod tests;
+
+/// Where a config names the SOCI snapshotter: `proxy_plugins` entries whose
+/// name or address says soci, and any `snapshotter = "soci..."` under
+/// `plugins` (the CRI plugin's default snapshotter, any version).
+fn find_soci(table: &toml::Table) -> Vec<String> {
+    fn walk(t: &toml::Table, at: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let here = if at.is_empty() {
+                k.clone()
+            } else if k.contains('.') {
+                format!("{at}.\"{k}\"")
+            } else {
+                format!("{at}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => walk(inner, &here, out),
+                toml::Value::String(s) if k == "snapshotter" && s.contains("soci") => {
+                    out.push(format!("{here} = {s:?}"))
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(toml::Value::Table(plugins)) = table.get("proxy_plugins") {
+        for (name, v) in plugins {
+            let address = v.get("address").and_then(|a| a.as_str()).unwrap_or("");
+            if name.contains("soci") || address.contains("soci") {
+                out.push(format!("proxy_plugins.{name}"));
+            }
+        }
+    }
+    if let Some(toml::Value::Table(plugins)) = table.get("plugins") {
+        walk(plugins, "plugins", &mut out);
+    }
+    out
+}

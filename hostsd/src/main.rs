@@ -50,6 +50,9 @@ enum Command {
     /// Report, per registry, what containerd will do, and probe the mirror.
     #[command(after_help = EXIT_CODES)]
     Check(CheckArgs),
+    /// Do nothing until killed: the main container of the uninstall
+    /// DaemonSet (daemonset/uninstall), whose init container ran `remove`.
+    Pause,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -187,6 +190,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", hostsd::remove(&opts)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pause => loop {
+            // No signal handler (the crate forbids unsafe code): as PID 1 it
+            // ignores SIGTERM, so the uninstall DaemonSet's short
+            // terminationGracePeriodSeconds ends it.
+            std::thread::sleep(Duration::from_secs(3600));
+        },
         Command::Check(c) => {
             let opts = ReconcileOptions {
                 probe_timeout: c.probe_timeout,

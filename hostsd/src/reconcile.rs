@@ -56,6 +56,7 @@ pub(crate) fn inspect(opts: &ReconcileOptions) -> Result<Inspection, Error> {
         if let Some(c) = config.conflict() {
             warnings.push(c.to_string());
         }
+        warnings.extend(config.soci_warning());
         match config.first_root() {
             Some(first) if first == *dir => {}
             Some(first) => warnings.push(format!(

@@ -255,3 +255,64 @@ fn config_problems_fail_every_registry() {
     };
     assert!(check(&bad).is_err());
 }
+
+/// Something other than damselfly on the mirror's address (a Dragonfly
+/// dfdaemon left from the stack damselfly replaces) is named; damselfly
+/// itself is not.
+#[test]
+fn another_program_on_the_mirror_port_is_named() {
+    let e = env();
+    let other = Server::start(|_| Response::new(200, "{}").with_header("Server", "dragonfly"));
+    let o = opts(&e, &other.url(), &["ghcr.io"]);
+    reconcile(&o).unwrap();
+    let r = check(&o).unwrap();
+    let w = r.warnings.join("\n");
+    assert!(
+        w.contains("Server: dragonfly") && w.contains("not as damselfly"),
+        "{r}"
+    );
+    assert!(r.to_string().contains("warning: "), "{r}");
+
+    let ours = Server::start(|_| Response::new(200, "{}").with_header("Server", "damselfly/0.1.0"));
+    let o = opts(&e, &ours.url(), &["ghcr.io"]);
+    reconcile(&o).unwrap();
+    let r = check(&o).unwrap();
+    assert!(r.ok(), "{r}");
+    assert!(
+        !r.warnings.iter().any(|w| w.contains("not as damselfly")),
+        "{r}"
+    );
+}
+
+/// A SOCI snapshotter fetches lazily loaded layers itself: named in check
+/// and in apply, in both the proxy_plugins and the CRI snapshotter forms.
+#[test]
+fn a_soci_snapshotter_is_named() {
+    let e = env();
+    let m = Server::start(|_| Response::new(200, "{}").with_header("Server", "damselfly/0.1.0"));
+    let mut text = fs::read_to_string(&e.config).unwrap();
+    text.push_str(
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"soci\"\n\
+         [proxy_plugins.soci]\ntype = \"snapshot\"\naddress = \"/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock\"\n",
+    );
+    fs::write(&e.config, text).unwrap();
+    let o = opts(&e, &m.url(), &["ghcr.io"]);
+    let applied = reconcile(&o).unwrap();
+    assert!(
+        applied.warnings.iter().any(|w| w.contains("SOCI")),
+        "{applied}"
+    );
+    let r = check(&o).unwrap();
+    let soci: Vec<&String> = r.warnings.iter().filter(|w| w.contains("SOCI")).collect();
+    assert_eq!(soci.len(), 1, "{r}");
+    assert!(
+        soci[0].contains("proxy_plugins.soci")
+            && soci[0].contains(
+                "plugins.\"io.containerd.grpc.v1.cri\".containerd.snapshotter = \"soci\""
+            ),
+        "{}",
+        soci[0]
+    );
+    // The routing itself is fine: SOCI is a warning, not a failure.
+    assert!(r.ok(), "{r}");
+}

@@ -32,6 +32,10 @@ enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Wire containerd to this node's mirror with hostsd, from the daemon's
+    /// own config (`[[registry]]`, `[containerd]`, `mirror.listen`).
+    #[command(subcommand, after_help = HOSTS_HELP)]
+    Hosts(HostsCommand),
     /// Inspect and manage this node's cache (through the daemon's admin socket).
     #[command(after_help = CACHE_HELP)]
     Cache {
@@ -152,6 +156,89 @@ Exit codes:
   3  --cold needs the daemon's admin socket and it is unreachable
   5  --expect-warm and a run took bytes from the origin";
 
+const HOSTS_HELP: &str = "Examples:
+  damselfly hosts apply --config /etc/damselfly      (the DaemonSet's hostsd init container)
+  damselfly hosts check --config /etc/damselfly
+  damselfly hosts remove
+
+Exit codes are hostsd's (see `hostsd --help`): 0 done, 1 runtime failure,
+2 bad input, 3 containerd's config needs a person, 4 check: not routed.";
+
+#[derive(Subcommand)]
+enum HostsCommand {
+    /// Write certs.d/<registry>/hosts.toml for every configured registry.
+    Apply {
+        #[arg(long, short, env = "DAMSELFLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Report what containerd will do for each registry; warns about a SOCI
+    /// snapshotter or another program on the mirror's port.
+    Check {
+        #[arg(long, short, env = "DAMSELFLY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Put back every hosts.toml hostsd replaced; delete the ones it created.
+    Remove {
+        #[arg(long, short, env = "DAMSELFLY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Also put back config.toml if hostsd added its config_path.
+        #[arg(long)]
+        restore_config: bool,
+    },
+}
+
+fn hosts(command: HostsCommand) -> ExitCode {
+    let path = match &command {
+        HostsCommand::Apply { config, .. }
+        | HostsCommand::Check { config }
+        | HostsCommand::Remove { config, .. } => config.clone(),
+    };
+    let cfg = match load(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = damselfly::daemon::hosts_options(&cfg, cfg.mirror.listen);
+    let result = match command {
+        HostsCommand::Apply { dry_run, .. } => {
+            hostsd::reconcile(&hostsd::ReconcileOptions { dry_run, ..opts }).map(|r| {
+                print!("{r}");
+                ExitCode::SUCCESS
+            })
+        }
+        HostsCommand::Check { .. } => hostsd::check(&opts).map(|r| {
+            print!("{r}");
+            if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            }
+        }),
+        HostsCommand::Remove { restore_config, .. } => hostsd::remove(&hostsd::ReconcileOptions {
+            restore_config,
+            ..opts
+        })
+        .map(|r| {
+            print!("{r}");
+            ExitCode::SUCCESS
+        }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("damselfly: hostsd: {e}");
+        ExitCode::from(match e.kind() {
+            hostsd::ErrorKind::Input => 2,
+            hostsd::ErrorKind::NodeConfig => 3,
+            hostsd::ErrorKind::Discovery => 5,
+            hostsd::ErrorKind::Runtime => 1,
+        })
+    })
+}
+
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file and print the result with defaults applied.
@@ -204,9 +291,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Hosts(command) => hosts(command),
         Command::Config(ConfigCommand::Check { config }) => match load(config.as_ref()) {
             Ok(c) => {
                 println!("{c:#?}");
+                for w in &c.warnings {
+                    eprintln!("damselfly: warning: {}: {}", w.path, w.message);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

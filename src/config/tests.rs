@@ -367,3 +367,101 @@ fn swarm_values_are_validated() {
         );
     }
 }
+
+/// A `[swarm]` section that says how to join a cluster turns the swarm on
+/// unless `enabled = false` is written; the lab that was set up this way
+/// pulled 8x from the origin while the swarm silently stayed off.
+#[test]
+fn swarm_section_that_joins_turns_the_swarm_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, format!("{}\n", "cd".repeat(32))).unwrap();
+    let joining = format!(
+        "[swarm]\nlisten = \"/ip4/0.0.0.0/tcp/4003\"\nbootstrap = [\"dns:damselfly-peers.damselfly.svc:4003\"]\n\
+         cluster_key_file = \"{}\"\n",
+        key.display()
+    );
+    let cfg = Config::parse(&joining, Path::new("x.toml")).unwrap();
+    assert!(cfg.swarm.enabled);
+    assert_eq!(cfg.swarm.implied_by, ["bootstrap", "cluster_key_file"]);
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+
+    let off = Config::parse(&format!("{joining}enabled = false\n"), Path::new("x.toml")).unwrap();
+    assert!(!off.swarm.enabled && off.swarm.implied_by.is_empty());
+    assert_eq!(off.warnings.len(), 1, "{:?}", off.warnings);
+    assert_eq!(off.warnings[0].path, "swarm.enabled");
+    assert!(
+        off.warnings[0]
+            .message
+            .contains("bootstrap, cluster_key_file are not used"),
+        "{:?}",
+        off.warnings
+    );
+
+    let on = Config::parse(&format!("{joining}enabled = true\n"), Path::new("x.toml")).unwrap();
+    assert!(on.swarm.enabled && on.swarm.implied_by.is_empty());
+
+    // Joining without a key is the same error as enabled = true without one.
+    let err = issues("[swarm]\nbootstrap = [\"/ip4/10.0.0.5/tcp/4003\"]\n");
+    assert!(
+        err.iter().any(|i| i.path == "swarm.cluster_key_file"),
+        "{err:?}"
+    );
+
+    // A section with nothing to join with stays off, and says so.
+    let cfg =
+        parse("[swarm]\nlisten = \"/ip4/0.0.0.0/tcp/4003\"\npiece_size = \"4MiB\"\n").unwrap();
+    assert!(!cfg.swarm.enabled);
+    assert_eq!(cfg.warnings[0].path, "swarm");
+    assert!(
+        cfg.warnings[0].message.contains("listen, piece_size")
+            && cfg.warnings[0].message.contains("enabled = true"),
+        "{:?}",
+        cfg.warnings
+    );
+    assert!(Config::defaults().unwrap().warnings.is_empty());
+}
+
+#[test]
+fn node_section_defaults_and_checks() {
+    let cfg = Config::defaults().unwrap();
+    assert!(!cfg.node.gate);
+    assert_eq!(
+        cfg.node.taint.to_string(),
+        "damselfly.io/not-ready:NoSchedule"
+    );
+    assert_eq!(cfg.node.wait_for_taints, ["karpenter.sh/unregistered"]);
+    assert_eq!(cfg.node.deadline, Duration::from_secs(600));
+    assert!(cfg.node.wait_for_ready && cfg.node.check_hosts);
+    assert_eq!(cfg.node.name, None);
+
+    let cfg = parse(
+        "[node]\ngate = true\nname = \"ip-10-0-1-7.ec2.internal\"\ntaint = \"example.com/wired=no:NoExecute\"\n\
+         wait_for_taints = []\ndeadline = \"90s\"\nwait_for_ready = false\nkubeconfig = \"/root/.kube/config\"\n",
+    )
+    .unwrap();
+    assert!(cfg.node.gate && !cfg.node.wait_for_ready);
+    assert_eq!(cfg.node.taint.key, "example.com/wired");
+    assert_eq!(cfg.node.taint.value.as_deref(), Some("no"));
+    assert!(cfg.node.wait_for_taints.is_empty());
+    assert_eq!(
+        cfg.node.kubeconfig,
+        Some(PathBuf::from("/root/.kube/config"))
+    );
+
+    let err = issues(
+        "[node]\ntaint = \"not-a-taint\"\nwait_for_taints = [\"damselfly.io/not-ready\", 3]\n\
+         deadline = \"soon\"\npoll_interval = \"1ms\"\nnope = 1\n",
+    );
+    let paths: Vec<&str> = err.iter().map(|i| i.path.as_str()).collect();
+    for want in [
+        "node.taint",
+        "node.wait_for_taints",
+        "node.wait_for_taints[1]",
+        "node.deadline",
+        "node.poll_interval",
+        "node.nope",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}

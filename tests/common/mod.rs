@@ -14,6 +14,7 @@
 //! | [`push_raw_image`] | an image of raw random layers pushed blob by blob (big layers in seconds; fetch-only) |
 //! | [`push_blob`], [`verify_blob`], [`random_bytes`] | raw blobs of any size streamed from a seeded generator |
 //! | [`Containerd`], [`write_hosts_toml`] | a private containerd and the `hosts.toml` that points it at a mirror |
+//! | [`ApiServer`] | a stand-in for the Kubernetes API server's node endpoints (GET, JSON-patch PATCH, 403/409/422), for the node gate |
 //! | [`FaultProxy`] | a streaming HTTP/1.1 reverse proxy that counts requests and injects faults |
 //!
 //! # Rules the lab keeps
@@ -48,6 +49,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod blob;
 pub mod containerd;
 pub mod cri;
@@ -60,6 +62,8 @@ pub mod token;
 pub mod util;
 
 // Each test binary uses a different subset of these re-exports.
+#[allow(unused_imports)]
+pub use apiserver::{ApiRequest, ApiServer};
 #[allow(unused_imports)]
 pub use blob::{
     fetch_manifest, get_blob, push_blob, push_blob_async, verify_blob, BlobSource, Endpoint,

@@ -30,6 +30,7 @@ impl Request {
 pub struct Response {
     pub status: u16,
     pub body: String,
+    pub headers: Vec<(String, String)>,
 }
 
 impl Response {
@@ -37,7 +38,13 @@ impl Response {
         Response {
             status,
             body: body.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
     }
 }
 
@@ -158,8 +165,13 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
         let resp = handler(&req);
         log.lock().unwrap().push(req.clone());
         let head_only = req.method == "HEAD";
+        let extra: String = resp
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let msg = format!(
-            "HTTP/1.1 {} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{}",
+            "HTTP/1.1 {} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n{extra}\r\n{}",
             resp.status,
             resp.body.len(),
             if head_only { "" } else { resp.body.as_str() }
