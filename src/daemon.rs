@@ -84,6 +84,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
         swarm_handle = Some(swarm);
     }
+    // The partial sweep and the scrub; stopped with the telemetry below.
+    let upkeep_stop = CancellationToken::new();
+    fetcher.spawn_upkeep(&cfg.store, upkeep_stop.clone());
     let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));
     let mirror = Mirror::new(&cfg, fetcher, metrics);
 
@@ -136,6 +139,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     });
     registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
     telemetry_stop.cancel();
+    upkeep_stop.cancel();
     swarm_stop.cancel();
     if let Some(swarm) = swarm_handle {
         swarm.shutdown().await;
