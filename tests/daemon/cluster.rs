@@ -53,6 +53,8 @@ pub struct NodeSpec {
     pub key: Key,
     /// `bootstrap`; `None`: node 0's address (none for node 0 itself).
     pub bootstrap: Option<Vec<String>>,
+    /// Lines inside `[store]` (`verify_reads = false`).
+    pub store: String,
 }
 
 impl NodeSpec {
@@ -96,12 +98,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts node `index` for `origin` (daemon and containerd).
-    pub fn start(index: usize, origin: &Registry, swarm: SwarmOptions) -> Node {
+    /// Starts node `index` for `origin` (daemon and containerd), with
+    /// `store` lines in its `[store]` section.
+    pub fn start(index: usize, origin: &Registry, swarm: SwarmOptions, store: &str) -> Node {
         let ip = node_ip(index);
         let daemon = Daemon::start_with(Options {
             ip: Some(ip),
             swarm: Some(swarm),
+            store: store.to_owned(),
             extra: format!(
                 "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
                 origin.host(),
@@ -254,16 +258,20 @@ impl Cluster {
         let mut specs = specs.into_iter();
         if let Some(first) = specs.next() {
             let swarm = cluster.swarm_options(0, &first);
-            cluster.nodes.push(Node::start(0, origin, swarm));
+            cluster
+                .nodes
+                .push(Node::start(0, origin, swarm, &first.store));
         }
-        let rest: Vec<(usize, SwarmOptions)> = specs
+        let rest: Vec<(usize, SwarmOptions, String)> = specs
             .enumerate()
-            .map(|(i, spec)| (i + 1, cluster.swarm_options(i + 1, &spec)))
+            .map(|(i, spec)| (i + 1, cluster.swarm_options(i + 1, &spec), spec.store))
             .collect();
         let started: Vec<Node> = std::thread::scope(|scope| {
             let handles: Vec<_> = rest
                 .into_iter()
-                .map(|(index, swarm)| scope.spawn(move || Node::start(index, origin, swarm)))
+                .map(|(index, swarm, store)| {
+                    scope.spawn(move || Node::start(index, origin, swarm, &store))
+                })
                 .collect();
             handles
                 .into_iter()
@@ -278,7 +286,8 @@ impl Cluster {
     pub fn add(&mut self, origin: &Registry, spec: NodeSpec) -> &Node {
         let index = self.nodes.len();
         let swarm = self.swarm_options(index, &spec);
-        self.nodes.push(Node::start(index, origin, swarm));
+        self.nodes
+            .push(Node::start(index, origin, swarm, &spec.store));
         self.nodes.last().expect("just pushed")
     }
 
