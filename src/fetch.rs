@@ -52,7 +52,7 @@ const WRITE_BATCH: usize = 1 << 20;
 /// 2 MiB); smaller ones a quicker first byte. 1 MiB sits between. Verified
 /// reads read whole checksum chunks, so it is a multiple of them.
 const READ_CHUNK: u64 = 1 << 20;
-const _: () = assert!(READ_CHUNK % crate::store::SUM_CHUNK == 0);
+const _: () = assert!(READ_CHUNK.is_multiple_of(crate::store::SUM_CHUNK));
 const RESUME_BACKOFF_START: Duration = Duration::from_millis(200);
 const RESUME_BACKOFF_CAP: Duration = Duration::from_secs(5);
 

@@ -290,3 +290,180 @@ impl Fetcher {
         Ok(pass)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::store::Store;
+
+    fn fetcher(dir: &std::path::Path) -> Fetcher {
+        let cfg = crate::config::Config::defaults().unwrap();
+        let (store, _) = Store::open(dir, 1 << 30).unwrap();
+        let metrics = crate::telemetry::Metrics::new(&prometheus::Registry::new()).unwrap();
+        let origin = crate::origin::Origin::new(&cfg, metrics.clone()).unwrap();
+        Fetcher::new(&cfg, store, origin, metrics)
+    }
+
+    fn digest(i: u32) -> Digest {
+        Digest::from_hex(&format!("{i:064x}")).unwrap()
+    }
+
+    fn put(store: &Store, data: &[u8]) -> Digest {
+        let d = Digest::from_sha256(&sha2::Sha256::digest(data));
+        let tmp = store.partial_path(&d);
+        std::fs::write(&tmp, data).unwrap();
+        let n = data.len() as u64;
+        store.commit(&d, &tmp, &d, n, Some(n), None).unwrap();
+        d
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_holds_its_rate_and_never_bursts() {
+        let mut p = Pacer::new(1 << 20);
+        let t = Instant::now();
+        for _ in 0..10 {
+            p.take(1 << 20).await;
+        }
+        assert_eq!(t.elapsed().as_secs(), 10, "10 MiB at 1 MiB/s");
+        // A long idle spell earns no credit.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let t = Instant::now();
+        for _ in 0..4 {
+            p.take(256 << 10).await;
+        }
+        assert_eq!(t.elapsed().as_millis(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scrub_pass_is_paced_resumes_and_quarantines_rot() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path());
+        let store = f.store().clone();
+        let blobs: Vec<(Digest, usize)> = (0..3u8)
+            .map(|i| {
+                let data = vec![i; (1 << 20) + 1000 * i as usize];
+                (put(&store, &data), data.len())
+            })
+            .collect();
+        let total: u64 = blobs.iter().map(|(_, n)| *n as u64).sum();
+        let mut pacer = Pacer::new(1 << 20);
+        let t = Instant::now();
+        let pass = f
+            .scrub_pass(&mut pacer, ScrubState::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            pass,
+            ScrubPass {
+                blobs: 3,
+                bytes: total,
+                corrupt: 0,
+                sums_fixed: 3,
+            }
+        );
+        // Paced: about the bytes at 1 MiB/s (the last chunk of each blob
+        // is not waited for).
+        let took = t.elapsed().as_secs_f64();
+        assert!(
+            (2.9..=total as f64 / (1 << 20) as f64 + 0.01).contains(&took),
+            "{took}"
+        );
+        let state = store.scrub_state();
+        assert!(state.started > 0 && state.after.is_none());
+
+        // Rot in the last blob by digest, and a pass that resumes after the
+        // first: only two blobs are read.
+        let mut sorted = blobs.clone();
+        sorted.sort();
+        let (bad, _) = &sorted[2];
+        {
+            use std::os::unix::fs::FileExt as _;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(store.blob_path_of(bad))
+                .unwrap();
+            file.write_all_at(b"\xff\xfe", 10).unwrap();
+        }
+        let resume = ScrubState {
+            started: 1,
+            after: Some(sorted[0].0.to_string()),
+        };
+        let pass = f.scrub_pass(&mut pacer, resume).await.unwrap();
+        assert_eq!((pass.blobs, pass.corrupt, pass.sums_fixed), (2, 1, 0));
+        assert!(!store.contains(bad));
+        assert_eq!(store.quarantined().len(), 1);
+        assert_eq!(
+            f.inner
+                .metrics
+                .corrupt_blobs
+                .with_label_values(&["scrub"])
+                .get(),
+            1
+        );
+        assert_eq!(f.inner.metrics.scrub_passes.get(), 2);
+        assert_eq!(
+            store.scrub_state().started,
+            1,
+            "a resumed pass keeps its start"
+        );
+    }
+
+    #[test]
+    fn idle_partials_are_bounded_in_age_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path());
+        let store = f.store().clone();
+        let now = SystemTime::now();
+        let n = MAX_IDLE_PARTIALS + 10;
+        for i in 0..n as u32 {
+            let path = store.partial_path(&digest(i));
+            std::fs::write(&path, b"part").unwrap();
+            // i minutes old; the first three are two days old.
+            let age = if i < 3 {
+                Duration::from_secs(48 * 3600)
+            } else {
+                Duration::from_secs(60 * i as u64)
+            };
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(now - age)
+                .unwrap();
+        }
+        // The oldest partial of all is in flight: never touched.
+        let busy = digest(n as u32 - 1);
+        let file = Arc::new(std::fs::File::open(store.partial_path(&busy)).unwrap());
+        f.inflight().insert(
+            busy.clone(),
+            Arc::new(super::super::Download {
+                digest: busy.clone(),
+                progress: tokio::sync::watch::Sender::new(Default::default()),
+                file,
+                wants: None,
+            }),
+        );
+        let swept = f.sweep_partials(now);
+        assert_eq!(swept.expired, 3);
+        // n - 1 idle, 3 expired: the rest beyond the limit go, oldest first.
+        assert_eq!(swept.over_count as usize, n - 1 - 3 - MAX_IDLE_PARTIALS);
+        let left: Vec<Digest> = store
+            .partials_aged()
+            .into_iter()
+            .map(|p| p.digest)
+            .collect();
+        assert_eq!(left.len(), MAX_IDLE_PARTIALS + 1);
+        assert!(left.contains(&busy));
+        assert!(left.contains(&digest(3)), "the newest stay");
+        assert!(!left.contains(&digest(0)));
+        assert!(
+            !left.contains(&digest(n as u32 - 2)),
+            "the oldest idle one went"
+        );
+        assert_eq!(f.sweep_partials(now), Swept::default());
+    }
+}

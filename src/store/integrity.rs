@@ -264,7 +264,7 @@ impl Store {
         found.into_iter().map(|(_, p, n)| (p, n)).collect()
     }
 
-    fn prune_quarantine(&self) {
+    pub(super) fn prune_quarantine(&self) {
         for (path, bytes) in self.quarantined().into_iter().skip(QUARANTINE_KEEP) {
             remove_any(&path);
             tracing::warn!(path = %path.display(), bytes,
