@@ -10,20 +10,12 @@ use std::io::{Read, Write};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{
-    get_hashed, push_blob, random_bytes, BlobSource, Fault, FaultProxy, Registry, RegistryAuth,
-    ALWAYS,
-};
+use common::{get_hashed, random_bytes, Fault, FaultProxy, Registry, RegistryAuth, ALWAYS};
 use daemon::Daemon;
 
 const MIB: u64 = 1 << 20;
 
-struct Blob {
-    repo: &'static str,
-    digest: String,
-    size: u64,
-    seed: u64,
-}
+type Blob = common::RandomBlob;
 
 fn origin() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
@@ -33,15 +25,8 @@ fn origin() -> &'static Registry {
     })
 }
 
-fn blob(repo: &'static str, seed: u64, size: u64) -> Blob {
-    let (digest, size) =
-        push_blob(&origin().url(), repo, BlobSource::random(seed, size), None).expect("push");
-    Blob {
-        repo,
-        digest,
-        size,
-        seed,
-    }
+fn blob(repo: &str, seed: u64, size: u64) -> Blob {
+    common::push_random_blob(&origin().url(), repo, seed, size)
 }
 
 /// A 32 MiB blob shared by the fault tests.

@@ -17,9 +17,7 @@ mod daemon;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{
-    flip_bytes_at, get_hashed, push_blob, random_bytes, BlobSource, Registry, RegistryAuth,
-};
+use common::{flip_bytes_at, get_hashed, random_bytes, Registry, RegistryAuth};
 use daemon::Daemon;
 
 const MIB: u64 = 1 << 20;
@@ -45,22 +43,22 @@ fn daemon_with(reg: &Registry, store: &str) -> Daemon {
     })
 }
 
-struct Pushed {
-    repo: &'static str,
-    digest: String,
-    size: u64,
-    seed: u64,
+type Pushed = common::RandomBlob;
+
+fn push(repo: &str, seed: u64, size: u64) -> Pushed {
+    common::push_random_blob(&origin().url(), repo, seed, size)
 }
 
-fn push(repo: &'static str, seed: u64, size: u64) -> Pushed {
-    let (digest, size) =
-        push_blob(&origin().url(), repo, BlobSource::random(seed, size), None).expect("push");
-    Pushed {
-        repo,
-        digest,
-        size,
-        seed,
-    }
+/// A blob of `size` random bytes pushed to `repo`, a daemon with `store`
+/// lines that cached it with one GET, and the blob's mirror URL.
+async fn cached(repo: &'static str, seed: u64, size: u64, store: &str) -> (Pushed, Daemon, String) {
+    let b = tokio::task::spawn_blocking(move || push(repo, seed, size))
+        .await
+        .unwrap();
+    let d = daemon_with(origin(), store);
+    let url = blob_url(&d, &b.repo, &b.digest);
+    get_whole(&reqwest::Client::new(), &url, &b, "first GET").await;
+    (b, d, url)
 }
 
 fn blob_url(d: &Daemon, repo: &str, digest: &str) -> String {
@@ -69,6 +67,18 @@ fn blob_url(d: &Daemon, repo: &str, digest: &str) -> String {
         d.url(),
         origin().host()
     )
+}
+
+/// GETs `url` and checks that the whole of `b` came back, right.
+async fn get_whole(client: &reqwest::Client, url: &str, b: &Pushed, what: &str) {
+    let (status, digest, n) = get_hashed(client, url)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        (status, digest.as_str(), n),
+        (200, b.digest.as_str(), b.size),
+        "{what}"
+    );
 }
 
 /// Every file under the store's `tmp/`.
@@ -82,6 +92,12 @@ fn tmp_files(d: &Daemon) -> Vec<String> {
         .unwrap_or_default()
 }
 
+fn corrupt_found_by(d: &Daemon, who: &str) -> f64 {
+    d.metric(&format!(
+        "damselfly_corrupt_blobs_total{{found_by=\"{who}\"}}"
+    ))
+}
+
 fn quarantined(d: &Daemon) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(d.store_dir().join("quarantine"))
         .map(|dir| dir.flatten().map(|e| e.path()).collect())
@@ -93,24 +109,6 @@ fn sums_path(d: &Daemon, digest: &str) -> std::path::PathBuf {
     d.store_dir()
         .join("meta/sha256")
         .join(format!("{hex}.sums"))
-}
-
-/// Waits until the committed blob `digest` holds the right bytes again.
-fn wait_refetched(d: &Daemon, digest: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(bytes) = std::fs::read(d.blob_path(digest)) {
-            if common::util::sha256_digest(&bytes) == digest {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{digest} was not fetched again\n{}",
-            d.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// 1,000 HEAD and GET requests for 20 made-up digests: each gets a 404
@@ -231,17 +229,8 @@ async fn an_auth_error_leaves_no_partial() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_is_never_served_and_the_blob_is_fetched_again() {
     let reg = origin();
-    let b = tokio::task::spawn_blocking(|| push("rot/mirror", 181, 8 * MIB))
-        .await
-        .unwrap();
-    let d = daemon_with(reg, "scrub_rate = 0");
+    let (b, d, url) = cached("rot/mirror", 181, 8 * MIB, "scrub_rate = 0").await;
     let client = reqwest::Client::new();
-    let url = blob_url(&d, b.repo, &b.digest);
-    let (status, digest, n) = get_hashed(&client, &url).await.expect("first GET");
-    assert_eq!(
-        (status, digest.as_str(), n),
-        (200, b.digest.as_str(), b.size)
-    );
     let path = d.blob_path(&b.digest);
     let bad = 3 * MIB + 4321;
     flip_bytes_at(&path, &[bad]);
@@ -278,16 +267,10 @@ async fn a_flipped_byte_is_never_served_and_the_blob_is_fetched_again() {
             );
         }
     }
-    wait_refetched(&d, &b.digest, Duration::from_secs(30));
-    let (status, digest, n) = get_hashed(&client, &url).await.expect("GET after rot");
-    assert_eq!(
-        (status, digest.as_str(), n),
-        (200, b.digest.as_str(), b.size)
-    );
-    assert_eq!(
-        d.metric(r#"damselfly_corrupt_blobs_total{found_by="mirror"}"#),
-        1.0
-    );
+    d.wait_blob_intact(&b.digest, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    get_whole(&client, &url, &b, "GET after rot").await;
+    assert_eq!(corrupt_found_by(&d, "mirror"), 1.0);
     let q = quarantined(&d);
     assert_eq!(q.len(), 1, "{q:?}");
     let kept = std::fs::read(&q[0]).unwrap();
@@ -322,7 +305,7 @@ async fn a_blob_without_sums_gets_them_back() {
     let d = daemon_with(reg, "scrub_rate = 0");
     let client = reqwest::Client::new();
     for b in [&good, &bad] {
-        let url = blob_url(&d, b.repo, &b.digest);
+        let url = blob_url(&d, &b.repo, &b.digest);
         let (status, _, n) = get_hashed(&client, &url).await.expect("first GET");
         assert_eq!((status, n), (200, b.size));
     }
@@ -333,27 +316,24 @@ async fn a_blob_without_sums_gets_them_back() {
     std::fs::remove_file(sums_path(&d, &bad.digest)).unwrap();
     flip_bytes_at(&d.blob_path(&bad.digest), &[MIB + 5]);
 
-    let (status, digest, n) = get_hashed(&client, &blob_url(&d, good.repo, &good.digest))
-        .await
-        .expect("GET without sums");
-    assert_eq!(
-        (status, digest.as_str(), n),
-        (200, good.digest.as_str(), good.size)
-    );
+    get_whole(
+        &client,
+        &blob_url(&d, &good.repo, &good.digest),
+        &good,
+        "GET without sums",
+    )
+    .await;
     assert_eq!(std::fs::read(&sums).expect("sums back"), recorded);
     assert!(d.log().contains("recorded the chunk sums"));
 
-    let (status, digest, n) = get_hashed(&client, &blob_url(&d, bad.repo, &bad.digest))
-        .await
-        .expect("GET of a rotten blob without sums");
-    assert_eq!(
-        (status, digest.as_str(), n),
-        (200, bad.digest.as_str(), bad.size)
-    );
-    assert_eq!(
-        d.metric(r#"damselfly_corrupt_blobs_total{found_by="mirror"}"#),
-        1.0
-    );
+    get_whole(
+        &client,
+        &blob_url(&d, &bad.repo, &bad.digest),
+        &bad,
+        "GET of a rotten blob without sums",
+    )
+    .await;
+    assert_eq!(corrupt_found_by(&d, "mirror"), 1.0);
     assert_eq!(quarantined(&d).len(), 1);
 }
 
@@ -361,22 +341,21 @@ async fn a_blob_without_sums_gets_them_back() {
 /// the blob quarantined and fetched again, with no request involved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scrub_finds_rot_before_a_pull_does() {
-    let reg = origin();
-    let b = tokio::task::spawn_blocking(|| push("rot/scrub", 184, 6 * MIB))
-        .await
-        .unwrap();
-    let d = daemon_with(reg, "scrub_rate = \"64MiB\"\nscrub_every = \"1s\"");
-    let client = reqwest::Client::new();
-    let url = blob_url(&d, b.repo, &b.digest);
-    let (status, _, _) = get_hashed(&client, &url).await.expect("first GET");
-    assert_eq!(status, 200);
+    let (b, d, _) = cached(
+        "rot/scrub",
+        184,
+        6 * MIB,
+        "scrub_rate = \"64MiB\"\nscrub_every = \"1s\"",
+    )
+    .await;
     flip_bytes_at(&d.blob_path(&b.digest), &[5 * MIB + 1]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while d.metric(r#"damselfly_corrupt_blobs_total{found_by="scrub"}"#) < 1.0 {
+    while corrupt_found_by(&d, "scrub") < 1.0 {
         assert!(Instant::now() < deadline, "{}", d.log_tail(30));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_refetched(&d, &b.digest, Duration::from_secs(30));
+    d.wait_blob_intact(&b.digest, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(d.metric("damselfly_scrub_bytes_total") >= b.size as f64);
     assert_eq!(quarantined(&d).len(), 1);
     assert!(
@@ -386,9 +365,6 @@ async fn the_scrub_finds_rot_before_a_pull_does() {
     );
     // The refetched copy is good: the next passes find nothing more.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        d.metric(r#"damselfly_corrupt_blobs_total{found_by="scrub"}"#),
-        1.0
-    );
+    assert_eq!(corrupt_found_by(&d, "scrub"), 1.0);
     assert!(d.metric("damselfly_scrub_passes_total") >= 2.0);
 }

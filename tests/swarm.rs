@@ -653,20 +653,9 @@ fn corrupt_case(img: &PushedImage, puller_joins_late: bool, kind: Liar) {
         .collect();
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     // Fetched again through the normal path (the puller, or the origin).
-    let deadline = Instant::now() + PULL;
-    loop {
-        if let Ok(bytes) = std::fs::read(&path) {
-            if common::util::sha256_digest(&bytes) == *layer {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rotten node did not fetch the blob again\n{}",
-            liar.report(60)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    rotten
+        .wait_blob_intact(layer, PULL)
+        .unwrap_or_else(|e| panic!("the rotten node did not fetch the blob again: {e}"));
 }
 
 // ---------------------------------------------------------------------------

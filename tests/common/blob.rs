@@ -607,6 +607,33 @@ pub fn push_blob(
     block_on(async { client.push_blob(repo, &source).await })
 }
 
+/// A blob of seeded random bytes pushed to a repository.
+#[derive(Debug, Clone)]
+pub struct RandomBlob {
+    pub repo: String,
+    pub digest: String,
+    pub size: u64,
+    /// Its bytes are `random_bytes(seed, 0, size)`.
+    pub seed: u64,
+}
+
+/// Pushes `size` random bytes from `seed` to `repo`; panics if it fails.
+pub fn push_random_blob(
+    endpoint: &(impl Endpoint + ?Sized),
+    repo: &str,
+    seed: u64,
+    size: u64,
+) -> RandomBlob {
+    let (digest, size) =
+        push_blob(endpoint, repo, BlobSource::random(seed, size), None).expect("push blob");
+    RandomBlob {
+        repo: repo.to_owned(),
+        digest,
+        size,
+        seed,
+    }
+}
+
 /// Async [`push_blob`] for `#[tokio::test]`s.
 pub async fn push_blob_async(
     endpoint: &(impl Endpoint + ?Sized),

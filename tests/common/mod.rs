@@ -63,8 +63,9 @@ pub mod util;
 // Each test binary uses a different subset of these re-exports.
 #[allow(unused_imports)]
 pub use blob::{
-    fetch_manifest, flip_bytes_at, get_blob, get_hashed, push_blob, push_blob_async, verify_blob,
-    BlobSource, Endpoint, FetchedManifest, RegistryClient,
+    fetch_manifest, flip_bytes_at, get_blob, get_hashed, push_blob, push_blob_async,
+    push_random_blob, verify_blob, BlobSource, Endpoint, FetchedManifest, RandomBlob,
+    RegistryClient,
 };
 #[allow(unused_imports)]
 pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml, Containerd};
