@@ -1174,6 +1174,7 @@ impl Blob {
             file,
             _lease: lease,
             verified,
+            ahead: None,
         };
         futures_util::stream::unfold(state, move |mut st| {
             let counter = counter.clone();
@@ -1189,8 +1190,8 @@ impl Blob {
                     }
                     return None;
                 }
-                if st.verified.is_some() {
-                    return Some(st.next_verified(&counter).await);
+                if st.rx.is_none() {
+                    return Some(st.next_local(&counter).await);
                 }
                 let readable = match st.readable().await {
                     Ok(r) => r,
@@ -1227,6 +1228,8 @@ struct ReadState {
     file: Arc<File>,
     _lease: Option<Lease>,
     verified: Option<Verified>,
+    /// A read from the store started ahead, and where it starts.
+    ahead: Option<(u64, verify::PendingRead)>,
 }
 
 /// A read from the store checked against the blob's chunk sums.
@@ -1240,46 +1243,50 @@ struct Verified {
 }
 
 impl ReadState {
-    /// The next frame of a verified read: whole chunks are read and checked
-    /// before any of their bytes go out.
-    async fn next_verified(
+    /// The next frame of a read from the store. With verified reads, whole
+    /// chunks are read and checked before any of their bytes go out. The
+    /// next span is read (and checked) on a blocking thread while this one
+    /// is sent: one span ahead, so a reader holds two at most.
+    async fn next_local(
         mut self,
         counter: &prometheus::IntCounter,
     ) -> (io::Result<Bytes>, ReadState) {
-        let cs = crate::store::SUM_CHUNK;
-        let Some(v) = self.verified.as_ref() else {
-            self.pos = self.end;
-            return (Err(io::Error::other("not a verified read")), self);
+        let (at, span_end) = self.span_at(self.pos);
+        let pending = match self.ahead.take() {
+            Some((a, h)) if a == at => Some(h),
+            _ => self.start_read(at, span_end),
         };
-        let at = self.pos / cs * cs;
-        let span_end = (at + READ_CHUNK).min(self.size);
-        let k = (at / cs) as usize - v.first;
-        let n = (span_end - at).div_ceil(cs) as usize;
-        let Some(expected) = v.sums.as_ref().and_then(|s| s.get(k..k + n)) else {
+        let Some(pending) = pending else {
             self.pos = self.end;
             let e =
                 io::Error::other("the blob's chunk sums are gone: it was removed while being read");
             return (Err(e), self);
         };
-        let expected = expected.to_vec();
-        match verify::read_verified(self.file.clone(), at, span_end - at, expected).await {
+        let read = pending
+            .await
+            .unwrap_or_else(|e| Err(verify::ReadFail::Io(io::Error::other(e))));
+        match read {
             Ok(b) => {
                 let upto = span_end.min(self.end);
                 let out = b.slice((self.pos - at) as usize..(upto - at) as usize);
                 counter.inc_by(upto - self.pos);
                 self.pos = upto;
+                if upto < self.end {
+                    let (next, next_end) = self.span_at(upto);
+                    self.ahead = self.start_read(next, next_end).map(|h| (next, h));
+                }
                 (Ok(out), self)
             }
             Err(verify::ReadFail::Rot { offset }) => {
                 self.pos = self.end;
-                let guard = v.guard.clone();
-                guard
-                    .fetcher
-                    .rotten(&guard, self.file.clone(), offset)
-                    .await;
+                if let Some(guard) = self.verified.as_ref().map(|v| v.guard.clone()) {
+                    guard
+                        .fetcher
+                        .rotten(&guard, self.file.clone(), offset)
+                        .await;
+                }
                 let e = io::Error::other(format!(
-                    "bytes at {offset} of {} do not match their checksum; stopped before them",
-                    guard.digest
+                    "bytes at {offset} do not match their checksum; stopped before them"
                 ));
                 (Err(e), self)
             }
@@ -1288,6 +1295,32 @@ impl ReadState {
                 (Err(e), self)
             }
         }
+    }
+
+    /// The span a read from the store at `pos` covers: up to a frame, from
+    /// the start of its chunk when reads are verified.
+    fn span_at(&self, pos: u64) -> (u64, u64) {
+        let at = if self.verified.is_some() {
+            pos / crate::store::SUM_CHUNK * crate::store::SUM_CHUNK
+        } else {
+            pos
+        };
+        (at, (at + READ_CHUNK).min(self.size))
+    }
+
+    /// Starts reading `at..end` (with its chunk sums when verified); `None`
+    /// when the sums for that span are gone.
+    fn start_read(&self, at: u64, end: u64) -> Option<verify::PendingRead> {
+        let sums = match &self.verified {
+            None => None,
+            Some(v) => {
+                let cs = crate::store::SUM_CHUNK;
+                let k = (at / cs) as usize - v.first;
+                let n = (end - at).div_ceil(cs) as usize;
+                Some(v.sums.as_ref()?.get(k..k + n)?.to_vec())
+            }
+        };
+        Some(verify::start_read(self.file.clone(), at, end - at, sums))
     }
 
     /// Waits until a download in progress is committed (at once for a

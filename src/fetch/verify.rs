@@ -78,28 +78,38 @@ pub(super) enum ReadFail {
     },
 }
 
-/// Reads bytes `at..at + len` (whole chunks, `at` on a chunk boundary) and
-/// checks each chunk against `sums` (the sums of those chunks, in order).
-pub(super) async fn read_verified(
+/// A read from the store in progress on a blocking thread.
+pub(super) type PendingRead = tokio::task::JoinHandle<Result<Bytes, ReadFail>>;
+
+/// Starts reading bytes `at..at + len`. With `sums` (the sums of the chunks
+/// the span covers, in order; `at` on a chunk boundary), each chunk is
+/// checked on the buffer that will be sent, before it is handed back.
+pub(super) fn start_read(
     file: Arc<File>,
     at: u64,
     len: u64,
-    sums: Vec<u64>,
-) -> Result<Bytes, ReadFail> {
+    sums: Option<Vec<u64>>,
+) -> PendingRead {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, at).map_err(ReadFail::Io)?;
-        for (i, chunk) in buf.chunks(SUM_CHUNK as usize).enumerate() {
-            if sums.get(i) != Some(&xxhash_rust::xxh3::xxh3_64(chunk)) {
-                return Err(ReadFail::Rot {
-                    offset: at + i as u64 * SUM_CHUNK,
-                });
+        file.read_exact_at(&mut buf, at).map_err(|e| {
+            ReadFail::Io(if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(e.kind(), "blob file is shorter than expected")
+            } else {
+                e
+            })
+        })?;
+        if let Some(sums) = sums {
+            for (i, chunk) in buf.chunks(SUM_CHUNK as usize).enumerate() {
+                if sums.get(i) != Some(&xxhash_rust::xxh3::xxh3_64(chunk)) {
+                    return Err(ReadFail::Rot {
+                        offset: at + i as u64 * SUM_CHUNK,
+                    });
+                }
             }
         }
         Ok(Bytes::from(buf))
     })
-    .await
-    .map_err(|e| ReadFail::Io(io::Error::other(e)))?
 }
 
 impl Fetcher {
