@@ -17,7 +17,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prometheus::core::Collector;
 
 use crate::fetch::{DownloadStatus, Fetcher};
+use crate::gpu::GpuFacts;
 use crate::oci::{Digest, DigestError};
+use crate::prewarm::{Prewarm, PrewarmStatus};
 use crate::store::{Fetched, Provenance, Store, StoreError};
 use crate::telemetry::Metrics;
 use api::*;
@@ -27,8 +29,8 @@ use images::{Catalog, Target};
 pub enum AdminError {
     #[error("invalid digest: {0}")]
     InvalidDigest(#[from] DigestError),
-    #[error("invalid image reference {reference:?}: {reason}")]
-    InvalidReference { reference: String, reason: String },
+    #[error(transparent)]
+    InvalidReference(#[from] crate::oci::ReferenceError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -47,7 +49,7 @@ impl AdminError {
     pub fn code(&self) -> &'static str {
         match self {
             AdminError::InvalidDigest(_) => "invalid_digest",
-            AdminError::InvalidReference { .. } => "invalid_reference",
+            AdminError::InvalidReference(_) => "invalid_reference",
             AdminError::NotFound(_) => "not_found",
             AdminError::BadRequest(_) => "bad_request",
             AdminError::Store(StoreError::ReadOnly { .. }) => "read_only",
@@ -68,6 +70,7 @@ pub struct Node {
     store: Store,
     fetcher: Option<Fetcher>,
     metrics: Option<Metrics>,
+    prewarm: Option<Prewarm>,
     started_at: SystemTime,
 }
 
@@ -101,8 +104,31 @@ impl Node {
             store: fetcher.store().clone(),
             fetcher: Some(fetcher),
             metrics: Some(metrics),
+            prewarm: None,
             started_at: SystemTime::now(),
         }
+    }
+
+    /// Answers prewarm and GPU questions from `prewarm`.
+    pub fn with_prewarm(mut self, prewarm: Prewarm) -> Node {
+        self.prewarm = Some(prewarm);
+        self
+    }
+
+    /// `prewarm status`: only a daemon has one.
+    pub fn prewarm(&self) -> Result<PrewarmStatus, AdminError> {
+        self.prewarm
+            .as_ref()
+            .map(Prewarm::status)
+            .ok_or_else(|| AdminError::NotFound("this node runs no prewarm engine".into()))
+    }
+
+    /// `gpu`: the facts the daemon discovered at start-up.
+    pub fn gpu(&self) -> Result<GpuFacts, AdminError> {
+        self.prewarm
+            .as_ref()
+            .map(|p| p.status().gpu)
+            .ok_or_else(|| AdminError::NotFound("this node runs no prewarm engine".into()))
     }
 
     /// A view of a store without a daemon (read-only unless the store was
@@ -112,6 +138,7 @@ impl Node {
             store,
             fetcher: None,
             metrics: None,
+            prewarm: None,
             started_at: SystemTime::now(),
         }
     }
@@ -311,7 +338,12 @@ impl Node {
                 }
             })
             .collect();
-        ImageList { images }
+        let prewarm = self
+            .prewarm
+            .as_ref()
+            .map(|p| p.status().images)
+            .unwrap_or_default();
+        ImageList { images, prewarm }
     }
 
     /// `cache stats`.

@@ -54,6 +54,12 @@ pub enum CliError {
     Corrupt(usize),
 }
 
+impl From<crate::oci::ReferenceError> for CliError {
+    fn from(e: crate::oci::ReferenceError) -> CliError {
+        CliError::Admin(e.into())
+    }
+}
+
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         let usage_code = |code: &str| matches!(code, "invalid_digest" | "invalid_reference");
@@ -489,6 +495,60 @@ async fn verify(g: &Global, be: &Backend, repair: bool) -> Result<(), CliError> 
         return Err(CliError::Corrupt(unrepaired));
     }
     Ok(())
+}
+
+/// `damselfly gpu`: the daemon's GPU facts, or, with no daemon, what
+/// discovery finds now with the config's `[gpu]` section.
+pub fn gpu(g: &Global) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let r = resolve(g)?;
+            let facts: api::GpuFacts = match Client::probe(&r.socket).await {
+                Ok(c) => c.get(path::GPU).await?,
+                Err(Unreachable::Refused(e)) => {
+                    return Err(CliError::Unreachable {
+                        socket: r.socket,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(Unreachable::Down(_)) => {
+                    let cfg = match &g.config {
+                        Some(p) => Config::load(p),
+                        None => Config::defaults(),
+                    }
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                    eprintln!(
+                        "damselfly: no daemon answers on {}; discovering GPUs here",
+                        r.socket.display()
+                    );
+                    crate::gpu::discover(&cfg.gpu)
+                }
+            };
+            print(g, &facts, render::gpu)
+        })
+    }))
+}
+
+/// `damselfly prewarm status`: needs the daemon (the engine lives there).
+pub fn prewarm_status(g: &Global) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let r = resolve(g)?;
+            let c = Client::probe(&r.socket)
+                .await
+                .map_err(|e| CliError::Unreachable {
+                    socket: r.socket.clone(),
+                    reason: match e {
+                        Unreachable::Down(e) => {
+                            format!("{e}; prewarm status comes from the running daemon")
+                        }
+                        Unreachable::Refused(e) => e.to_string(),
+                    },
+                })?;
+            let s: api::PrewarmStatus = c.get(path::PREWARM).await?;
+            print(g, &s, |s| render::prewarm_status(s, width()))
+        })
+    }))
 }
 
 /// `damselfly images`.

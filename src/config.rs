@@ -16,6 +16,13 @@ use std::time::Duration;
 use toml::{Table, Value};
 use url::Url;
 
+mod prewarm;
+
+pub use prewarm::{
+    parse_compute_capability, AssumedGpus, GpuConfig, GpuSelector, GpuSource, PrewarmConfig,
+    PrewarmRule, ProductGlob, RuleNodes,
+};
+
 /// One documented configuration key.
 pub struct Key {
     pub path: &'static str,
@@ -273,6 +280,186 @@ pub const KEYS: &[Key] = &[
         doc: "Membership heartbeat period; a member silent for 4 heartbeats is dropped.",
     },
     Key {
+        path: "gpu.source",
+        kind: "\"auto\", \"nvml\", \"labels\", \"static\" or \"none\"",
+        default: "auto",
+        doc: "Where the node's GPU facts come from. `auto`: `[gpu.assume]` when given, else NVML, then `labels_file` when set. A node where no source answers has no GPUs: one INFO line says why.",
+    },
+    Key {
+        path: "gpu.nvml_library",
+        kind: "string",
+        default: "libnvidia-ml.so.1",
+        doc: "The NVML library, opened at run time: a name for the dynamic loader or a path (the DaemonSet mounts the host's driver libraries read-only).",
+    },
+    Key {
+        path: "gpu.labels_file",
+        kind: "path",
+        default: "(none)",
+        doc: "GPU Feature Discovery's node labels as `key=value` lines (GFD's own output file, or a file written from the Node's labels), for pods that run without the NVIDIA runtime.",
+    },
+    Key {
+        path: "gpu.assume.count",
+        kind: "integer",
+        default: "1",
+        doc: "The static inventory: this many GPUs, all alike. Setting any `[gpu.assume]` key makes `gpu.source = \"auto\"` use it.",
+    },
+    Key {
+        path: "gpu.assume.product",
+        kind: "string",
+        default: "unknown",
+        doc: "Product name of the assumed GPUs, as NVML names it (`NVIDIA A10G`).",
+    },
+    Key {
+        path: "gpu.assume.memory",
+        kind: "size, or integer GiB",
+        default: "0",
+        doc: "Memory of each assumed GPU.",
+    },
+    Key {
+        path: "gpu.assume.compute_capability",
+        kind: "string",
+        default: "(none)",
+        doc: "Compute capability of the assumed GPUs, `8.6`.",
+    },
+    Key {
+        path: "gpu.assume.mig",
+        kind: "bool",
+        default: "(unknown)",
+        doc: "Whether MIG is enabled on the assumed GPUs.",
+    },
+    Key {
+        path: "gpu.assume.driver",
+        kind: "string",
+        default: "(none)",
+        doc: "Driver version shown for the assumed GPUs.",
+    },
+    Key {
+        path: "gpu.assume.cuda",
+        kind: "string",
+        default: "(none)",
+        doc: "CUDA version shown for the assumed GPUs.",
+    },
+    Key {
+        path: "prewarm.into_containerd",
+        kind: "bool",
+        default: "true",
+        doc: "Once an image's blobs are cached, pull it into containerd with CRI `PullImage` (the kubelet's own call, through this mirror), so the kubelet's pull is a no-op. `false`: only the cache is warmed.",
+    },
+    Key {
+        path: "prewarm.containerd_socket",
+        kind: "path",
+        default: "/run/containerd/containerd.sock",
+        doc: "containerd's gRPC socket, for CRI `PullImage` and the images API.",
+    },
+    Key {
+        path: "prewarm.containerd_namespace",
+        kind: "string",
+        default: "k8s.io",
+        doc: "The containerd namespace the CRI plugin keeps images in; the pinned label is set there.",
+    },
+    Key {
+        path: "prewarm.pin_in_containerd",
+        kind: "bool",
+        default: "true",
+        doc: "Label prewarmed images `io.cri-containerd.pinned=pinned` in containerd while their rule matches, so that CRI reports them pinned and the kubelet's image GC keeps them (containerd 1.7 and later read the label).",
+    },
+    Key {
+        path: "prewarm.concurrency",
+        kind: "integer",
+        default: "1",
+        doc: "Images prewarmed at once.",
+    },
+    Key {
+        path: "prewarm.blob_concurrency",
+        kind: "integer",
+        default: "3",
+        doc: "Blobs of one image fetched at once (containerd's own default is 3). Live pulls always go first: no new prewarm blob starts while a live download runs, and prewarm downloads pause for them.",
+    },
+    Key {
+        path: "prewarm.refresh",
+        kind: "duration",
+        default: "5m",
+        doc: "How often tags are resolved again at the origin. When a tag moves, the new image is prewarmed and the old one unpinned. `0s`: never.",
+    },
+    Key {
+        path: "prewarm.retry_max",
+        kind: "duration",
+        default: "5m",
+        doc: "Longest wait between retries of a failed prewarm (the backoff starts at 1s and doubles).",
+    },
+    Key {
+        path: "prewarm.gate_readiness",
+        kind: "bool",
+        default: "false",
+        doc: "Hold `/readyz` at 503 until every matching image is ready (or `ready_deadline` passed), so that node gating knows when the node is warm.",
+    },
+    Key {
+        path: "prewarm.ready_deadline",
+        kind: "duration",
+        default: "15m",
+        doc: "With `gate_readiness`, the node is reported ready after this long anyway, with a warning, so a broken origin never keeps it out of service.",
+    },
+    Key {
+        path: "prewarm.swarm_wait",
+        kind: "duration",
+        default: "10s",
+        doc: "With the swarm on, how long prewarm waits at start-up for membership to settle before its first fetch, so that nodes booting together split the image between them instead of each taking it from the origin.",
+    },
+    Key {
+        path: "prewarm.rule[].name",
+        kind: "string",
+        default: "rule-<index>",
+        doc: "Names the rule in status, metrics and pins.",
+    },
+    Key {
+        path: "prewarm.rule[].images",
+        kind: "list of image references",
+        default: "(required)",
+        doc: "Images to prewarm, by tag or digest (`123456789012.dkr.ecr.us-east-1.amazonaws.com/llm:v3`). Their registries must be mirrored (a `[[registry]]`, or none configured).",
+    },
+    Key {
+        path: "prewarm.rule[].platform",
+        kind: "os/arch[/variant]",
+        default: "the node's own",
+        doc: "Which manifest of an index to prewarm. Only the node's own platform is pulled into containerd; others are cached only.",
+    },
+    Key {
+        path: "prewarm.rule[].nodes",
+        kind: "\"gpu\" or \"all\"",
+        default: "gpu",
+        doc: "`gpu`: nodes whose GPUs match `[prewarm.rule.gpu]` (with no selector, any node with a GPU). `all`: every node.",
+    },
+    Key {
+        path: "prewarm.rule[].gpu.product",
+        kind: "glob",
+        default: "(any)",
+        doc: "Product name glob, case-insensitive, spaces and dashes alike: `*A10G*`, `NVIDIA H100*`.",
+    },
+    Key {
+        path: "prewarm.rule[].gpu.min_memory",
+        kind: "size, or integer GiB",
+        default: "(any)",
+        doc: "Least memory per GPU.",
+    },
+    Key {
+        path: "prewarm.rule[].gpu.min_count",
+        kind: "integer",
+        default: "1",
+        doc: "Least number of GPUs that satisfy the other fields.",
+    },
+    Key {
+        path: "prewarm.rule[].gpu.mig",
+        kind: "bool",
+        default: "(either)",
+        doc: "MIG enabled (`true`) or not (`false`). A GPU without MIG support counts as not enabled.",
+    },
+    Key {
+        path: "prewarm.rule[].gpu.min_compute_capability",
+        kind: "string",
+        default: "(any)",
+        doc: "Least CUDA compute capability, `8.0`.",
+    },
+    Key {
         path: "registry[].host",
         kind: "string",
         default: "(required)",
@@ -339,6 +526,8 @@ pub struct Config {
     pub origin: OriginConfig,
     pub containerd: ContainerdConfig,
     pub swarm: SwarmConfig,
+    pub gpu: GpuConfig,
+    pub prewarm: PrewarmConfig,
     /// Empty means: mirror any registry over HTTPS.
     pub registries: Vec<RegistryConfig>,
 }
@@ -652,6 +841,10 @@ impl Config {
         let registries = v.registries(root);
         let swarm = v.section(root, "swarm").unwrap_or(&empty);
         let swarm_cfg = v.swarm(swarm);
+        let gpu = v.section(root, "gpu").unwrap_or(&empty);
+        let gpu_cfg = v.gpu(gpu);
+        let prewarm = v.section(root, "prewarm").unwrap_or(&empty);
+        let prewarm_cfg = v.prewarm(prewarm);
 
         if let Some(default) = &mirror_cfg.default_registry {
             if !registries.iter().any(|r| &r.host == default) {
@@ -683,6 +876,8 @@ impl Config {
                 origin: origin_cfg,
                 containerd: containerd_cfg,
                 swarm: swarm_cfg,
+                gpu: gpu_cfg,
+                prewarm: prewarm_cfg,
                 registries,
             })
         } else {
@@ -708,6 +903,16 @@ impl Config {
     }
 }
 
+/// The default of key `path` as [`KEYS`] documents it. For keys whose
+/// default is a plain value, the loader reads it from here, so it is
+/// written once. An unknown path is a bug caught by the tests.
+pub(crate) fn default_of(path: &str) -> &'static str {
+    KEYS.iter()
+        .find(|k| k.path == path)
+        .map(|k| k.default)
+        .unwrap_or("")
+}
+
 fn section_of(path: &str) -> &str {
     path.split_once('.').map_or(path, |(s, _)| s)
 }
@@ -722,29 +927,7 @@ pub fn default_endpoint(host: &str) -> Option<Url> {
     Url::parse(&format!("https://{real}")).ok()
 }
 
-/// `host` or `host:port`, as containerd sends in `?ns=`.
-pub fn valid_host(host: &str) -> Result<(), String> {
-    let (name, port) = match host.rsplit_once(':') {
-        Some((n, p)) => (n, Some(p)),
-        None => (host, None),
-    };
-    if let Some(p) = port {
-        if p.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(format!("invalid port in {host:?}"));
-        }
-    }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err(format!("invalid registry host {host:?}"));
-    }
-    Ok(())
-}
+pub use crate::oci::valid_host;
 
 fn default_store_dir() -> PathBuf {
     if running_as_root() {
@@ -798,7 +981,13 @@ impl Validator {
         let prefix = format!("{schema}.");
         for key in table.keys() {
             let full = format!("{prefix}{key}");
-            if !KEYS.iter().any(|k| k.path == full) {
+            // `gpu.assume` and `prewarm.rule` are tables (or arrays of
+            // tables) of their own: known when a key lives under them.
+            let nested = [format!("{full}."), format!("{full}[].")];
+            if !KEYS
+                .iter()
+                .any(|k| k.path == full || nested.iter().any(|n| k.path.starts_with(n.as_str())))
+            {
                 self.issue(&format!("{shown}.{key}"), "unknown key");
             }
         }

@@ -7,6 +7,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::origin::{Origin, OriginError};
+use crate::prewarm::{Prewarm, PrewarmMetrics};
 use crate::registry::{self, Mirror};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health, Metrics};
@@ -29,10 +30,13 @@ pub enum DaemonError {
     Admin(#[from] admin::AdminError),
     #[error("swarm: {0}")]
     Swarm(#[from] crate::swarm::SwarmError),
+    #[error("GPU discovery: {0}")]
+    Gpu(String),
 }
 
 /// Runs the daemon until `shutdown` fires, then drains and returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let started = std::time::Instant::now();
     let (store, recovery) =
         Store::open(&cfg.store.dir, cfg.store.max_size).map_err(|source| DaemonError::Store {
             dir: cfg.store.dir.clone(),
@@ -87,7 +91,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     // The partial sweep and the scrub; stopped with the telemetry below.
     let upkeep_stop = CancellationToken::new();
     fetcher.spawn_upkeep(&cfg.store, upkeep_stop.clone());
-    let admin_node = std::sync::Arc::new(admin::Node::daemon(fetcher.clone(), metrics.clone()));
+    // NVML is a blocking C library; a hung driver must not hold a worker.
+    let gpu_cfg = cfg.gpu.clone();
+    let facts = tokio::task::spawn_blocking(move || crate::gpu::discover(&gpu_cfg))
+        .await
+        .map_err(|e| DaemonError::Gpu(e.to_string()))?;
+    crate::gpu::export_metrics(&facts, &prom)?;
+    let prewarm = Prewarm::new(
+        &cfg,
+        facts,
+        fetcher.clone(),
+        PrewarmMetrics::new(&prom)?,
+        started,
+    );
+    let admin_node = std::sync::Arc::new(
+        admin::Node::daemon(fetcher.clone(), metrics.clone()).with_prewarm(prewarm.clone()),
+    );
     let mirror = Mirror::new(&cfg, fetcher, metrics);
 
     let mirror_listener = telemetry::bind(cfg.mirror.listen, "the mirror")
@@ -118,16 +137,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         registries = ?registries,
         "damselfly ready"
     );
+    if cfg.prewarm.gate_readiness && prewarm.has_work() {
+        gate_on_prewarm(&health, &prewarm, cfg.prewarm.ready_deadline);
+    }
     health.set_ready(true);
-    if cfg.containerd.configure_hosts {
+    let hosts = if cfg.containerd.configure_hosts {
         let mirror_addr = mirror_listener.local_addr().map_err(DaemonError::Listen)?;
         let opts = hosts_options(&cfg, mirror_addr);
         // hostsd does blocking file and HTTP work; the mirror is already
         // listening, so containerd can use the files the moment they land.
-        tokio::task::spawn_blocking(move || match hostsd::reconcile(&opts) {
-            Ok(report) => tracing::info!(report = %report, "containerd hosts.toml reconciled"),
-            Err(e) => tracing::error!(error = %e,
+        Some(tokio::task::spawn_blocking(
+            move || match hostsd::reconcile(&opts) {
+                Ok(report) => tracing::info!(report = %report, "containerd hosts.toml reconciled"),
+                Err(e) => tracing::error!(error = %e,
                 "cannot wire containerd to the mirror; containerd keeps pulling from the origin"),
+            },
+        ))
+    } else {
+        None
+    };
+    let prewarm_stop = CancellationToken::new();
+    {
+        let (prewarm, stop) = (prewarm.clone(), prewarm_stop.clone());
+        tokio::spawn(async move {
+            // Prewarm's CRI pulls must find containerd wired to the mirror,
+            // or they would go to the origin.
+            if let Some(h) = hosts {
+                let _ = h.await;
+            }
+            prewarm.start(stop);
         });
     }
 
@@ -140,6 +178,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
     telemetry_stop.cancel();
     upkeep_stop.cancel();
+    prewarm_stop.cancel();
     swarm_stop.cancel();
     if let Some(swarm) = swarm_handle {
         swarm.shutdown().await;
@@ -148,6 +187,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let _ = admin_task.await;
     tracing::info!("damselfly stopped");
     Ok(())
+}
+
+/// Holds `/readyz` until prewarm is done, or `deadline` passed (with a
+/// warning: a broken origin must not keep a node out of service).
+fn gate_on_prewarm(health: &Health, prewarm: &Prewarm, deadline: std::time::Duration) {
+    const WHAT: &str = "prewarm";
+    health.hold(WHAT);
+    let health = health.clone();
+    let mut ready = prewarm.ready();
+    tokio::spawn(async move {
+        match tokio::time::timeout(deadline, ready.wait_for(|r| *r)).await {
+            Ok(_) => tracing::info!("prewarm done; the node reports ready"),
+            Err(_) => tracing::warn!(
+                deadline_s = deadline.as_secs(),
+                "prewarm not done by prewarm.ready_deadline; reporting ready anyway"
+            ),
+        }
+        health.release(WHAT);
+    });
 }
 
 /// What hostsd should write for this daemon: every configured registry, with

@@ -169,6 +169,16 @@ impl Progress {
     }
 }
 
+/// Who a download is for, which decides who yields bandwidth to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A pull on this node (containerd, the kubelet): never waits.
+    Live,
+    /// Prewarm and seeds following the cluster: pause while any live
+    /// download runs, unless a live reader joins them.
+    Background,
+}
+
 /// One download in flight.
 struct Download {
     digest: Digest,
@@ -178,9 +188,41 @@ struct Download {
     file: Arc<File>,
     /// For a piece download: where peers' requests for pieces go.
     wants: Option<tokio::sync::mpsc::UnboundedSender<pieces::Want>>,
+    /// Counted in `Inner::live` (see [`Priority`]).
+    live: std::sync::atomic::AtomicBool,
+    /// Bytes this download took from the origin and from peers.
+    from_origin: std::sync::atomic::AtomicU64,
+    from_peers: std::sync::atomic::AtomicU64,
 }
 
 impl Download {
+    fn count(&self, source: Source, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match source {
+            Source::Peer => self.from_peers.fetch_add(n, Relaxed),
+            _ => self.from_origin.fetch_add(n, Relaxed),
+        };
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this download should hold back now, with `live` live
+    /// downloads in flight (this one is never among them when it holds
+    /// back).
+    fn yields_to(&self, live: usize) -> bool {
+        live > 0 && !self.is_live()
+    }
+
+    /// Marks the download live (a live reader joined it); the count of live
+    /// downloads wakes anything waiting on it.
+    fn promote(&self, inner: &Inner) {
+        if !self.live.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            inner.live.send_modify(|n| *n += 1);
+        }
+    }
+
     /// Waits until the download knows the blob's size (or failed).
     async fn size(&self) -> Result<u64, FetchError> {
         let mut rx = self.progress.subscribe();
@@ -223,8 +265,23 @@ impl Download {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.digest);
         inner.metrics.downloads_in_flight.dec();
+        if self.live.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            inner.live.send_modify(|n| *n = n.saturating_sub(1));
+        }
         self.progress.send_modify(|p| p.done = Some(result));
     }
+}
+
+/// What [`Fetcher::ensure_blob`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ensured {
+    /// `Local`: it was in the store already.
+    pub source: Source,
+    pub size: u64,
+    /// Bytes the download took from the origin and from peers (a download
+    /// joined mid-way counts everything it took).
+    pub origin_bytes: u64,
+    pub peer_bytes: u64,
 }
 
 /// A download in flight, as the admin API shows it.
@@ -295,6 +352,8 @@ struct Inner {
     retries: u32,
     inflight: Mutex<HashMap<Digest, Arc<Download>>>,
     tags: tags::TagCache,
+    /// Live downloads in flight (see [`Priority`]).
+    live: watch::Sender<usize>,
     verify_reads: bool,
     negative: Mutex<negative::NegativeCache>,
     checks: verify::Checks,
@@ -320,6 +379,7 @@ impl Fetcher {
                 verify_reads: cfg.store.verify_reads,
                 negative: Mutex::new(negative::NegativeCache::default()),
                 checks: Mutex::new(HashMap::new()),
+                live: watch::Sender::new(0),
             }),
         }
     }
@@ -363,7 +423,7 @@ impl Fetcher {
         if crate::oci::validate_repository(repo).is_err() {
             return;
         }
-        match self.join_or_start(&up, repo, digest, None, false) {
+        match self.join_or_start(&up, repo, digest, None, false, Priority::Background) {
             Ok(Some((_, true))) => {
                 tracing::info!(digest = %digest, registry = ns, repo, "seed: keeping a copy of a blob the cluster pulls");
             }
@@ -420,7 +480,7 @@ impl Fetcher {
                 }
             }
             attempt += 1;
-            match self.join_or_start(up, repo, digest, client_auth, attempt > 1)? {
+            match self.join_or_start(up, repo, digest, client_auth, attempt > 1, Priority::Live)? {
                 Some(found) => break found,
                 None => continue,
             }
@@ -449,10 +509,20 @@ impl Fetcher {
         digest: &Digest,
         client_auth: Option<&HeaderValue>,
         last_try: bool,
+        priority: Priority,
     ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
-        self.join_or_start_as(up, repo, digest, client_auth, last_try, Starter::Local)
+        self.join_or_start_as(
+            up,
+            repo,
+            digest,
+            client_auth,
+            last_try,
+            Starter::Local,
+            priority,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn join_or_start_as(
         &self,
         up: &Upstream,
@@ -461,6 +531,7 @@ impl Fetcher {
         client_auth: Option<&HeaderValue>,
         last_try: bool,
         starter: Starter,
+        priority: Priority,
     ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
         let mut inflight = self
             .inner
@@ -468,6 +539,9 @@ impl Fetcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(dl) = inflight.get(digest) {
+            if priority == Priority::Live {
+                dl.promote(&self.inner);
+            }
             if let Some(w) = &dl.wants {
                 let _ = w.send(match starter {
                     Starter::Local => pieces::Want::All,
@@ -520,7 +594,13 @@ impl Fetcher {
             progress: watch::Sender::new(Progress::default()),
             file: Arc::new(reader),
             wants: swarm.as_ref().map(|_| wants_tx.clone()),
+            live: Default::default(),
+            from_origin: Default::default(),
+            from_peers: Default::default(),
         });
+        if priority == Priority::Live {
+            dl.promote(&self.inner);
+        }
         inflight.insert(digest.clone(), dl.clone());
         drop(inflight);
         self.inner.metrics.downloads_in_flight.inc();
@@ -560,6 +640,82 @@ impl Fetcher {
             }
         }
         Ok(Some((dl, true)))
+    }
+
+    /// Gets blob `digest` of `repo` into the store without reading it:
+    /// joins or starts its download at `priority` and waits for the
+    /// commit. This is prewarm's way in: the same single flight, swarm and
+    /// digest checks as a pull, none of the copying.
+    pub async fn ensure_blob(
+        &self,
+        up: &Upstream,
+        repo: &str,
+        digest: &Digest,
+        priority: Priority,
+    ) -> Result<Ensured, FetchError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut attempt = 0;
+        let dl = loop {
+            if let Some(info) = self.inner.store.blob_info(digest) {
+                return Ok(Ensured {
+                    source: Source::Local,
+                    size: info.size,
+                    origin_bytes: 0,
+                    peer_bytes: 0,
+                });
+            }
+            attempt += 1;
+            match self.join_or_start(up, repo, digest, None, attempt > 1, priority)? {
+                Some((dl, _)) => break dl,
+                None => continue,
+            }
+        };
+        let mut rx = dl.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match &p.done {
+                    Some(Ok(())) => {
+                        let (origin_bytes, peer_bytes) =
+                            (dl.from_origin.load(Relaxed), dl.from_peers.load(Relaxed));
+                        return Ok(Ensured {
+                            source: if peer_bytes > 0 || dl.wants.is_some() {
+                                Source::Peer
+                            } else {
+                                Source::Origin
+                            },
+                            size: p.total.unwrap_or(p.written),
+                            origin_bytes,
+                            peer_bytes,
+                        });
+                    }
+                    Some(Err(e)) => return Err(FetchError::Shared(e.clone())),
+                    None => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Abandoned(digest.clone()));
+            }
+        }
+    }
+
+    /// Live downloads in flight now.
+    pub fn live_downloads(&self) -> usize {
+        *self.inner.live.borrow()
+    }
+
+    /// Waits until no live download is in flight (returns at once when
+    /// none is).
+    pub async fn until_no_live(&self) {
+        let mut rx = self.inner.live.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Holds a background download back while live downloads run; returns
+    /// at once for a live one, or when a live reader joins this one.
+    async fn yield_to_live(&self, dl: &Download) {
+        let mut rx = self.inner.live.subscribe();
+        let _ = rx.wait_for(|n| !dl.yields_to(*n)).await;
     }
 
     /// Opens bytes of blob `digest` for a peer: from the store, from a
@@ -615,6 +771,9 @@ impl Fetcher {
                     None,
                     false,
                     Starter::Peer { piece, size },
+                    // Priority is this node's: a peer's request only adds
+                    // pieces, which go first whatever the priority.
+                    Priority::Background,
                 )? {
                     Some((dl, _)) => dl,
                     None => return Box::pin(self.blob_for_peer(digest, start, size, None)).await,
@@ -878,6 +1037,7 @@ impl DownloadJob {
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batch_len = 0usize;
             loop {
+                self.fetcher.yield_to_live(&self.dl).await;
                 let first = match body.next().await {
                     None => return Ok(()),
                     Some(chunk) => chunk,
@@ -957,6 +1117,7 @@ impl DownloadJob {
         let n = end - *written;
         *written = end;
         self.fetcher.inner.metrics.origin_bytes.inc_by(n);
+        self.dl.count(Source::Origin, n);
         self.dl.progress.send_modify(|p| p.written = end);
         Ok(())
     }

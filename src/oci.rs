@@ -1,5 +1,10 @@
 //! The OCI distribution spec's vocabulary: digests, repository names, tags,
-//! references, and the error codes and JSON envelope of error responses.
+//! references, and the error codes and JSON envelope of error responses;
+//! image references and manifest descriptors in [`image`].
+
+pub mod image;
+
+pub use image::{valid_host, Descriptor, ImageRef, Platform, RawManifest, ReferenceError};
 
 use std::fmt;
 use std::str::FromStr;

@@ -326,10 +326,12 @@ impl Metrics {
     }
 }
 
-/// Readiness as the health endpoint reports it.
+/// Readiness as the health endpoint reports it: the daemon is up, and
+/// nothing holds readiness back (prewarm with `gate_readiness`).
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    holds: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
 }
 
 impl Health {
@@ -338,7 +340,32 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.waiting_for().is_empty()
+    }
+
+    /// Holds readiness back until [`Health::release`] of the same `what`.
+    pub fn hold(&self, what: &'static str) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what);
+    }
+
+    pub fn release(&self, what: &'static str) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what);
+    }
+
+    /// What readiness waits for.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -397,7 +424,15 @@ fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        "/readyz" => {
+            let waiting = health.waiting_for();
+            let body = if waiting.is_empty() {
+                "not ready\n".to_owned()
+            } else {
+                format!("not ready: waiting for {}\n", waiting.join(", "))
+            };
+            text(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -564,6 +564,20 @@ impl Node {
         key: &Path,
         role: &str,
     ) -> Node {
+        Node::start_with(lab, index, bootstrap, origin, key, role, "")
+    }
+
+    /// Like [`Node::start_as`], with `extra` sections after the generated
+    /// ones (`[prewarm]`, `[gpu.assume]`, `[containerd]`).
+    pub fn start_with(
+        lab: &Lab,
+        index: usize,
+        bootstrap: &[String],
+        origin: &Origin,
+        key: &Path,
+        role: &str,
+        extra: &str,
+    ) -> Node {
         let link = &lab.nodes[index];
         let generation = lab.next_generation();
         let base = 20000 + generation * 10;
@@ -582,7 +596,8 @@ impl Node {
                  [swarm]\nenabled = true\nlisten = \"/ip4/{ip}/tcp/{control}\"\n\
                  data_listen = \"{ip}:{data}\"\nbootstrap = [{boot}]\n\
                  cluster_key_file = \"{key}\"\nrole = \"{role}\"\n{extra}\n\
-                 [[registry]]\nhost = \"{host}\"\nendpoint = \"{url}\"\n",
+                 [[registry]]\nhost = \"{host}\"\nendpoint = \"{url}\"\n{sections}",
+                sections = extra,
                 store = dir.join("store").display(),
                 boot = bootstrap.join(", "),
                 key = key.display(),
@@ -611,8 +626,11 @@ impl Node {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, _)) = http_get(&node.telemetry_addr(), "/readyz") {
-                break;
+            // Up: ready, or holding readiness for prewarm on purpose.
+            match http_get(&node.telemetry_addr(), "/readyz") {
+                Ok((200, _)) => break,
+                Ok((503, body)) if body.contains("waiting for") => break,
+                _ => {}
             }
             if let Some(status) = node.proc.exited() {
                 panic!(
@@ -668,6 +686,11 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's admin socket (a file: reachable from any namespace).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("store/admin.sock")
     }
 
     /// Sum of every sample of metric `name` whose labels contain all of

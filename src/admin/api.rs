@@ -19,7 +19,12 @@ pub mod path {
     pub const PEERS: &str = "/v1/peers";
     pub const IMAGES: &str = "/v1/images";
     pub const EVICT: &str = "/v1/evict";
+    pub const GPU: &str = "/v1/gpu";
+    pub const PREWARM: &str = "/v1/prewarm";
 }
+
+pub use crate::gpu::{GpuDevice, GpuFacts};
+pub use crate::prewarm::{ImageStatus as PrewarmImage, PrewarmStatus, RuleStatus};
 
 /// `POST /v1/evict`: remove these blobs from the store now (`bench pull
 /// --cold`), pinned or not.
@@ -329,6 +334,9 @@ pub struct ImageSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageList {
     pub images: Vec<ImageSummary>,
+    /// The prewarm engine's images (empty without a daemon or rules).
+    #[serde(default)]
+    pub prewarm: Vec<PrewarmImage>,
 }
 
 /// An error answer: `{"error": {"code": ..., "message": ...}}`.

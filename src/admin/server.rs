@@ -164,7 +164,7 @@ fn full(b: Vec<u8>) -> Body {
 fn error(e: &AdminError) -> Response<Body> {
     let status = match e {
         AdminError::InvalidDigest(_)
-        | AdminError::InvalidReference { .. }
+        | AdminError::InvalidReference(_)
         | AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
         AdminError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -210,6 +210,8 @@ async fn route(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
         (Method::GET, path::STATS) => answer(node, |n| Ok(n.stats())).await,
         (Method::GET, path::IMAGES) => answer(node, |n| Ok(n.images())).await,
         (Method::GET, path::PEERS) => answer(node, |n| Ok(n.peers())).await,
+        (Method::GET, path::PREWARM) => answer(node, |n| n.prewarm()).await,
+        (Method::GET, path::GPU) => answer(node, |n| n.gpu()).await,
         (Method::POST, path::INSPECT | path::PIN | path::UNPIN) => {
             let t: TargetRequest = match body(req).await {
                 Ok(t) => t,

@@ -52,6 +52,15 @@ enum Command {
         #[command(flatten)]
         global: cli::Global,
     },
+    /// This node's GPUs as prewarm rules see them (NVML, GPU Feature Discovery labels, or [gpu.assume]).
+    #[command(after_help = GPU_HELP)]
+    Gpu {
+        #[command(flatten)]
+        global: cli::Global,
+    },
+    /// The images this node prewarms before its pods ask.
+    #[command(subcommand)]
+    Prewarm(PrewarmCommand),
     /// Measure pulls through this node: cold against warm, and where the bytes came from.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -87,6 +96,31 @@ const IMAGES_HELP: &str = "Examples:
 const PEERS_HELP: &str = "Examples:
   damselfly peers
   damselfly peers -o json";
+
+const GPU_HELP: &str = "Examples:
+  damselfly gpu
+  damselfly gpu -o json | jq '.devices[].product'
+
+With the daemon down, discovery runs here with the config's [gpu] section.";
+
+#[derive(Subcommand)]
+enum PrewarmCommand {
+    /// Each rule, whether it matched and why, and each image's state,
+    /// progress and bytes by source.
+    #[command(after_help = PREWARM_HELP)]
+    Status {
+        #[command(flatten)]
+        global: cli::Global,
+    },
+}
+
+const PREWARM_HELP: &str = "Examples:
+  damselfly prewarm status
+  damselfly prewarm status -o json | jq '.images[] | {reference, state}'
+
+Exit codes:
+  0  success
+  3  the daemon is unreachable (prewarm runs inside it)";
 
 #[derive(Subcommand)]
 enum BenchCommand {
@@ -187,6 +221,8 @@ fn main() -> ExitCode {
         Command::Cache { global, command } => cli::cache(&global, command),
         Command::Images { global } => cli::images(&global),
         Command::Peers { global } => cli::peers(&global),
+        Command::Gpu { global } => cli::gpu(&global),
+        Command::Prewarm(PrewarmCommand::Status { global }) => cli::prewarm_status(&global),
         Command::Bench(BenchCommand::Pull { global, args }) => {
             cli::bench(&global, cli::BenchCommand::Pull(args))
         }

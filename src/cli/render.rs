@@ -3,6 +3,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod prewarm;
+
+pub use prewarm::{gpu, status as prewarm_status};
+
 use super::{LsArgs, SortKey, SourceFilter};
 use crate::admin::api::*;
 
@@ -556,6 +560,15 @@ pub fn peers(p: &Peers) -> String {
 }
 
 pub fn images(l: &ImageList, now: u64, width: Option<usize>) -> String {
+    let mut out = cached_images(l, now, width);
+    if !l.prewarm.is_empty() {
+        out.push_str("\nprewarm:\n");
+        out.push_str(&prewarm::image_table(&l.prewarm, width));
+    }
+    out
+}
+
+fn cached_images(l: &ImageList, now: u64, width: Option<usize>) -> String {
     if l.images.is_empty() {
         return "no images have been pulled through this node\n".into();
     }

@@ -258,15 +258,23 @@ fn docs_reference_matches_keys() {
     // The example names files that do not exist here, so only unknown keys
     // and type errors count, not unreadable files.
     let table: Table = example.parse().unwrap();
-    for key in KEYS {
-        let (section, field) = key.path.split_once('.').unwrap();
-        let present = match table.get(section.trim_end_matches("[]")) {
-            Some(Value::Table(t)) => t.contains_key(field),
-            Some(Value::Array(a)) => a
-                .iter()
-                .any(|t| t.as_table().is_some_and(|t| t.contains_key(field))),
-            _ => false,
+    // `a.b[].c.d`: tables and arrays of tables, to any depth.
+    fn has(t: &Table, path: &[&str]) -> bool {
+        let Some((first, rest)) = path.split_first() else {
+            return true;
         };
+        match (t.get(first.trim_end_matches("[]")), rest.is_empty()) {
+            (Some(_), true) => true,
+            (Some(Value::Table(inner)), false) => has(inner, rest),
+            (Some(Value::Array(a)), false) => a
+                .iter()
+                .any(|v| v.as_table().is_some_and(|inner| has(inner, rest))),
+            _ => false,
+        }
+    }
+    for key in KEYS {
+        let path: Vec<&str> = key.path.split('.').collect();
+        let present = has(&table, &path);
         assert!(
             present,
             "the example in docs/configuration.md lacks {}",

@@ -251,6 +251,7 @@ impl PieceJob {
         let limit = ctx.swarm.max_piece_transfers();
         let mut next = 0usize;
         let mut last_want = Instant::now();
+        let mut live = ctx.fetcher.inner.live.subscribe();
         loop {
             while let Ok(w) = self.wants.try_recv() {
                 last_want = Instant::now();
@@ -269,7 +270,10 @@ impl PieceJob {
                     tasks.spawn(async move { (k, fetch_piece(c, k, full).await) });
                 }
             }
-            if self.full {
+            // A background download (prewarm) starts no piece of its own
+            // while a live pull runs; pieces peers ask for still go.
+            let yielding = ctx.dl.yields_to(*live.borrow_and_update());
+            if self.full && !yielding {
                 while tasks.len() < limit && next < n {
                     if state[next] == State::Missing {
                         state[next] = State::Fetching;
@@ -318,6 +322,7 @@ impl PieceJob {
                     }
                 }
                 _ = tokio::time::sleep(SERVING_IDLE), if tasks.is_empty() && !self.full => {}
+                _ = live.changed(), if yielding => {}
             }
         }
         let (actual, sums) = hasher.await.map_err(|e| FetchError::Io {
@@ -659,6 +664,7 @@ async fn peer_piece(
                 .fetched_bytes
                 .with_label_values(&["peer"])
                 .inc_by(take);
+            ctx.dl.count(super::Source::Peer, take);
             if pos > end {
                 failed.insert(peer.id);
                 return Err(PeerFail::Broken {
@@ -820,6 +826,7 @@ async fn origin_piece(ctx: &Arc<Ctx>, k: usize, have: &mut u64) -> Result<(), Fe
                         .fetched_bytes
                         .with_label_values(&["origin"])
                         .inc_by(n);
+                    ctx.dl.count(super::Source::Origin, n);
                     if pos >= end {
                         break None;
                     }

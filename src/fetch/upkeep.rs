@@ -445,6 +445,9 @@ mod tests {
                 progress: tokio::sync::watch::Sender::new(Default::default()),
                 file,
                 wants: None,
+                live: Default::default(),
+                from_origin: Default::default(),
+                from_peers: Default::default(),
             }),
         );
         let swept = f.sweep_partials(now);

@@ -243,7 +243,7 @@ impl Fetcher {
                         offset = ?first_bad, bytes = size, actual = %actual, quarantine = %to.display(),
                         found_by = found_by.as_str(),
                         "a cached blob no longer matches its digest: quarantined, fetching it again");
-                    self.refetch(digest, refetch);
+                    self.refetch(digest, refetch, found_by);
                 }
                 false
             }
@@ -275,7 +275,7 @@ impl Fetcher {
                     quarantine = %to.display(), found_by = guard.found_by.as_str(),
                     "a cached blob does not match its chunk sum: response stopped before the chunk, \
                      blob quarantined, fetching it again");
-                self.refetch(digest, refetch);
+                self.refetch(digest, refetch, guard.found_by);
             }
             // Another reader got there first, or the blob is gone.
             Ok(None) => {
@@ -297,13 +297,19 @@ impl Fetcher {
 
     /// Fetches a quarantined blob again, through peers or the origin, so the
     /// next request finds it (or joins the download).
-    fn refetch(&self, digest: &Digest, target: Refetch) {
+    fn refetch(&self, digest: &Digest, target: Refetch, found_by: FoundBy) {
         let Some((up, repo)) = target else {
             tracing::warn!(digest = %digest,
                 "no registry known for a quarantined blob; the next pull fetches it again");
             return;
         };
-        match self.join_or_start(&up, &repo, digest, None, false) {
+        // A client retries a cut read at once: that refetch is live. What a
+        // peer or the scrub found is only for this node's cache.
+        let priority = match found_by {
+            FoundBy::Mirror => super::Priority::Live,
+            FoundBy::Peer | FoundBy::Scrub => super::Priority::Background,
+        };
+        match self.join_or_start(&up, &repo, digest, None, false, priority) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(digest = %digest, error = %e, "cannot fetch a quarantined blob again");

@@ -106,9 +106,19 @@ impl Store {
                 .map_or(0, |d| d.as_secs()),
         };
         let json = serde_json::to_vec_pretty(&rec).unwrap_or_default();
-        let _pins = self.pins_lock();
-        write_atomic(&self.pin_path(target), &json)?;
-        self.lock().pinned.extend(digests.iter().cloned());
+        let pins = self.pins_lock();
+        let path = self.pin_path(target);
+        let replaced = path.exists();
+        write_atomic(&path, &json)?;
+        if !replaced {
+            self.lock().pinned.extend(digests.iter().cloned());
+            return Ok(rec);
+        }
+        // The old record's digests are pinned no longer, unless another
+        // record lists them (prewarm re-pins a tag that moved).
+        self.reload_pins();
+        drop(pins);
+        self.evict_over_quota();
         Ok(rec)
     }
 
@@ -179,6 +189,21 @@ mod tests {
     /// has listed the directory, a pin then writes its record and adds its
     /// digest, and the rescan's result (without that digest) replaces the
     /// in-memory set. With the pins lock the pin waits for the rescan.
+    #[test]
+    fn re_pinning_a_target_releases_what_it_no_longer_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), u64::MAX).unwrap();
+        store.pin("img", &[digest(1), digest(2)]).unwrap();
+        store.pin("other", &[digest(2)]).unwrap();
+        store.pin("img", &[digest(3)]).unwrap();
+        assert!(
+            !store.is_pinned(&digest(1)),
+            "left behind by the new record"
+        );
+        assert!(store.is_pinned(&digest(2)), "still listed by another pin");
+        assert!(store.is_pinned(&digest(3)));
+    }
+
     #[test]
     fn a_pin_during_an_unpins_rescan_is_not_lost() {
         let dir = tempfile::tempdir().unwrap();

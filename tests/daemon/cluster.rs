@@ -55,6 +55,14 @@ pub struct NodeSpec {
     pub bootstrap: Option<Vec<String>>,
     /// Lines inside `[store]` (`verify_reads = false`).
     pub store: String,
+    /// More config after the `[[registry]]` table (`[prewarm]`,
+    /// `[gpu.assume]`, ...). `{containerd_socket}` is replaced with the
+    /// node's containerd socket.
+    pub config: String,
+    /// Start containerd before the daemon and let the daemon write its
+    /// hosts.toml (`[containerd] configure_hosts`), as a DaemonSet does;
+    /// otherwise the test writes it after the daemon is up.
+    pub wire_containerd: bool,
 }
 
 impl NodeSpec {
@@ -98,24 +106,54 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts node `index` for `origin` (daemon and containerd), with
-    /// `store` lines in its `[store]` section.
-    pub fn start(index: usize, origin: &Registry, swarm: SwarmOptions, store: &str) -> Node {
+    /// Starts node `index` for `origin` (daemon and containerd).
+    pub fn start(index: usize, origin: &Registry, swarm: SwarmOptions) -> Node {
+        Node::start_spec(index, origin, swarm, &NodeSpec::default())
+    }
+
+    /// [`Node::start`] with the daemon config and containerd wiring of
+    /// `spec` (its swarm fields are already in `swarm`).
+    pub fn start_spec(
+        index: usize,
+        origin: &Registry,
+        swarm: SwarmOptions,
+        spec: &NodeSpec,
+    ) -> Node {
         let ip = node_ip(index);
+        let hosts = TestDir::new("hosts").expect("hosts dir");
+        let early = spec
+            .wire_containerd
+            .then(|| Containerd::start_with_hosts_dir(hosts.path()).expect("containerd"));
+        let mut extra = format!(
+            "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
+            origin.host(),
+            origin.url()
+        );
+        if let Some(c) = &early {
+            extra.push_str(&format!(
+                "[containerd]\nconfigure_hosts = true\nconfig = \"{}\"\n",
+                c.config_path().display()
+            ));
+        }
+        let socket = early
+            .as_ref()
+            .map(|c| c.socket().display().to_string())
+            .unwrap_or_default();
+        extra.push_str(&spec.config.replace("{containerd_socket}", &socket));
         let daemon = Daemon::start_with(Options {
             ip: Some(ip),
             swarm: Some(swarm),
-            store: store.to_owned(),
-            extra: format!(
-                "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-                origin.host(),
-                origin.url()
-            ),
+            store: spec.store.clone(),
+            extra,
             ..Options::default()
         });
-        let hosts = TestDir::new("hosts").expect("hosts dir");
-        write_hosts_toml(hosts.path(), &origin.host(), &daemon.url()).expect("hosts.toml");
-        let containerd = Containerd::start().expect("containerd");
+        let containerd = match early {
+            Some(c) => c,
+            None => {
+                write_hosts_toml(hosts.path(), &origin.host(), &daemon.url()).expect("hosts.toml");
+                Containerd::start().expect("containerd")
+            }
+        };
         Node {
             index,
             daemon,
@@ -260,17 +298,17 @@ impl Cluster {
             let swarm = cluster.swarm_options(0, &first);
             cluster
                 .nodes
-                .push(Node::start(0, origin, swarm, &first.store));
+                .push(Node::start_spec(0, origin, swarm, &first));
         }
-        let rest: Vec<(usize, SwarmOptions, String)> = specs
+        let rest: Vec<(usize, SwarmOptions, NodeSpec)> = specs
             .enumerate()
-            .map(|(i, spec)| (i + 1, cluster.swarm_options(i + 1, &spec), spec.store))
+            .map(|(i, spec)| (i + 1, cluster.swarm_options(i + 1, &spec), spec))
             .collect();
         let started: Vec<Node> = std::thread::scope(|scope| {
             let handles: Vec<_> = rest
                 .into_iter()
-                .map(|(index, swarm, store)| {
-                    scope.spawn(move || Node::start(index, origin, swarm, &store))
+                .map(|(index, swarm, spec)| {
+                    scope.spawn(move || Node::start_spec(index, origin, swarm, &spec))
                 })
                 .collect();
             handles
@@ -287,7 +325,7 @@ impl Cluster {
         let index = self.nodes.len();
         let swarm = self.swarm_options(index, &spec);
         self.nodes
-            .push(Node::start(index, origin, swarm, &spec.store));
+            .push(Node::start_spec(index, origin, swarm, &spec));
         self.nodes.last().expect("just pushed")
     }
 
