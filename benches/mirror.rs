@@ -1,7 +1,10 @@
 //! Mirror benchmarks, each against a baseline measured in the same run:
 //!
 //! 1. cache-hit throughput of one blob through the mirror, against
-//!    `docker-registry` serving the same blob (goal: at least 1.0x);
+//!    `docker-registry` serving the same blob (goal: at least 1.0x), with
+//!    verified reads (every MiB checked against its xxh3 sum as it is
+//!    sent, the default) and without them (`store.verify_reads = false`),
+//!    to show what the check costs (goal: under 10%);
 //! 2. a cold pull through the mirror (origin to mirror to client), against
 //!    the same client pulling straight from the origin (goal: at least 0.9x);
 //! 3. the daemon's peak RSS while it streams a large blob cold (goal: at
@@ -30,6 +33,10 @@ use futures_util::StreamExt;
 use netlab::median;
 
 const RUNS: usize = 3;
+/// Verified and unverified cache hits per run, alternating: the two differ
+/// by a few percent, less than this machine's run-to-run noise, so they get
+/// more samples than the other figures.
+const HIT_PAIRS: usize = 3;
 const MIB: f64 = (1u64 << 20) as f64;
 
 struct Pull {
@@ -89,9 +96,11 @@ fn process_usage(pid: u32) -> (u64, f64) {
     (hwm_kib * 1024, netlab::cpu_secs(pid))
 }
 
-fn daemon_for(reg: &Registry) -> Daemon {
+/// A fresh daemon for `reg`; `verify`: `store.verify_reads`. No scrub, so
+/// that nothing else reads the store while it is measured.
+fn daemon_for(reg: &Registry, verify: bool) -> Daemon {
     Daemon::start_with(daemon::Options {
-        store: "max_size = \"64GiB\"".into(),
+        store: format!("max_size = \"64GiB\"\nscrub_rate = 0\nverify_reads = {verify}"),
         extra: format!(
             "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
             reg.host(),
@@ -134,19 +143,64 @@ fn main() {
     let mut cold = Vec::new();
     let mut hits = Vec::new();
     let mut hit_ttfb = Vec::new();
+    let mut hit_cpu = Vec::new();
+    let mut plain_hits = Vec::new();
+    let mut plain_cpu = Vec::new();
+    // One hit, timed, with the daemon's CPU seconds per GiB.
+    let hit = |d: &Daemon, url: &str| {
+        let cpu_before = netlab::cpu_secs(d.pid());
+        let h = rt.block_on(pull(&client, url));
+        let cpu = (netlab::cpu_secs(d.pid()) - cpu_before) / (h.bytes as f64 / (1u64 << 30) as f64);
+        (h, cpu)
+    };
     for run in 0..RUNS {
         direct.push(rt.block_on(pull(&client, &origin_url)));
-        let d = daemon_for(&reg);
+        let d = daemon_for(&reg, true);
+        let plain = daemon_for(&reg, false);
         let mirror_url = format!("{}/v2/bench/blob/blobs/{digest}?ns={}", d.url(), reg.host());
+        let plain_url = format!(
+            "{}/v2/bench/blob/blobs/{digest}?ns={}",
+            plain.url(),
+            reg.host()
+        );
         cold.push(rt.block_on(pull(&client, &mirror_url)));
-        let h = rt.block_on(pull(&client, &mirror_url));
-        hit_ttfb.push(h.ttfb);
-        hits.push(h);
+        // Fills the unverified daemon's cache; not a figure.
+        rt.block_on(pull(&client, &plain_url));
+        // Verified and unverified hits alternate, the first one changing
+        // each time, so that neither always sees a warmer machine.
+        let order = (0..HIT_PAIRS).flat_map(|i| {
+            if (run + i) % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            }
+        });
+        for verified in order {
+            if verified {
+                let (h, cpu) = hit(&d, &mirror_url);
+                hit_ttfb.push(h.ttfb);
+                hits.push(h);
+                hit_cpu.push(cpu);
+            } else {
+                let (h, cpu) = hit(&plain, &plain_url);
+                plain_hits.push(h);
+                plain_cpu.push(cpu);
+            }
+        }
         eprintln!(
-            "run {run}: direct {:.0} MiB/s, cold {:.0} MiB/s, hit {:.0} MiB/s",
-            direct[run].mib_s(),
+            "run {run}: direct {:.0} MiB/s, cold {:.0} MiB/s, hit {:.0} MiB/s ({:.2} CPU-s/GiB), \
+             unverified hit {:.0} MiB/s ({:.2} CPU-s/GiB)",
+            direct[run * 2].mib_s(),
             cold[run].mib_s(),
-            hits[run].mib_s()
+            median(hits[run * HIT_PAIRS..].iter().map(Pull::mib_s).collect()),
+            median(hit_cpu[run * HIT_PAIRS..].to_vec()),
+            median(
+                plain_hits[run * HIT_PAIRS..]
+                    .iter()
+                    .map(Pull::mib_s)
+                    .collect()
+            ),
+            median(plain_cpu[run * HIT_PAIRS..].to_vec())
         );
         // One more origin pull after the hit, so the baseline sees the same
         // page-cache state as the mirror did.
@@ -155,6 +209,7 @@ fn main() {
     let direct_mib = median(direct.iter().map(Pull::mib_s).collect());
     let cold_mib = median(cold.iter().map(Pull::mib_s).collect());
     let hit_mib = median(hits.iter().map(Pull::mib_s).collect());
+    let plain_mib = median(plain_hits.iter().map(Pull::mib_s).collect());
 
     // 2b: the same cold comparison with a client that stores what it
     // receives, as containerd does. Writing to disk costs both paths alike.
@@ -164,7 +219,7 @@ fn main() {
     let mut cold_store = Vec::new();
     for _ in 0..RUNS {
         direct_store.push(rt.block_on(pull_to(&client, &origin_url, Some(&sink))));
-        let d = daemon_for(&reg);
+        let d = daemon_for(&reg, true);
         let mirror_url = format!("{}/v2/bench/blob/blobs/{digest}?ns={}", d.url(), reg.host());
         cold_store.push(rt.block_on(pull_to(&client, &mirror_url, Some(&sink))));
     }
@@ -172,7 +227,7 @@ fn main() {
     let cold_store_mib = median(cold_store.iter().map(Pull::mib_s).collect());
 
     // 3: peak RSS and CPU streaming a big blob cold.
-    let d = daemon_for(&reg);
+    let d = daemon_for(&reg, true);
     let (rss_before, _) = process_usage(d.pid());
     let big_url = format!(
         "{}/v2/bench/big/blobs/{big_digest}?ns={}",
@@ -190,9 +245,22 @@ fn main() {
     println!("| measure | baseline | damselfly | ratio | goal |");
     println!("|---|---|---|---|---|");
     println!(
-        "| cache hit, {} MiB blob (median of {RUNS}) | docker-registry {direct_mib:.0} MiB/s | {hit_mib:.0} MiB/s | {:.2}x | >= 1.0x |",
+        "| cache hit, {} MiB blob, verified reads (median of {}) | docker-registry {direct_mib:.0} MiB/s | {hit_mib:.0} MiB/s | {:.2}x | >= 1.0x |",
         size >> 20,
+        RUNS * HIT_PAIRS,
         hit_mib / direct_mib
+    );
+    println!(
+        "| cache hit, {} MiB blob, verify_reads = false (median of {}) | docker-registry {direct_mib:.0} MiB/s | {plain_mib:.0} MiB/s | {:.2}x | |",
+        size >> 20,
+        RUNS * HIT_PAIRS,
+        plain_mib / direct_mib
+    );
+    println!(
+        "| cost of verified reads on a cache hit | unverified {plain_mib:.0} MiB/s, {:.2} CPU-s per GiB | verified {hit_mib:.0} MiB/s, {:.2} CPU-s per GiB | {:.2}x | >= 0.90x |",
+        median(plain_cpu),
+        median(hit_cpu),
+        hit_mib / plain_mib
     );
     println!(
         "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.9x |",

@@ -222,7 +222,8 @@ pub enum CacheCommand {
 /// How a command reaches the node.
 enum Backend {
     Daemon(Client),
-    Local(Node),
+    // Boxed: a Node (with its metric handles) is ten times a Client.
+    Local(Box<Node>),
 }
 
 struct Resolved {
@@ -305,7 +306,7 @@ async fn backend(g: &Global, write: bool) -> Result<Backend, CliError> {
         r.socket.display(),
         r.store.display()
     );
-    Ok(Backend::Local(Node::offline(store)))
+    Ok(Backend::Local(Box::new(Node::offline(store))))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {

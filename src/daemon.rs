@@ -106,6 +106,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
         swarm_handle = Some(swarm);
     }
+    // The partial sweep and the scrub; stopped with the telemetry below.
+    let upkeep_stop = CancellationToken::new();
+    fetcher.spawn_upkeep(&cfg.store, upkeep_stop.clone());
     // NVML is a blocking C library; a hung driver must not hold a worker.
     let gpu_cfg = cfg.gpu.clone();
     let facts = tokio::task::spawn_blocking(move || crate::gpu::discover(&gpu_cfg))
@@ -227,6 +230,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     });
     registry::serve(mirror_listener, mirror, shutdown, cfg.mirror.drain_timeout).await;
     telemetry_stop.cancel();
+    upkeep_stop.cancel();
     prewarm_stop.cancel();
     swarm_stop.cancel();
     if let Some(swarm) = swarm_handle {

@@ -9,11 +9,20 @@
 //! checked and the blob committed: a client can never receive a complete
 //! body whose content is wrong. When a download fails, readers see their
 //! connection end early; the partial file stays, and the next request
-//! re-hashes it and resumes with `Range`.
+//! re-hashes it and resumes with `Range` (a download that failed before its
+//! first byte leaves nothing behind, and an origin's 404 is remembered
+//! briefly: [`negative`]).
+//!
+//! Blobs served from the store are checked chunk by chunk as they go out
+//! ([`verify`]); the background upkeep bounds partial downloads and scrubs
+//! the store ([`upkeep`]).
 
 mod manifest;
+pub mod negative;
 pub mod pieces;
 pub mod tags;
+pub mod upkeep;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -40,8 +49,10 @@ pub use manifest::{Manifest, MAX_MANIFEST};
 const WRITE_BATCH: usize = 1 << 20;
 /// Bytes per frame sent to a client. Larger frames mean fewer wake-ups per
 /// GiB (cache hits measured 0.75x of docker-registry at 512 KiB, 0.99x at
-/// 2 MiB); smaller ones a quicker first byte. 1 MiB sits between.
+/// 2 MiB); smaller ones a quicker first byte. 1 MiB sits between. Verified
+/// reads read whole checksum chunks, so it is a multiple of them.
 const READ_CHUNK: u64 = 1 << 20;
+const _: () = assert!(READ_CHUNK.is_multiple_of(crate::store::SUM_CHUNK));
 const RESUME_BACKOFF_START: Duration = Duration::from_millis(200);
 const RESUME_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
@@ -232,8 +243,22 @@ impl Download {
     }
 
     /// Ends a download: out of the single-flight map (after the commit, so
-    /// a new request finds the blob), and the verdict to every reader.
-    fn finish(&self, inner: &Inner, result: Result<(), FetchError>) {
+    /// a new request finds the blob), and the verdict to every reader. An
+    /// origin's 404 for `(registry, repo)` is remembered first, so that no
+    /// request slips in between and asks the origin again.
+    fn finish(&self, inner: &Inner, result: Result<(), FetchError>, asked: (&Upstream, &str)) {
+        let result = result.map_err(Arc::new);
+        if let Err(e) = &result {
+            if negative::is_not_found(e) {
+                inner.negative().insert(
+                    asked.0.host(),
+                    asked.1,
+                    &self.digest,
+                    e.clone(),
+                    std::time::Instant::now(),
+                );
+            }
+        }
         inner
             .inflight
             .lock()
@@ -243,8 +268,7 @@ impl Download {
         if self.live.swap(false, std::sync::atomic::Ordering::SeqCst) {
             inner.live.send_modify(|n| *n = n.saturating_sub(1));
         }
-        self.progress
-            .send_modify(|p| p.done = Some(result.map_err(Arc::new)));
+        self.progress.send_modify(|p| p.done = Some(result));
     }
 }
 
@@ -297,15 +321,19 @@ impl Blob {
         {
             return None;
         }
-        let all = store.sums(digest, self.size)?;
         let first = (start / crate::store::SUM_CHUNK) as usize;
         let last = end.div_ceil(crate::store::SUM_CHUNK) as usize;
-        all.get(first..last.min(all.len())).map(|s| s.to_vec())
+        store.sums_slice(digest, self.size, first, last)
     }
 }
 
 enum BlobBody {
-    Local { file: Arc<File>, lease: Lease },
+    Local {
+        file: Arc<File>,
+        lease: Lease,
+        /// Set when reads are verified against the chunk sums.
+        guard: Option<Arc<verify::Guard>>,
+    },
     Growing(Arc<Download>),
 }
 
@@ -326,6 +354,15 @@ struct Inner {
     tags: tags::TagCache,
     /// Live downloads in flight (see [`Priority`]).
     live: watch::Sender<usize>,
+    verify_reads: bool,
+    negative: Mutex<negative::NegativeCache>,
+    checks: verify::Checks,
+}
+
+impl Inner {
+    fn negative(&self) -> std::sync::MutexGuard<'_, negative::NegativeCache> {
+        self.negative.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Fetcher {
@@ -339,9 +376,20 @@ impl Fetcher {
                 swarm: std::sync::OnceLock::new(),
                 retries: cfg.origin.retries,
                 inflight: Mutex::new(HashMap::new()),
+                verify_reads: cfg.store.verify_reads,
+                negative: Mutex::new(negative::NegativeCache::default()),
+                checks: Mutex::new(HashMap::new()),
                 live: watch::Sender::new(0),
             }),
         }
+    }
+
+    /// The single-flight map, locked.
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Download>>> {
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn store(&self) -> &Store {
@@ -421,16 +469,15 @@ impl Fetcher {
         let mut attempt = 0;
         let (dl, started) = loop {
             if let Some(opened) = self.inner.store.open_blob(digest)? {
-                m.cache_lookups.with_label_values(&["blob", "hit"]).inc();
-                return Ok(Blob {
-                    size: opened.size,
-                    source: Source::Local,
-                    for_peer: false,
-                    body: BlobBody::Local {
-                        file: Arc::new(opened.file),
-                        lease: opened.lease,
-                    },
-                });
+                let refetch = Some((up.clone(), repo.to_owned()));
+                // `None`: it was bad, and its refetch is joined below.
+                if let Some(blob) = self
+                    .local_blob(opened, digest, verify::FoundBy::Mirror, refetch)
+                    .await?
+                {
+                    m.cache_lookups.with_label_values(&["blob", "hit"]).inc();
+                    return Ok(blob);
+                }
             }
             attempt += 1;
             match self.join_or_start(up, repo, digest, client_auth, attempt > 1, Priority::Live)? {
@@ -507,6 +554,18 @@ impl Fetcher {
         // blob is either in flight or (if it just finished) in the store.
         if !last_try && self.inner.store.contains(digest) {
             return Ok(None);
+        }
+        let known_missing =
+            self.inner
+                .negative()
+                .get(up.host(), repo, digest, std::time::Instant::now());
+        if let Some(e) = known_missing {
+            self.inner
+                .metrics
+                .cache_lookups
+                .with_label_values(&["blob", "negative"])
+                .inc();
+            return Err(FetchError::Shared(e));
         }
         let path = self.inner.store.partial_path(digest);
         let io = |source| FetchError::Io {
@@ -671,15 +730,13 @@ impl Fetcher {
         origin: Option<(Upstream, String)>,
     ) -> Result<Option<Blob>, FetchError> {
         if let Some(opened) = self.inner.store.open_blob(digest)? {
-            return Ok(Some(Blob {
-                size: opened.size,
-                source: Source::Local,
-                for_peer: true,
-                body: BlobBody::Local {
-                    file: Arc::new(opened.file),
-                    lease: opened.lease,
-                },
-            }));
+            if let Some(blob) = self
+                .local_blob(opened, digest, verify::FoundBy::Peer, origin.clone())
+                .await?
+            {
+                return Ok(Some(blob));
+            }
+            // It was bad: its refetch is in flight now, and serves the peer.
         }
         let piece = self
             .inner
@@ -771,10 +828,22 @@ impl DownloadJob {
             if matches!(e, FetchError::DigestMismatch { .. }) {
                 inner.metrics.digest_mismatches.inc();
             }
+            // Failed before its first byte (a 404, an auth error, a refused
+            // size): nothing to resume, so no file either. Still in the
+            // single-flight map, so no other download uses the path.
+            if self.writer.metadata().is_ok_and(|m| m.len() == 0)
+                && inner.store.remove_partial(&digest).unwrap_or(false)
+            {
+                inner
+                    .metrics
+                    .partials_removed
+                    .with_label_values(&["failed"])
+                    .inc();
+            }
         }
         // Commit happened inside download(); only now may a new request
         // start another download of this digest, and it will find the blob.
-        self.dl.finish(&inner, result);
+        self.dl.finish(&inner, result, (&self.up, &self.repo));
     }
 
     async fn download(&self) -> Result<(), FetchError> {
@@ -856,6 +925,11 @@ impl DownloadJob {
                 actual: actual.to_string(),
             });
         }
+        // Before the commit: a committed blob always has its sums, which
+        // verified reads need (a crash in between leaves a harmless orphan).
+        if let Err(e) = inner.store.set_sums(digest, &sums.finish()) {
+            tracing::debug!(digest = %digest, error = %e, "cannot record chunk checksums");
+        }
         // fsync of a multi-GiB file, and any eviction it triggers, must not
         // hold a runtime worker.
         let store = inner.store.clone();
@@ -869,9 +943,6 @@ impl DownloadJob {
         let prov = Provenance::origin(self.up.host(), &self.repo);
         if let Err(e) = inner.store.set_provenance(digest, &prov) {
             tracing::debug!(digest = %digest, error = %e, "cannot record provenance");
-        }
-        if let Err(e) = inner.store.set_sums(digest, &sums.finish()) {
-            tracing::debug!(digest = %digest, error = %e, "cannot record chunk checksums");
         }
         inner.metrics.observe_store(inner.store.usage());
         if let Some(swarm) = inner.swarm.get() {
@@ -1234,21 +1305,37 @@ impl Blob {
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let source = self.source;
         let counter = metrics.bytes_served.with_label_values(&[source.as_str()]);
-        let (file, rx, lease) = match self.body {
-            BlobBody::Local { file, lease } => (file, None, Some(lease)),
-            BlobBody::Growing(dl) => (dl.file.clone(), Some(dl.progress.subscribe()), None),
-        };
         let size = self.size;
+        let end = end.min(size);
+        let (file, rx, lease, verified) = match self.body {
+            BlobBody::Local { file, lease, guard } => {
+                let verified = guard.map(|guard| {
+                    let cs = crate::store::SUM_CHUNK;
+                    let first = (start / cs) as usize;
+                    let sums = guard.fetcher.inner.store.sums_slice(
+                        &guard.digest,
+                        size,
+                        first,
+                        end.div_ceil(cs) as usize,
+                    );
+                    Verified { guard, first, sums }
+                });
+                (file, None, Some(lease), verified)
+            }
+            BlobBody::Growing(dl) => (dl.file.clone(), Some(dl.progress.subscribe()), None, None),
+        };
         let epoch = rx.as_ref().map_or(0, |r| r.borrow().epoch);
         let state = ReadState {
             for_peer: self.for_peer,
             epoch,
             pos: start,
-            end: end.min(size),
+            end,
             size,
             rx,
             file,
             _lease: lease,
+            verified,
+            ahead: None,
         };
         futures_util::stream::unfold(state, move |mut st| {
             let counter = counter.clone();
@@ -1263,6 +1350,9 @@ impl Blob {
                         }
                     }
                     return None;
+                }
+                if st.rx.is_none() {
+                    return Some(st.next_local(&counter).await);
                 }
                 let readable = match st.readable().await {
                     Ok(r) => r,
@@ -1298,9 +1388,102 @@ struct ReadState {
     rx: Option<watch::Receiver<Progress>>,
     file: Arc<File>,
     _lease: Option<Lease>,
+    verified: Option<Verified>,
+    /// A read from the store started ahead, and where it starts.
+    ahead: Option<(u64, verify::PendingRead)>,
+}
+
+/// A read from the store checked against the blob's chunk sums.
+struct Verified {
+    guard: Arc<verify::Guard>,
+    /// The chunk `sums[0]` belongs to.
+    first: usize,
+    /// The sums of the chunks the range covers; `None` when they vanished
+    /// after the blob was opened (it was removed meanwhile).
+    sums: Option<Vec<u64>>,
 }
 
 impl ReadState {
+    /// The next frame of a read from the store. With verified reads, whole
+    /// chunks are read and checked before any of their bytes go out. The
+    /// next span is read (and checked) on a blocking thread while this one
+    /// is sent: one span ahead, so a reader holds two at most.
+    async fn next_local(
+        mut self,
+        counter: &prometheus::IntCounter,
+    ) -> (io::Result<Bytes>, ReadState) {
+        let (at, span_end) = self.span_at(self.pos);
+        let pending = match self.ahead.take() {
+            Some((a, h)) if a == at => Some(h),
+            _ => self.start_read(at, span_end),
+        };
+        let Some(pending) = pending else {
+            self.pos = self.end;
+            let e =
+                io::Error::other("the blob's chunk sums are gone: it was removed while being read");
+            return (Err(e), self);
+        };
+        let read = pending
+            .await
+            .unwrap_or_else(|e| Err(verify::ReadFail::Io(io::Error::other(e))));
+        match read {
+            Ok(b) => {
+                let upto = span_end.min(self.end);
+                let out = b.slice((self.pos - at) as usize..(upto - at) as usize);
+                counter.inc_by(upto - self.pos);
+                self.pos = upto;
+                if upto < self.end {
+                    let (next, next_end) = self.span_at(upto);
+                    self.ahead = self.start_read(next, next_end).map(|h| (next, h));
+                }
+                (Ok(out), self)
+            }
+            Err(verify::ReadFail::Rot { offset }) => {
+                self.pos = self.end;
+                if let Some(guard) = self.verified.as_ref().map(|v| v.guard.clone()) {
+                    guard
+                        .fetcher
+                        .rotten(&guard, self.file.clone(), offset)
+                        .await;
+                }
+                let e = io::Error::other(format!(
+                    "bytes at {offset} do not match their checksum; stopped before them"
+                ));
+                (Err(e), self)
+            }
+            Err(verify::ReadFail::Io(e)) => {
+                self.pos = self.end;
+                (Err(e), self)
+            }
+        }
+    }
+
+    /// The span a read from the store at `pos` covers: up to a frame, from
+    /// the start of its chunk when reads are verified.
+    fn span_at(&self, pos: u64) -> (u64, u64) {
+        let at = if self.verified.is_some() {
+            pos / crate::store::SUM_CHUNK * crate::store::SUM_CHUNK
+        } else {
+            pos
+        };
+        (at, (at + READ_CHUNK).min(self.size))
+    }
+
+    /// Starts reading `at..end` (with its chunk sums when verified); `None`
+    /// when the sums for that span are gone.
+    fn start_read(&self, at: u64, end: u64) -> Option<verify::PendingRead> {
+        let sums = match &self.verified {
+            None => None,
+            Some(v) => {
+                let cs = crate::store::SUM_CHUNK;
+                let k = (at / cs) as usize - v.first;
+                let n = (end - at).div_ceil(cs) as usize;
+                Some(v.sums.as_ref()?.get(k..k + n)?.to_vec())
+            }
+        };
+        Some(verify::start_read(self.file.clone(), at, end - at, sums))
+    }
+
     /// Waits until a download in progress is committed (at once for a
     /// blob from the store).
     async fn wait_done(&mut self) -> io::Result<()> {

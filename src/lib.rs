@@ -25,13 +25,17 @@
 //!   with backoff, redirects that never carry credentials to another host.
 //! - [`fetch`]: the engine. Single flight per digest, resumable downloads
 //!   that readers stream from while they grow, tag resolution with a bounded
-//!   stale fallback; with peers, piece downloads ([`fetch::pieces`]).
+//!   stale fallback; with peers, piece downloads ([`fetch::pieces`]). Cache
+//!   hits are checked chunk by chunk as they are served
+//!   ([`fetch::verify`]); partials are bounded and the store scrubbed in
+//!   the background ([`fetch::upkeep`]).
 //! - [`swarm`]: the peer layer. libp2p for membership, announcements and
 //!   content routing ([`swarm::control`]), TLS 1.3 Range requests for bytes
 //!   ([`swarm::data`], [`swarm::tls`]), rendezvous hashing for who fetches
 //!   which piece from the origin ([`swarm::rendezvous`]).
 //! - [`store`]: the content-addressed cache on disk: verified commits by
-//!   atomic rename, LRU eviction under a quota, crash recovery.
+//!   atomic rename, LRU eviction under a quota, crash recovery, chunk sums
+//!   and the quarantine for blobs that rotted.
 //! - [`telemetry`]: tracing set-up, the Prometheus metrics, and the
 //!   `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`gpu`]: the node's GPUs behind one seam ([`gpu::Inventory`]): NVML

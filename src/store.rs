@@ -4,7 +4,9 @@
 //! <dir>/blobs/sha256/<hex>      committed, verified content
 //! <dir>/meta/sha256/<hex>       media type of a committed manifest (optional)
 //! <dir>/meta/sha256/<hex>.source where the blob came from (JSON, optional)
+//! <dir>/meta/sha256/<hex>.sums  xxh3-64 of every MiB, checked as it is served
 //! <dir>/tmp/<hex>.partial       a download in progress, resumable
+//! <dir>/quarantine/<hex>.<time> a blob whose bytes stopped matching
 //! <dir>/tags/<sha256 of key>    last good answer for a manifest tag
 //! <dir>/pins/<sha256 of target>.json  a pin: digests exempt from eviction
 //! ```
@@ -18,8 +20,10 @@
 //! [`Store::open_read_only`] opens the same directory without its lock and
 //! without ever writing to it, for the CLI while the daemon is down.
 //! Pinning, on-demand GC and verification live in the [`pins`] and
-//! [`maintain`] submodules.
+//! [`maintain`] submodules; quarantine, re-checks and partial downloads'
+//! bookkeeping in [`integrity`].
 
+mod integrity;
 mod maintain;
 mod pins;
 
@@ -32,6 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::oci::Digest;
 
+pub use integrity::{BlobCheck, Checked, Partial, ScrubState, QUARANTINE_KEEP};
 pub use maintain::{BlobInfo, Evicted, GcReport, Provenance, VerifyProgress, VerifyReport};
 pub use maintain::{CorruptBlob, Fetched};
 pub use pins::PinRecord;
@@ -71,9 +76,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// A partial download untouched for this long is abandoned: start-up
-/// removes it rather than keep it outside the quota forever.
-const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// A partial download untouched for this long is abandoned: start-up (and,
+/// while the daemon runs, the fetcher's sweep) removes it rather than keep
+/// it outside the quota forever.
+pub const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug)]
 struct Entry {
@@ -258,6 +264,11 @@ impl Store {
         self.inner.root.join("blobs/sha256").join(d.hex())
     }
 
+    /// Where committed blob `d` lives (for log lines and operators).
+    pub fn blob_path_of(&self, d: &Digest) -> PathBuf {
+        self.blob_path(d)
+    }
+
     fn meta_path(&self, d: &Digest) -> PathBuf {
         self.inner.root.join("meta/sha256").join(d.hex())
     }
@@ -276,10 +287,12 @@ impl Store {
             .join(format!("{}.sums", d.hex()))
     }
 
-    /// Records the chunk checksums of a committed blob (see
-    /// `fetch::pieces`): xxh3-64 of every [`SUM_CHUNK`] bytes, little
-    /// endian. Peers receive them with the bytes, so a disk that rotted
-    /// under a committed blob is caught by the receiver, chunk by chunk.
+    /// Records the chunk checksums of a blob (see `fetch::pieces`): xxh3-64
+    /// of every [`SUM_CHUNK`] bytes, little endian. Downloads write them
+    /// just before the commit. Reads from the store are checked against
+    /// them as they are served (`fetch::verify`), and peers receive them
+    /// with the bytes, so a disk that rotted under a committed blob is
+    /// caught chunk by chunk.
     pub fn set_sums(&self, d: &Digest, sums: &[u64]) -> Result<(), StoreError> {
         self.writable()?;
         let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
@@ -289,17 +302,7 @@ impl Store {
     /// The chunk checksums of a committed blob of `size` bytes, if recorded
     /// and of the right length.
     pub fn sums(&self, d: &Digest, size: u64) -> Option<Vec<u64>> {
-        let bytes = std::fs::read(self.sums_path(d)).ok()?;
-        let want = size.div_ceil(SUM_CHUNK) as usize;
-        if bytes.len() != want * 8 {
-            return None;
-        }
-        Some(
-            bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect(),
-        )
+        self.sums_slice(d, size, 0, usize::MAX)
     }
 
     /// Removes a blob's file and its side files. The index is the caller's.
@@ -337,9 +340,12 @@ impl Store {
             let entry = entry.map_err(io_err(&tmp))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
+            // An empty partial has nothing to resume: a download that died
+            // before its first byte.
             let keep = name
                 .strip_suffix(".partial")
-                .is_some_and(|hex| Digest::from_hex(hex).is_ok());
+                .is_some_and(|hex| Digest::from_hex(hex).is_ok())
+                && entry.metadata().is_ok_and(|m| m.len() > 0);
             let stale = entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -486,10 +492,12 @@ impl Store {
             write_atomic(&meta, mt.as_bytes())?;
         }
         let dest = self.blob_path(d);
-        std::fs::rename(tmp, &dest).map_err(io_err(&dest))?;
-        sync_dir(dest.parent().unwrap_or(&self.inner.root));
         {
+            // The rename happens under the index lock so that a quarantine
+            // (which compares the file at the path with the one it read)
+            // never races it.
             let mut index = self.lock();
+            std::fs::rename(tmp, &dest).map_err(io_err(&dest))?;
             index.clock += 1;
             let clock = index.clock;
             let old = index.entries.insert(
@@ -503,6 +511,7 @@ impl Store {
             );
             index.total = index.total - old.map_or(0, |e| e.size) + size;
         }
+        sync_dir(dest.parent().unwrap_or(&self.inner.root));
         self.evict_over_quota();
         Ok(())
     }

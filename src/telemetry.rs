@@ -55,6 +55,15 @@ pub struct Metrics {
     pub origin_resumes: IntCounter,
     pub cache_lookups: IntCounterVec,
     pub digest_mismatches: IntCounter,
+    /// Committed blobs found corrupt at rest and quarantined, by who found
+    /// them (mirror, peer, scrub).
+    pub corrupt_blobs: IntCounterVec,
+    /// Bytes the background scrub re-verified.
+    pub scrub_bytes: IntCounter,
+    pub scrub_passes: IntCounter,
+    /// Partial downloads removed while running, by reason (failed,
+    /// expired, over_count).
+    pub partials_removed: IntCounterVec,
     /// ECR `GetAuthorizationToken` calls by reason and result.
     pub ecr_token_fetches: IntCounterVec,
     pub stale_tags_served: IntCounter,
@@ -151,7 +160,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "damselfly_cache_lookups_total",
-                        "Cache lookups by kind (blob, manifest) and result (hit, miss, joined).",
+                        "Cache lookups by kind (blob, manifest) and result (hit, miss, joined; negative: a recent 404 from the origin was answered again).",
                     ),
                     &["kind", "result"],
                 )?,
@@ -161,6 +170,42 @@ impl Metrics {
                 IntCounter::new(
                     "damselfly_digest_mismatches_total",
                     "Downloads discarded because their content did not match the digest.",
+                )?,
+            )?,
+            corrupt_blobs: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_corrupt_blobs_total",
+                        "Cached blobs whose bytes no longer matched (disk rot), quarantined and fetched again, \
+                         by who found them (mirror: a cache hit for a client; peer: a cache hit for a peer; scrub).",
+                    ),
+                    &["found_by"],
+                )?,
+            )?,
+            scrub_bytes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_scrub_bytes_total",
+                    "Bytes of cached blobs re-verified by the background scrub.",
+                )?,
+            )?,
+            scrub_passes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_scrub_passes_total",
+                    "Background scrub passes completed over the whole cache.",
+                )?,
+            )?,
+            partials_removed: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "damselfly_partials_removed_total",
+                        "Partial downloads removed while running, by reason (failed: before its first byte; \
+                         expired: idle past 24h; over_count: more idle partials than kept).",
+                    ),
+                    &["reason"],
                 )?,
             )?,
             ecr_token_fetches: reg(

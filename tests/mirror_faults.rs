@@ -10,21 +10,12 @@ use std::io::{Read, Write};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{
-    push_blob, random_bytes, BlobSource, Fault, FaultProxy, Registry, RegistryAuth, ALWAYS,
-};
+use common::{get_hashed, random_bytes, Fault, FaultProxy, Registry, RegistryAuth, ALWAYS};
 use daemon::Daemon;
-use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
 
 const MIB: u64 = 1 << 20;
 
-struct Blob {
-    repo: &'static str,
-    digest: String,
-    size: u64,
-    seed: u64,
-}
+type Blob = common::RandomBlob;
 
 fn origin() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
@@ -34,15 +25,8 @@ fn origin() -> &'static Registry {
     })
 }
 
-fn blob(repo: &'static str, seed: u64, size: u64) -> Blob {
-    let (digest, size) =
-        push_blob(&origin().url(), repo, BlobSource::random(seed, size), None).expect("push");
-    Blob {
-        repo,
-        digest,
-        size,
-        seed,
-    }
+fn blob(repo: &str, seed: u64, size: u64) -> Blob {
+    common::push_random_blob(&origin().url(), repo, seed, size)
 }
 
 /// A 32 MiB blob shared by the fault tests.
@@ -72,26 +56,6 @@ fn daemon_via(proxy: &FaultProxy) -> Daemon {
 
 fn blob_url(d: &Daemon, ns: &str, b: &Blob) -> String {
     format!("{}/v2/{}/blobs/{}?ns={ns}", d.url(), b.repo, b.digest)
-}
-
-/// GETs `url` and returns (status, sha256 of the body, bytes) or the error
-/// that broke the body.
-async fn get_hashed(client: &reqwest::Client, url: &str) -> Result<(u16, String, u64), String> {
-    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let mut hasher = Sha256::new();
-    let mut n = 0u64;
-    let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| format!("body broke after {n} bytes: {e}"))?;
-        n += chunk.len() as u64;
-        hasher.update(&chunk);
-    }
-    Ok((
-        status,
-        format!("sha256:{}", hex::encode(hasher.finalize())),
-        n,
-    ))
 }
 
 /// 16 concurrent requests for one 256 MiB blob make exactly one origin

@@ -491,56 +491,65 @@ fn kill_holder_mid_transfer() {
 // ---------------------------------------------------------------------------
 // 4. A peer serves corrupt bytes.
 
-/// Flips one byte in every `stride` bytes of a stored blob (chmod first:
-/// the store keeps blobs read-only); returns the offsets.
+/// Flips one byte in every `stride` bytes of a stored blob; returns the
+/// offsets.
 fn flip_bytes(path: &std::path::Path, stride: u64) -> Vec<u64> {
-    use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
-    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mode = meta.permissions().mode();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o600)).expect("chmod");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open blob for writing");
-    let mut offsets = Vec::new();
-    let mut offset = stride / 2 + 12345;
-    while offset < meta.len() {
-        let mut byte = [0u8; 1];
-        f.read_exact_at(&mut byte, offset).unwrap();
-        byte[0] ^= 0xff;
-        f.write_all_at(&byte, offset).unwrap();
-        offsets.push(offset);
-        offset += stride;
-    }
-    f.sync_all().unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod back");
+    let len = std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len();
+    let offsets: Vec<u64> = (0..)
+        .map(|i| stride / 2 + 12345 + i * stride)
+        .take_while(|o| *o < len)
+        .collect();
+    common::flip_bytes_at(path, &offsets);
     offsets
 }
 
-/// A node whose stored blob has a flipped byte in every piece serves it to
-/// a peer; the peer's pull still completes with the right content, and it
-/// distrusts the liar. The liar pulled as a member, so it sends the
-/// per-MiB checksums it recorded when it verified the blob: the puller
-/// catches the bad chunks before writing them.
+/// A liar (a node that does not check its own reads, `verify_reads =
+/// false`, as a buggy or malicious peer would not) whose stored blob has a
+/// flipped byte in every piece serves it to a peer; the peer's pull still
+/// completes with the right content, and it distrusts the liar. The liar
+/// sends the per-MiB checksums it recorded when it verified the blob: the
+/// puller catches the bad chunks before writing them.
 #[test]
 fn corrupt_peer_is_distrusted() {
     let _heavy = heavy();
     static I: OnceLock<PushedImage> = OnceLock::new();
     let img = image(&I, "swarm/corrupt", &[(520, 48 * MIB)]);
-    corrupt_case(img, false);
+    corrupt_case(img, false, Liar::Lies);
 }
 
-/// The same with a liar that got the blob before it had peers (a plain
-/// mirror download records no chunk checksums): only the blob's SHA-256
-/// catches the bad pieces, the puller repairs them from the origin, and
-/// containerd still never gets a wrong byte.
+/// The same with a liar that got the blob before it had peers (its own
+/// plain download), and a puller that joins only afterwards.
 #[test]
 fn corrupt_peer_without_checksums_is_repaired() {
     let _heavy = heavy();
     static I: OnceLock<PushedImage> = OnceLock::new();
     let img = image(&I, "swarm/corrupt-nosum", &[(521, 48 * MIB)]);
-    corrupt_case(img, true);
+    corrupt_case(img, true, Liar::Lies);
+}
+
+/// An honest node whose disk rotted under a blob (a flipped byte in every
+/// piece) serves it to a peer through the data plane: its verified read
+/// stops before the first bad chunk, so the peer never receives a bad byte
+/// and does not distrust it; the node quarantines the blob, counts it
+/// (`damselfly_corrupt_blobs_total{found_by="peer"}` at 1) and fetches it
+/// again; the peer's pull completes with the right content.
+#[test]
+fn rotten_holder_stops_before_the_bad_chunk_and_refetches() {
+    let _heavy = heavy();
+    static I: OnceLock<PushedImage> = OnceLock::new();
+    let img = image(&I, "swarm/rotten", &[(522, 48 * MIB)]);
+    corrupt_case(img, false, Liar::Rotten);
+}
+
+/// What the node with the bad blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liar {
+    /// Serves what its disk holds without checking it.
+    Lies,
+    /// Checks its reads (the default): its disk rotted, it does not lie.
+    Rotten,
 }
 
 /// The liar (node 0) pulls `img`, gets a flipped byte in every 8 MiB piece
@@ -548,9 +557,21 @@ fn corrupt_peer_without_checksums_is_repaired() {
 /// node 1 starts only after the liar's pull; otherwise both are members
 /// from the start (and the puller may already hold the pieces it fetched
 /// from the origin as their rendezvous owner).
-fn corrupt_case(img: &PushedImage, puller_joins_late: bool) {
+fn corrupt_case(img: &PushedImage, puller_joins_late: bool, kind: Liar) {
     let reg = origin();
-    let mut cluster = Cluster::start(reg, if puller_joins_late { 1 } else { 2 });
+    // No scrub: the read is what must find the rot.
+    let liar_spec = NodeSpec {
+        store: match kind {
+            Liar::Lies => "verify_reads = false\nscrub_rate = 0\n".into(),
+            Liar::Rotten => "scrub_rate = 0\n".into(),
+        },
+        ..NodeSpec::default()
+    };
+    let mut specs = vec![liar_spec];
+    if !puller_joins_late {
+        specs.push(NodeSpec::default());
+    }
+    let mut cluster = Cluster::start_specs(reg, specs);
     if !puller_joins_late {
         cluster
             .wait_members(1, JOIN)
@@ -605,11 +626,36 @@ fn corrupt_case(img: &PushedImage, puller_joins_late: bool) {
         cluster.report(40)
     );
     let distrusted = puller.daemon.metric("damselfly_distrusted_peers_total");
-    assert!(
-        distrusted >= 1.0,
-        "damselfly_distrusted_peers_total is {distrusted} on the puller after the liar served {served} bytes\n{}",
+    if kind == Liar::Lies {
+        assert!(
+            distrusted >= 1.0,
+            "damselfly_distrusted_peers_total is {distrusted} on the puller after the liar served {served} bytes\n{}",
+            cluster.report(60)
+        );
+        return;
+    }
+    assert_eq!(
+        distrusted,
+        0.0,
+        "the rotten node sent a bad chunk\n{}",
         cluster.report(60)
     );
+    let rotten = &liar.daemon;
+    let found = rotten.metric(r#"damselfly_corrupt_blobs_total{found_by="peer"}"#);
+    assert_eq!(found, 1.0, "{}", cluster.report(60));
+    assert!(
+        rotten.log().contains(&format!("{}", path.display())),
+        "the log names the blob's path"
+    );
+    let quarantined: Vec<_> = std::fs::read_dir(rotten.store_dir().join("quarantine"))
+        .expect("quarantine dir")
+        .flatten()
+        .collect();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    // Fetched again through the normal path (the puller, or the origin).
+    rotten
+        .wait_blob_intact(layer, PULL)
+        .unwrap_or_else(|e| panic!("the rotten node did not fetch the blob again: {e}"));
 }
 
 // ---------------------------------------------------------------------------

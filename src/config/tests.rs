@@ -465,3 +465,27 @@ fn node_section_defaults_and_checks() {
         assert!(paths.contains(&want), "missing {want} in {paths:?}");
     }
 }
+
+#[test]
+fn store_integrity_keys() {
+    let c = parse("").unwrap();
+    assert!(c.store.verify_reads);
+    assert_eq!(c.store.scrub_rate, 4 << 20);
+    assert_eq!(c.store.scrub_every, Duration::from_secs(24 * 3600));
+    let c = parse("[store]\nverify_reads = false\nscrub_rate = 0\nscrub_every = \"2h\"\n").unwrap();
+    assert!(!c.store.verify_reads);
+    assert_eq!(c.store.scrub_rate, 0);
+    assert_eq!(c.store.scrub_every, Duration::from_secs(7200));
+    let err =
+        issues("[store]\nverify_reads = \"yes\"\nscrub_rate = \"fast\"\nscrub_every = \"0s\"\n");
+    let paths: Vec<&str> = err.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "store.verify_reads",
+            "store.scrub_rate",
+            "store.scrub_every"
+        ],
+        "{err:?}"
+    );
+}

@@ -101,12 +101,34 @@ impl Fetcher {
             });
         }
         let file = std::sync::Arc::new(opened.file);
-        let body = super::read_chunk(file, 0, opened.size)
+        let body = super::read_chunk(file.clone(), 0, opened.size)
             .await
             .map_err(|source| FetchError::Io {
                 what: format!("manifest {d}"),
                 source,
             })?;
+        // A manifest is small enough to hash whole every time: one that
+        // rotted on disk is quarantined and fetched again, never served.
+        if Digest::from_sha256(&sha2::Sha256::digest(&body)) != *d {
+            let store = store.clone();
+            let dd = d.clone();
+            let moved = tokio::task::spawn_blocking(move || store.quarantine(&dd, &file))
+                .await
+                .map_err(|e| FetchError::Io {
+                    what: format!("manifest {d}"),
+                    source: std::io::Error::other(e),
+                })??;
+            if let Some(to) = moved {
+                self.inner
+                    .metrics
+                    .corrupt_blobs
+                    .with_label_values(&["mirror"])
+                    .inc();
+                tracing::error!(digest = %d, quarantine = %to.display(),
+                    "a cached manifest no longer matches its digest: quarantined, fetching it again");
+            }
+            return Ok(None);
+        }
         let media_type = store
             .media_type(d)
             .unwrap_or_else(|| sniff_media_type(&body));

@@ -173,7 +173,7 @@ impl PieceJob {
                 }
             }
         }
-        ctx.dl.finish(&inner, result);
+        ctx.dl.finish(&inner, result, (&ctx.up, &ctx.repo));
     }
 
     async fn download(&mut self) -> Result<(), FetchError> {
@@ -1005,15 +1005,16 @@ async fn commit(
     let path = inner.store.partial_path(&digest);
     let store = inner.store.clone();
     let d = digest.clone();
+    // Before the commit, so that a committed blob always has its sums.
+    if let Err(e) = inner.store.set_sums(&digest, &sums) {
+        tracing::debug!(digest = %digest, error = %e, "cannot record chunk checksums");
+    }
     tokio::task::spawn_blocking(move || store.commit(&d, &path, &actual, size, Some(size), None))
         .await
         .map_err(|e| FetchError::Io {
             what: "committing blob".into(),
             source: io::Error::other(e),
         })??;
-    if let Err(e) = inner.store.set_sums(&digest, &sums) {
-        tracing::debug!(digest = %digest, error = %e, "cannot record chunk checksums");
-    }
     let from_peers = supplier
         .iter()
         .filter(|s| matches!(s, Some(Supplier::Peer(_))))

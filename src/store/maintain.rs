@@ -140,16 +140,9 @@ impl Store {
 
     /// Partial downloads on disk: digest and bytes so far.
     pub fn partials(&self) -> Vec<(Digest, u64)> {
-        let Ok(dir) = std::fs::read_dir(self.inner.root.join("tmp")) else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| {
-                let name = e.file_name();
-                let hex = name.to_str()?.strip_suffix(".partial")?;
-                let d = Digest::from_hex(hex).ok()?;
-                Some((d, e.metadata().ok()?.len()))
-            })
+        self.partials_aged()
+            .into_iter()
+            .map(|p| (p.digest, p.bytes))
             .collect()
     }
 

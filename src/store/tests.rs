@@ -214,3 +214,194 @@ fn a_read_only_view_never_writes() {
     assert_eq!(view.verify(false, &mut |_| {}).unwrap().corrupt.len(), 0);
     assert!(store.contains(&a));
 }
+
+fn xxh3_sums(data: &[u8]) -> Vec<u64> {
+    data.chunks(SUM_CHUNK as usize)
+        .map(xxhash_rust::xxh3::xxh3_64)
+        .collect()
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn sums_are_read_in_slices_and_checked_for_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+    let data: Vec<u8> = (0..3 * SUM_CHUNK as usize + 5).map(|i| i as u8).collect();
+    let d = put(&store, &data);
+    let size = data.len() as u64;
+    assert!(!store.has_sums(&d, size));
+    assert_eq!(store.sums(&d, size), None);
+    let sums = xxh3_sums(&data);
+    store.set_sums(&d, &sums).unwrap();
+    assert!(store.has_sums(&d, size));
+    assert_eq!(store.sums(&d, size), Some(sums.clone()));
+    assert_eq!(store.sums_slice(&d, size, 1, 3), Some(sums[1..3].to_vec()));
+    assert_eq!(store.sums_slice(&d, size, 2, 99), Some(sums[2..].to_vec()));
+    assert_eq!(store.sums_slice(&d, size, 5, 9), None);
+    // Sums of another length are not this blob's.
+    assert!(!store.has_sums(&d, size + SUM_CHUNK));
+    assert_eq!(store.sums_slice(&d, size + SUM_CHUNK, 0, 1), None);
+}
+
+#[test]
+fn a_check_records_missing_sums_and_quarantines_rot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+    let data: Vec<u8> = (0..2 * SUM_CHUNK as usize + 9)
+        .map(|i| (i * 7) as u8)
+        .collect();
+    let d = put(&store, &data);
+    let size = data.len() as u64;
+
+    let checked = store.check_blob(&d).unwrap().unwrap().run(&store).unwrap();
+    assert_eq!(
+        checked,
+        Checked::Good {
+            size,
+            sums_fixed: true
+        }
+    );
+    assert_eq!(store.sums(&d, size), Some(xxh3_sums(&data)));
+    let again = store.check_blob(&d).unwrap().unwrap().run(&store).unwrap();
+    assert_eq!(
+        again,
+        Checked::Good {
+            size,
+            sums_fixed: false
+        }
+    );
+    // A wrong sums file with good bytes is rewritten.
+    store.set_sums(&d, &[1, 2, 3]).unwrap();
+    let fixed = store.check_blob(&d).unwrap().unwrap().run(&store).unwrap();
+    assert_eq!(
+        fixed,
+        Checked::Good {
+            size,
+            sums_fixed: true
+        }
+    );
+
+    flip(&store.blob_path(&d), SUM_CHUNK + 3);
+    let mut check = store.check_blob(&d).unwrap().unwrap();
+    assert_eq!(check.remaining(), size);
+    let mut read = 0;
+    loop {
+        let n = check.step().unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(n <= SUM_CHUNK);
+        read += n;
+    }
+    assert_eq!(read, size);
+    match check.finish(&store).unwrap() {
+        Checked::Corrupt {
+            first_bad,
+            quarantined: Some(to),
+            size: s,
+            ..
+        } => {
+            assert_eq!(first_bad, Some(SUM_CHUNK));
+            assert_eq!(s, size);
+            assert!(to.starts_with(dir.path().join("quarantine")));
+            assert_eq!(std::fs::read(&to).unwrap().len(), data.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!store.contains(&d));
+    assert!(!store.blob_path(&d).exists());
+    assert!(store.sums(&d, size).is_none(), "side files go with it");
+    assert_eq!(store.usage().bytes, 0);
+    assert!(store.check_blob(&d).unwrap().is_none());
+    assert_eq!(store.quarantined().len(), 1);
+}
+
+#[test]
+fn quarantine_moves_only_the_file_that_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+    let d = put(&store, b"hello world");
+    let old = store.open_blob(&d).unwrap().unwrap();
+    assert!(store.quarantine(&d, &old.file).unwrap().is_some());
+    assert!(!store.contains(&d));
+    // Quarantined again by a second reader of the same old file: nothing.
+    assert!(store.quarantine(&d, &old.file).unwrap().is_none());
+    // Fetched again, then a reader of the old file finds it bad: the new
+    // copy stays.
+    let d2 = put(&store, b"hello world");
+    assert_eq!(d, d2);
+    assert!(store.quarantine(&d, &old.file).unwrap().is_none());
+    assert!(store.contains(&d));
+    assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"hello world");
+    drop(old);
+
+    // Only the newest few are kept (the first one is made the oldest).
+    for (path, _) in store.quarantined() {
+        std::fs::rename(&path, path.with_extension("1")).unwrap();
+    }
+    for i in 0..QUARANTINE_KEEP + 3 {
+        let body = format!("blob {i}");
+        let d = put(&store, body.as_bytes());
+        let f = std::fs::File::open(store.blob_path(&d)).unwrap();
+        // Distinct names: the stamp is in seconds.
+        let to = store.quarantine(&d, &f).unwrap().unwrap();
+        std::fs::rename(&to, to.with_extension(format!("{}", 1000 + i))).unwrap();
+    }
+    store.prune_quarantine();
+    let kept = store.quarantined();
+    assert_eq!(kept.len(), QUARANTINE_KEEP);
+    assert!(kept[0]
+        .0
+        .to_string_lossy()
+        .ends_with(&format!("{}", 1000 + QUARANTINE_KEEP + 2)));
+}
+
+#[test]
+fn recovery_removes_empty_partials_and_lists_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let empty = digest_of(b"empty");
+    let some = digest_of(b"some");
+    std::fs::write(store.partial_path(&empty), b"").unwrap();
+    std::fs::write(store.partial_path(&some), b"so").unwrap();
+    let listed = store.partials_aged();
+    assert_eq!(listed.len(), 2);
+    drop(store);
+    let (store, rec) = Store::open(dir.path(), 100).unwrap();
+    assert_eq!((rec.partials, rec.removed), (1, 1));
+    let listed = store.partials_aged();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].digest.clone(), listed[0].bytes),
+        (some.clone(), 2)
+    );
+    assert!(store.remove_partial(&some).unwrap());
+    assert!(!store.remove_partial(&some).unwrap());
+}
+
+#[test]
+fn scrub_state_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    assert_eq!(store.scrub_state(), ScrubState::default());
+    let s = ScrubState {
+        started: 42,
+        after: Some(digest_of(b"x").to_string()),
+    };
+    store.set_scrub_state(&s).unwrap();
+    assert_eq!(store.scrub_state(), s);
+    std::fs::write(dir.path().join("scrub.json"), b"{not json").unwrap();
+    assert_eq!(store.scrub_state(), ScrubState::default());
+}

@@ -607,6 +607,33 @@ pub fn push_blob(
     block_on(async { client.push_blob(repo, &source).await })
 }
 
+/// A blob of seeded random bytes pushed to a repository.
+#[derive(Debug, Clone)]
+pub struct RandomBlob {
+    pub repo: String,
+    pub digest: String,
+    pub size: u64,
+    /// Its bytes are `random_bytes(seed, 0, size)`.
+    pub seed: u64,
+}
+
+/// Pushes `size` random bytes from `seed` to `repo`; panics if it fails.
+pub fn push_random_blob(
+    endpoint: &(impl Endpoint + ?Sized),
+    repo: &str,
+    seed: u64,
+    size: u64,
+) -> RandomBlob {
+    let (digest, size) =
+        push_blob(endpoint, repo, BlobSource::random(seed, size), None).expect("push blob");
+    RandomBlob {
+        repo: repo.to_owned(),
+        digest,
+        size,
+        seed,
+    }
+}
+
 /// Async [`push_blob`] for `#[tokio::test]`s.
 pub async fn push_blob_async(
     endpoint: &(impl Endpoint + ?Sized),
@@ -652,4 +679,48 @@ pub fn fetch_manifest(
 ) -> anyhow::Result<FetchedManifest> {
     let client = RegistryClient::new(endpoint, credentials)?;
     block_on(async { client.fetch_manifest(repo, reference).await })
+}
+
+/// GETs `url` and returns (status, `sha256:` of the body, body bytes), or
+/// the error that broke the body (with how many bytes came before it).
+pub async fn get_hashed(client: &reqwest::Client, url: &str) -> Result<(u16, String, u64), String> {
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("body broke after {n} bytes: {e}"))?;
+        n += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((
+        status,
+        format!("sha256:{}", hex::encode(hasher.finalize())),
+        n,
+    ))
+}
+
+/// Flips the byte at each of `offsets` in a stored file (chmod first: the
+/// store keeps blobs read-only), as disk rot would.
+pub fn flip_bytes_at(path: &std::path::Path, offsets: &[u64]) {
+    use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mode = meta.permissions().mode();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o600)).expect("chmod");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open blob for writing");
+    for &offset in offsets {
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, offset)
+            .expect("read the byte to flip");
+        byte[0] ^= 0xff;
+        f.write_all_at(&byte, offset)
+            .expect("write the flipped byte");
+    }
+    f.sync_all().expect("sync");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod back");
 }

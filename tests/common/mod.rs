@@ -13,6 +13,7 @@
 //! | [`build_image`], [`push_image`] | multi-layer OCI images built with `umoci`, pushed with `skopeo` |
 //! | [`push_raw_image`] | an image of raw random layers pushed blob by blob (big layers in seconds; fetch-only) |
 //! | [`push_blob`], [`verify_blob`], [`random_bytes`] | raw blobs of any size streamed from a seeded generator |
+//! | [`get_hashed`], [`flip_bytes_at`] | a GET hashed as it streams (or where its body broke); disk rot in a stored file |
 //! | [`Containerd`], [`write_hosts_toml`] | a private containerd and the `hosts.toml` that points it at a mirror |
 //! | [`ApiServer`] | a stand-in for the Kubernetes API server's node endpoints (GET, JSON-patch PATCH, 403/409/422), for the node gate |
 //! | [`FaultProxy`] | a streaming HTTP/1.1 reverse proxy that counts requests and injects faults |
@@ -66,8 +67,9 @@ pub mod util;
 pub use apiserver::{ApiRequest, ApiServer};
 #[allow(unused_imports)]
 pub use blob::{
-    fetch_manifest, get_blob, push_blob, push_blob_async, verify_blob, BlobSource, Endpoint,
-    FetchedManifest, RegistryClient,
+    fetch_manifest, flip_bytes_at, get_blob, get_hashed, push_blob, push_blob_async,
+    push_random_blob, verify_blob, BlobSource, Endpoint, FetchedManifest, RandomBlob,
+    RegistryClient,
 };
 #[allow(unused_imports)]
 pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml, Containerd};

@@ -53,6 +53,8 @@ pub struct NodeSpec {
     pub key: Key,
     /// `bootstrap`; `None`: node 0's address (none for node 0 itself).
     pub bootstrap: Option<Vec<String>>,
+    /// Lines inside `[store]` (`verify_reads = false`).
+    pub store: String,
     /// More config after the `[[registry]]` table (`[prewarm]`,
     /// `[gpu.assume]`, ...). `{containerd_socket}` is replaced with the
     /// node's containerd socket.
@@ -141,6 +143,7 @@ impl Node {
         let daemon = Daemon::start_with(Options {
             ip: Some(ip),
             swarm: Some(swarm),
+            store: spec.store.clone(),
             extra,
             ..Options::default()
         });

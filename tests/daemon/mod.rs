@@ -369,6 +369,27 @@ impl Daemon {
         self.store_dir().join("blobs/sha256").join(hex)
     }
 
+    /// Waits until committed blob `digest` is in the store with the right
+    /// bytes (fetched again after a quarantine, say); the error carries the
+    /// log tail.
+    pub fn wait_blob_intact(&self, digest: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = std::fs::read(self.blob_path(digest)) {
+                if crate::common::util::sha256_digest(&bytes) == digest {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{digest} is not in the store with the right bytes after {timeout:?}\n{}",
+                    self.log_tail(30)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn partial_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.store_dir().join("tmp").join(format!("{hex}.partial"))
