@@ -339,9 +339,9 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         path: "gpu.source",
-        kind: "\"auto\", \"nvml\", \"labels\", \"static\" or \"none\"",
+        kind: "\"auto\", \"nvml\", \"labels\", \"node\", \"static\" or \"none\"",
         default: "auto",
-        doc: "Where the node's GPU facts come from. `auto`: `[gpu.assume]` when given, else NVML, then `labels_file` when set. A node where no source answers has no GPUs: one INFO line says why.",
+        doc: "Where the node's GPU facts come from. `labels`: GPU Feature Discovery's labels in `labels_file`; `node`: the same labels on this node's Kubernetes Node (name and client as `[node]` says). `auto`: `[gpu.assume]` when given, else NVML, then `labels_file` when set, then the Node when its name is known (`node.name` or `$NODE_NAME`). A node where no source answers has no GPUs: one INFO line says why.",
     },
     Key {
         path: "gpu.nvml_library",

@@ -111,9 +111,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     fetcher.spawn_upkeep(&cfg.store, upkeep_stop.clone());
     // NVML is a blocking C library; a hung driver must not hold a worker.
     let gpu_cfg = cfg.gpu.clone();
-    let facts = tokio::task::spawn_blocking(move || crate::gpu::discover(&gpu_cfg))
+    let mut facts = tokio::task::spawn_blocking(move || crate::gpu::discover(&gpu_cfg))
         .await
         .map_err(|e| DaemonError::Gpu(e.to_string()))?;
+    let named = crate::node::node_name(&cfg.node).is_ok();
+    if crate::gpu::wants_node_labels(&cfg.gpu, &facts, named) {
+        facts = crate::gpu::from_node_labels(facts, node_labels(&cfg).await);
+    }
+    crate::gpu::log_no_gpus(&facts);
     crate::gpu::export_metrics(&facts, &prom)?;
     let prewarm = Prewarm::new(
         &cfg,
@@ -240,6 +245,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let _ = admin_task.await;
     tracing::info!("damselfly stopped");
     Ok(())
+}
+
+/// This node's Kubernetes labels (GPU Feature Discovery's among them),
+/// bounded in time: an unreachable API server must not hold the start-up.
+async fn node_labels(cfg: &Config) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let read = async {
+        let api = crate::node::NodeApi::connect(&cfg.node)
+            .await
+            .map_err(|e| e.to_string())?;
+        api.labels().await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| Err("the API server did not answer in 10s".into()))
 }
 
 /// Holds `/readyz` until prewarm is done, or `deadline` passed (with a

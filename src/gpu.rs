@@ -291,6 +291,8 @@ pub fn inventories(cfg: &GpuConfig) -> Vec<Box<dyn Inventory>> {
             None => GpuFacts::none("gpu.source is \"static\" without [gpu.assume]"),
         }))],
         GpuSource::Nvml => vec![nvml()],
+        // The Node is read by the daemon, which has the Kubernetes client.
+        GpuSource::Node => Vec::new(),
         GpuSource::Labels => cfg.labels_file.as_deref().map(labels).into_iter().collect(),
         GpuSource::Auto => {
             let mut v = vec![nvml()];
@@ -300,12 +302,55 @@ pub fn inventories(cfg: &GpuConfig) -> Vec<Box<dyn Inventory>> {
     }
 }
 
-/// Discovers the node's GPUs: the first source that answers wins. A
-/// source that fails is logged once at INFO (a node without NVIDIA
-/// drivers is normal, not an error) and the next is tried; with none left,
-/// the node has no GPUs.
+/// Discovers the node's GPUs from the local sources: the first that
+/// answers wins. A source that fails is logged once at INFO (a node
+/// without NVIDIA drivers is normal, not an error) and the next is tried;
+/// with none left, the node has no GPUs as far as these sources go (the
+/// daemon may still read the Node's labels, see [`from_node_labels`]).
 pub fn discover(cfg: &GpuConfig) -> GpuFacts {
     discover_with(&inventories(cfg))
+}
+
+/// Whether the daemon should ask the Kubernetes Node for GPU Feature
+/// Discovery's labels after the local sources found nothing.
+pub fn wants_node_labels(cfg: &GpuConfig, local: &GpuFacts, node_name_known: bool) -> bool {
+    local.source == FactSource::None
+        && match cfg.source {
+            GpuSource::Node => true,
+            GpuSource::Auto => cfg.assume.is_none() && node_name_known,
+            _ => false,
+        }
+}
+
+/// Facts from the Node's labels, or the local answer with the reason the
+/// labels gave none added to its note.
+pub fn from_node_labels(
+    local: GpuFacts,
+    labels: Result<BTreeMap<String, String>, String>,
+) -> GpuFacts {
+    let why = match labels.map(|l| facts_from_labels(&l)) {
+        Ok(Ok(f)) if f.count() > 0 => {
+            tracing::info!(
+                source = "node labels",
+                gpus = f.count(),
+                product = f.devices.first().map(|d| d.product.as_str()).unwrap_or(""),
+                "GPU inventory"
+            );
+            return f;
+        }
+        Ok(Ok(f)) => f.note.unwrap_or_default(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("cannot read the Node's labels: {e}"),
+    };
+    tracing::info!(source = "node labels", reason = %why, "no GPU facts from this source");
+    let note = match local.note {
+        Some(n) => format!("{n}; {why}"),
+        None => why,
+    };
+    GpuFacts {
+        note: Some(note),
+        ..local
+    }
 }
 
 /// [`discover`] over given inventories.
@@ -335,10 +380,19 @@ pub fn discover_with(sources: &[Box<dyn Inventory>]) -> GpuFacts {
         }
     }
     if notes.is_empty() {
-        notes.push("GPU discovery is off (gpu.source = \"none\")".into());
+        notes.push("no local GPU source is configured".into());
     }
-    tracing::info!(reason = %notes.join("; "), "this node has no GPUs for prewarm rules");
     GpuFacts::none(notes.join("; "))
+}
+
+/// The final word when no source gave facts: one INFO line.
+pub fn log_no_gpus(facts: &GpuFacts) {
+    if facts.source == FactSource::None {
+        tracing::info!(
+            reason = facts.note.as_deref().unwrap_or(""),
+            "this node has no GPUs for prewarm rules"
+        );
+    }
 }
 
 /// `damselfly_gpu_info`, `damselfly_gpus` and `damselfly_gpu_memory_bytes`

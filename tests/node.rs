@@ -398,3 +398,51 @@ fn wait_for_log(d: &daemon::Daemon, needle: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// GPU Feature Discovery's labels on the Node are the GPU inventory of a
+/// daemon that cannot load NVML (`gpu.source = "auto"`, a node name known):
+/// a rule for A10G nodes matches.
+#[test]
+fn gpu_facts_come_from_the_nodes_labels_when_nvml_is_absent() {
+    let server = ApiServer::start().unwrap();
+    server.add_node(
+        NODE,
+        json!({
+            "nvidia.com/gpu.count": "4",
+            "nvidia.com/gpu.product": "NVIDIA-A10G",
+            "nvidia.com/gpu.memory": "23028",
+            "nvidia.com/cuda.driver.major": "550",
+            "nvidia.com/cuda.driver.minor": "54",
+            "nvidia.com/cuda.driver.rev": "15",
+        }),
+        vec![],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let d = daemon::Daemon::start_with(daemon::Options {
+        extra: format!(
+            "[gpu]\nnvml_library = \"/nonexistent/libnvidia-ml.so.1\"\n\
+             [node]\nkubeconfig = \"{}\"\n\
+             [prewarm]\ninto_containerd = false\n\
+             [[prewarm.rule]]\nname = \"a10g\"\nimages = [\"registry.example.test/llm:v1\"]\n\
+             [prewarm.rule.gpu]\nproduct = \"*A10G*\"\nmin_count = 4\n\
+             [[registry]]\nhost = \"registry.example.test\"\nendpoint = \"http://127.0.0.1:9\"\n",
+            kubeconfig.display()
+        ),
+        env: vec![("NODE_NAME".into(), NODE.into())],
+        ..Default::default()
+    });
+    let (code, gpu) = d.admin_get("/v1/gpu");
+    assert_eq!(code, 200, "{gpu}");
+    assert_eq!(gpu["source"], "labels", "{gpu}");
+    assert_eq!(gpu["devices"].as_array().unwrap().len(), 4);
+    assert_eq!(gpu["devices"][0]["product"], "NVIDIA-A10G");
+    assert_eq!(gpu["devices"][0]["memory_bytes"], 23028u64 << 20);
+    assert_eq!(gpu["driver_version"], "550.54.15");
+    let (_, status) = d.admin_get("/v1/prewarm");
+    assert_eq!(status["rules"][0]["matched"], true, "{status}");
+    assert!(server.gets() >= 1);
+    // The node's labels were read, not its taints changed.
+    assert!(server.accepted_patches().is_empty());
+}

@@ -12,6 +12,7 @@ mod cluster;
 mod common;
 mod daemon;
 
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -305,6 +306,21 @@ fn a_matching_rule_lands_the_image_in_containerd_and_the_kubelets_pull_is_local(
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
+    // DAMSELFLY_CLI_DOCS=<dir> keeps the outputs for docs/cli.md.
+    if let Some(dir) = std::env::var_os("DAMSELFLY_CLI_DOCS") {
+        for (file, args) in [
+            ("gpu.txt", &["gpu"][..]),
+            ("gpu.json", &["gpu", "-o", "json"][..]),
+            ("prewarm-status.txt", &["prewarm", "status"][..]),
+            (
+                "prewarm-status.json",
+                &["prewarm", "status", "-o", "json"][..],
+            ),
+            ("images-prewarm.txt", &["images"][..]),
+        ] {
+            std::fs::write(Path::new(&dir).join(file), cli(args)).unwrap();
+        }
+    }
     let gpu: serde_json::Value = serde_json::from_str(&cli(&["gpu", "-o", "json"])).unwrap();
     assert_eq!(gpu["source"], "static");
     assert_eq!(gpu["devices"][0]["memory_bytes"], 24u64 << 30);

@@ -21,10 +21,13 @@ use crate::oci::{ImageRef, Platform};
 /// Where the GPU inventory comes from (see `gpu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuSource {
-    /// `[gpu.assume]` when given, else NVML, then `labels_file` when set.
+    /// `[gpu.assume]` when given, else NVML, then `labels_file` when set,
+    /// then the Node's labels when the node's name is known.
     Auto,
     Nvml,
     Labels,
+    /// GPU Feature Discovery's labels on this node's Kubernetes Node.
+    Node,
     Static,
     None,
 }
@@ -146,13 +149,14 @@ impl Validator {
             Some("auto") => GpuSource::Auto,
             Some("nvml") => GpuSource::Nvml,
             Some("labels") => GpuSource::Labels,
+            Some("node") => GpuSource::Node,
             Some("static") => GpuSource::Static,
             Some("none") => GpuSource::None,
             Some(other) => {
                 self.issue(
                     "gpu.source",
                     &format!(
-                        "must be \"auto\", \"nvml\", \"labels\", \"static\" or \"none\", not {other:?}"
+                        "must be \"auto\", \"nvml\", \"labels\", \"node\", \"static\" or \"none\", not {other:?}"
                     ),
                 );
                 GpuSource::Auto
@@ -185,7 +189,7 @@ impl Validator {
                 self.issue("gpu.source", "\"static\" needs a [gpu.assume] table");
                 source
             }
-            (GpuSource::Nvml | GpuSource::Labels | GpuSource::None, Some(_)) => {
+            (GpuSource::Nvml | GpuSource::Labels | GpuSource::Node | GpuSource::None, Some(_)) => {
                 self.issue(
                     "gpu.assume",
                     "is only used with gpu.source = \"static\" or \"auto\"",
