@@ -24,6 +24,8 @@
 //! A failure is retried with backoff (1s doubling to `prewarm.retry_max`)
 //! and shown in status, metrics and a log line.
 
+pub mod intent;
+mod land;
 pub mod metrics;
 pub mod resolve;
 pub mod rules;
@@ -42,9 +44,10 @@ use crate::cri::Containerd;
 use crate::fetch::{Fetcher, Priority, Source};
 use crate::gpu::GpuFacts;
 use crate::oci::{Digest, ImageRef, Platform};
+pub use intent::{Intent, IntentImage, IntentSelector, INTENT_SWEEP};
 pub use metrics::PrewarmMetrics;
 use resolve::{BlobRef, Resolved};
-pub use status::{BytesBySource, ImageState, ImageStatus, PrewarmStatus, RuleStatus};
+pub use status::{BytesBySource, ImageState, ImageStatus, IntentStatus, PrewarmStatus, RuleStatus};
 
 const RETRY_START: Duration = Duration::from_secs(1);
 /// The least time a swarm's membership must hold still before prewarm
@@ -82,7 +85,8 @@ impl From<resolve::ResolveError> for WarmError {
     }
 }
 
-/// One image of one rule: what status shows, and what the task needs.
+/// One image of one rule (or intent): what status shows, and what the
+/// task needs.
 struct Entry {
     status: ImageStatus,
     image: ImageRef,
@@ -91,6 +95,51 @@ struct Entry {
     blobs: Vec<BlobRef>,
     /// containerd image records labelled pinned.
     containerd_names: Vec<String>,
+    /// Ends this entry's task when it is retired.
+    stop: CancellationToken,
+    /// A warm intent's id and expiry; `None` for a configured rule.
+    intent: Option<(String, u64)>,
+    /// Released: no task, no pin, not in status.
+    retired: bool,
+}
+
+impl Entry {
+    fn new(
+        rule: &str,
+        image: ImageRef,
+        platform: Platform,
+        intent: Option<(String, u64)>,
+    ) -> Entry {
+        Entry {
+            status: ImageStatus {
+                rule: rule.to_owned(),
+                reference: image.to_string(),
+                state: ImageState::Waiting,
+                platform: platform.to_string(),
+                digest: None,
+                manifest: None,
+                bytes_total: None,
+                bytes_done: 0,
+                sources: BytesBySource::default(),
+                failures: 0,
+                error: None,
+                retry_in_s: None,
+                ready_after_s: None,
+                resolved_at: None,
+                pinned: false,
+                in_containerd: false,
+                cri_pinned: None,
+                previous: None,
+            },
+            image,
+            platform,
+            blobs: Vec::new(),
+            containerd_names: Vec::new(),
+            stop: CancellationToken::new(),
+            intent,
+            retired: false,
+        }
+    }
 }
 
 struct Inner {
@@ -104,6 +153,14 @@ struct Inner {
     entries: Mutex<Vec<Entry>>,
     ready: watch::Sender<bool>,
     host: Platform,
+    /// Images prewarmed at once (`prewarm.concurrency`).
+    slots: Arc<Semaphore>,
+    /// Set by [`Prewarm::start`]: the daemon's shutdown, and the moment
+    /// the swarm settled (tasks wait for both).
+    shutdown: std::sync::OnceLock<CancellationToken>,
+    settled: watch::Sender<bool>,
+    /// Seeds act on every intent, whatever its GPU selector.
+    seed: bool,
     /// With the swarm on: how long prewarm may wait for it, and how long
     /// its membership must hold still.
     swarm_wait: Option<(Duration, Duration)>,
@@ -160,32 +217,7 @@ impl Prewarm {
             }
             for image in &rule.images {
                 let platform = rule.platform.clone().unwrap_or_else(|| host.clone());
-                entries.push(Entry {
-                    status: ImageStatus {
-                        rule: rule.name.clone(),
-                        reference: image.to_string(),
-                        state: ImageState::Waiting,
-                        platform: platform.to_string(),
-                        digest: None,
-                        manifest: None,
-                        bytes_total: None,
-                        bytes_done: 0,
-                        sources: BytesBySource::default(),
-                        failures: 0,
-                        error: None,
-                        retry_in_s: None,
-                        ready_after_s: None,
-                        resolved_at: None,
-                        pinned: false,
-                        in_containerd: false,
-                        cri_pinned: None,
-                        previous: None,
-                    },
-                    image: image.clone(),
-                    platform,
-                    blobs: Vec::new(),
-                    containerd_names: Vec::new(),
-                });
+                entries.push(Entry::new(&rule.name, image.clone(), platform, None));
             }
         }
         let containerd = pcfg.into_containerd.then(|| {
@@ -196,6 +228,7 @@ impl Prewarm {
             )
         });
         let ready = entries.is_empty();
+        let pcfg_concurrency = pcfg.concurrency;
         let p = Prewarm {
             inner: Arc::new(Inner {
                 swarm_wait: cfg
@@ -212,6 +245,10 @@ impl Prewarm {
                 entries: Mutex::new(entries),
                 ready: watch::Sender::new(ready),
                 host,
+                slots: Arc::new(Semaphore::new(pcfg_concurrency)),
+                shutdown: std::sync::OnceLock::new(),
+                settled: watch::Sender::new(false),
+                seed: cfg.swarm.enabled && cfg.swarm.role == crate::swarm::Role::Seed,
             }),
         };
         p.publish();
@@ -233,8 +270,9 @@ impl Prewarm {
     }
 
     /// Removes prewarm pins that no current rule holds (a rule removed
-    /// from the config, or one that no longer matches the node), then
-    /// starts a task per image. Tasks end when `shutdown` fires.
+    /// from the config, or one that no longer matches the node; intents of
+    /// an earlier run come again while they live), then starts a task per
+    /// image. Tasks end when `shutdown` fires.
     pub fn start(&self, shutdown: CancellationToken) {
         let keep: HashSet<String> = self
             .lock()
@@ -254,24 +292,41 @@ impl Prewarm {
                 }
             }
         }
-        let n = self.lock().len();
-        if n == 0 {
+        if self.inner.shutdown.set(shutdown.clone()).is_err() {
             return;
         }
-        let this = self.clone();
+        let (this, stop) = (self.clone(), shutdown.clone());
         tokio::spawn(async move {
-            this.settle_swarm(&shutdown).await;
-            let slots = Arc::new(Semaphore::new(this.inner.cfg.concurrency));
-            for idx in 0..n {
-                let task = this.clone();
-                let slots = slots.clone();
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = task.run_image(idx, slots) => {}
-                    }
-                });
+            this.settle_swarm(&stop).await;
+            this.inner.settled.send_replace(true);
+        });
+        let this = self.clone();
+        tokio::spawn(async move { this.expire_intents_every(INTENT_SWEEP, shutdown).await });
+        let n = self.lock().len();
+        for idx in 0..n {
+            self.spawn_entry(idx);
+        }
+    }
+
+    /// The task of entry `idx`, once the swarm settled, until the daemon
+    /// stops or the entry is retired. Before [`Prewarm::start`], nothing.
+    fn spawn_entry(&self, idx: usize) {
+        let Some(shutdown) = self.inner.shutdown.get().cloned() else {
+            return;
+        };
+        let Some(stop) = self.lock().get(idx).map(|e| e.stop.clone()) else {
+            return;
+        };
+        let task = self.clone();
+        let mut settled = self.inner.settled.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = stop.cancelled() => {}
+                _ = async {
+                    let _ = settled.wait_for(|s| *s).await;
+                    task.run_image(idx).await
+                } => {}
             }
         });
     }
@@ -329,9 +384,13 @@ impl Prewarm {
         let entries = self.lock();
         let mut by_state: HashMap<ImageState, i64> = HashMap::new();
         let mut all_ready = true;
-        for e in entries.iter() {
+        for e in entries.iter().filter(|e| !e.retired) {
             *by_state.entry(e.status.state).or_default() += 1;
-            all_ready &= self.is_ready_state(e);
+            // Readiness is about the node's own rules, known at start-up;
+            // intents come and go.
+            if e.intent.is_none() {
+                all_ready &= self.is_ready_state(e);
+            }
         }
         drop(entries);
         for s in ImageState::ALL {
@@ -375,6 +434,7 @@ impl Prewarm {
         let entries = self.lock();
         let images = entries
             .iter()
+            .filter(|e| !e.retired)
             .map(|e| {
                 let mut s = e.status.clone();
                 if s.state == ImageState::Fetching {
@@ -404,12 +464,14 @@ impl Prewarm {
             into_containerd: self.inner.containerd.is_some(),
             ready: *self.inner.ready.borrow(),
             rules: self.inner.rules.clone(),
+            intents: self.intent_statuses(&entries),
             images,
         }
     }
 
     /// The task of entry `idx`: warm it, then keep it warm.
-    async fn run_image(&self, idx: usize, slots: Arc<Semaphore>) {
+    async fn run_image(&self, idx: usize) {
+        let slots = self.inner.slots.clone();
         let cfg = &self.inner.cfg;
         let (image, platform) = {
             let entries = self.lock();
@@ -569,83 +631,6 @@ impl Prewarm {
         Ok(resolved)
     }
 
-    /// An image that was landed in containerd is still there (a refresh
-    /// found the same digest). Images not for containerd count as there.
-    async fn still_in_containerd(&self, idx: usize) -> bool {
-        let (goes, landed, reference) = {
-            let entries = self.lock();
-            let e = &entries[idx];
-            (
-                self.goes_to_containerd(e),
-                e.status.in_containerd,
-                e.status.reference.clone(),
-            )
-        };
-        if !goes {
-            return true;
-        }
-        if !landed {
-            return false;
-        }
-        let Some(c) = &self.inner.containerd else {
-            return true;
-        };
-        match c.image_status(&reference).await {
-            Ok(Some(_)) => true,
-            Ok(None) => {
-                tracing::info!(image = %reference, "a prewarmed image left containerd; pulling it again");
-                false
-            }
-            Err(e) => {
-                tracing::debug!(image = %reference, error = %e, "cannot check containerd");
-                true
-            }
-        }
-    }
-
-    /// Refuses an image that cannot fit the store beside the other pins.
-    fn check_fits(&self, rule: &str, image: &ImageRef, r: &Resolved) -> Result<(), WarmError> {
-        let store = self.inner.fetcher.store();
-        let max = store.usage().max_size;
-        let total = r.total_bytes();
-        let size = |n: u64| bytesize::ByteSize(n).display().iec().to_string();
-        if total > max {
-            return Err(WarmError::Refused(format!(
-                "the image is {} and store.max_size is {}",
-                size(total),
-                size(max)
-            )));
-        }
-        let own: HashSet<Digest> = r.digests().into_iter().collect();
-        let target = pin_target(rule, image);
-        let mut others: HashSet<Digest> = HashSet::new();
-        for rec in store.pins() {
-            if rec.target == target {
-                continue;
-            }
-            others.extend(
-                rec.digests
-                    .iter()
-                    .filter_map(|d| d.parse::<Digest>().ok())
-                    .filter(|d| !own.contains(d)),
-            );
-        }
-        let held: u64 = others
-            .iter()
-            .filter_map(|d| store.blob_info(d))
-            .map(|b| b.size)
-            .sum();
-        if held + total > max {
-            return Err(WarmError::Refused(format!(
-                "the image is {} and other pins hold {} of store.max_size {}",
-                size(total),
-                size(held),
-                size(max)
-            )));
-        }
-        Ok(())
-    }
-
     async fn fetch_blobs(
         &self,
         idx: usize,
@@ -691,60 +676,6 @@ impl Prewarm {
                 s.origin += add.origin;
             });
         }
-        Ok(())
-    }
-
-    /// CRI `PullImage` through the mirror, then the pinned label on every
-    /// containerd record of the image (and off the records of the image a
-    /// moved tag named before).
-    async fn land_in_containerd(
-        &self,
-        idx: usize,
-        image: &ImageRef,
-        resolved: &Resolved,
-        old_names: &[String],
-    ) -> Result<(), WarmError> {
-        let Some(c) = &self.inner.containerd else {
-            return Ok(());
-        };
-        self.update(idx, |e| e.status.state = ImageState::Pulling);
-        let reference = image.to_string();
-        let id = c.pull_image(&reference).await?;
-        let mut names = vec![
-            reference.clone(),
-            image.pinned_to(&resolved.root).to_string(),
-        ];
-        let mut cri_pinned = None;
-        if let Some(st) = c.image_status(&reference).await? {
-            cri_pinned = Some(st.pinned);
-            names.extend(st.repo_digests);
-        }
-        if !id.is_empty() {
-            names.push(id);
-        }
-        names.sort();
-        names.dedup();
-        if self.inner.cfg.pin_in_containerd {
-            c.set_pinned(&names, true).await?;
-            if let Some(st) = c.image_status(&reference).await? {
-                cri_pinned = Some(st.pinned);
-            }
-            let stale: Vec<String> = old_names
-                .iter()
-                .filter(|n| !names.contains(n))
-                .cloned()
-                .collect();
-            if !stale.is_empty() {
-                if let Err(e) = c.set_pinned(&stale, false).await {
-                    tracing::warn!(error = %e, "cannot unpin the previous image in containerd");
-                }
-            }
-        }
-        self.update(idx, |e| {
-            e.status.in_containerd = true;
-            e.status.cri_pinned = cri_pinned;
-            e.containerd_names = names;
-        });
         Ok(())
     }
 }

@@ -88,6 +88,19 @@ impl ImageRef {
         Some(format!("{}/{}:{tag}", self.registry, self.repository))
     }
 
+    /// What to hand containerd's `PullImage`: the tag when there is one
+    /// (the name a pod uses), else the digest.
+    pub fn pull_reference(&self) -> String {
+        match &self.tag {
+            Some(_) => ImageRef {
+                digest: None,
+                ..self.clone()
+            }
+            .to_string(),
+            None => self.to_string(),
+        }
+    }
+
     /// The same image named by digest only (`registry/repo@sha256:...`).
     pub fn pinned_to(&self, digest: &Digest) -> ImageRef {
         ImageRef {

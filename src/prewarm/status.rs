@@ -110,12 +110,25 @@ pub struct ImageStatus {
     pub previous: Option<String>,
 }
 
+/// A warm intent this node acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentStatus {
+    pub id: String,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+    pub images: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrewarmStatus {
     pub gpu: GpuFacts,
     pub into_containerd: bool,
-    /// Every image of every matching rule is ready.
+    /// Every image of every matching rule is ready (intents not counted).
     pub ready: bool,
     pub rules: Vec<RuleStatus>,
+    /// Warm intents from the scaling sidecar that this node acts on; their
+    /// images are in `images` under the rule `intent:<id>`.
+    #[serde(default)]
+    pub intents: Vec<IntentStatus>,
     pub images: Vec<ImageStatus>,
 }

@@ -125,8 +125,8 @@ pub fn status(s: &PrewarmStatus, width: Option<usize>) -> String {
         if s.into_containerd { "yes" } else { "no" },
         if s.ready { "yes" } else { "no" }
     );
-    if s.rules.is_empty() {
-        out.push_str("no [[prewarm.rule]] is configured\n");
+    if s.rules.is_empty() && s.intents.is_empty() {
+        out.push_str("no [[prewarm.rule]] is configured and no warm intent is live\n");
         return out;
     }
     out.push('\n');
@@ -140,6 +140,17 @@ pub fn status(s: &PrewarmStatus, width: Option<usize>) -> String {
         ]);
     }
     out.push_str(&t.render(width));
+    if !s.intents.is_empty() {
+        out.push_str("\nwarm intents:\n");
+        for i in &s.intents {
+            out.push_str(&format!(
+                "  {}: {} (expires at {})\n",
+                i.id,
+                i.images.join(", "),
+                i.expires_at
+            ));
+        }
+    }
     if !s.images.is_empty() {
         out.push('\n');
         out.push_str(&image_table(&s.images, width));
