@@ -65,6 +65,31 @@ struct Row {
     wall: f64,
     /// The daemon's own seconds from start to ready.
     in_daemon: Option<f64>,
+    /// Seconds in each stage, from the daemon's status: waiting for the
+    /// swarm to settle, resolving, fetching, CRI pull and unpack.
+    stages: Option<[f64; 4]>,
+}
+
+/// One node's result as its daemon saw it.
+struct Ready {
+    wall: f64,
+    in_daemon: Option<f64>,
+    stages: Option<[f64; 4]>,
+}
+
+/// The time in each stage, from `prewarm status -o json`.
+fn stages(status: &serde_json::Value, img: &serde_json::Value) -> Option<[f64; 4]> {
+    let st = &img["stages"];
+    let at = |k: &str| st[k].as_f64();
+    let settled = status["settled_after_s"].as_f64()?;
+    let (started, resolved) = (at("started_s")?, at("resolved_s")?);
+    let (cached, landed) = (at("cached_s")?, at("in_containerd_s")?);
+    Some([
+        settled,
+        resolved - started,
+        cached - resolved,
+        landed - cached,
+    ])
 }
 
 /// A daemon with its own containerd, wired together and prewarming `image`.
@@ -121,18 +146,19 @@ fn status(socket: &Path) -> Option<serde_json::Value> {
 }
 
 /// Waits until the node's image is in containerd: the wall seconds since
-/// its daemon was spawned, and the daemon's own `ready_after_s`.
-fn wait_ready(w: &WarmNode) -> (f64, Option<f64>) {
+/// its daemon was spawned, and the daemon's own `ready_after_s` and stages.
+fn wait_ready(w: &WarmNode) -> Ready {
     let deadline = Instant::now() + WARM_TIMEOUT;
     let socket: PathBuf = w.node.admin_socket();
     loop {
         if let Some(s) = status(&socket) {
             let img = &s["images"][0];
             if img["state"] == "in_containerd" {
-                return (
-                    w.spawned.elapsed().as_secs_f64(),
-                    img["ready_after_s"].as_f64(),
-                );
+                return Ready {
+                    wall: w.spawned.elapsed().as_secs_f64(),
+                    in_daemon: img["ready_after_s"].as_f64(),
+                    stages: stages(&s, img),
+                };
             }
             if img["state"] == "failed" || img["state"] == "refused" {
                 eprintln!("{}: {}: {}", w.node.ns, img["state"], img["error"]);
@@ -233,6 +259,7 @@ fn main() {
             node: format!("node{}", i + 1),
             wall: t,
             in_daemon: None,
+            stages: None,
         });
     }
 
@@ -249,12 +276,13 @@ fn main() {
         fleet.push(start_node(&lab, i, &boot, &origin, &key, &image));
     }
     for w in &fleet {
-        let (wall, in_daemon) = wait_ready(w);
+        let r = wait_ready(w);
         rows.push(Row {
             scenario: "origin only",
             node: w.node.ns.clone(),
-            wall,
-            in_daemon,
+            wall: r.wall,
+            in_daemon: r.in_daemon,
+            stages: r.stages,
         });
     }
     let (origin_bytes, _) = origin.blobs_bytes_since(mark, &digests);
@@ -272,12 +300,13 @@ fn main() {
         &key,
         &image,
     );
-    let (wall, in_daemon) = wait_ready(&late);
+    let r = wait_ready(&late);
     rows.push(Row {
         scenario: "warm peer",
         node: late.node.ns.clone(),
-        wall,
-        in_daemon,
+        wall: r.wall,
+        in_daemon: r.in_daemon,
+        stages: r.stages,
     });
     let (late_origin, _) = origin.blobs_bytes_since(mark, &digests);
 
@@ -289,11 +318,20 @@ fn main() {
     );
     println!("{}\n", machine());
     println!("bound (image over the link): {bound:.2} s\n");
-    println!("| scenario | node | from spawn | in the daemon | over the bound |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| scenario | node | from spawn | in the daemon | over the bound \
+         | settle | resolve | fetch | CRI pull + unpack |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let st = r.stages.map_or("| - | - | - | - |".into(), |st| {
+            st.iter()
+                .map(|t| format!("| {t:.2} s "))
+                .collect::<String>()
+                + "|"
+        });
         println!(
-            "| {} | {} | {:.2} s | {} | {:+.2} s |",
+            "| {} | {} | {:.2} s | {} | {:+.2} s {st}",
             r.scenario,
             r.node,
             r.wall,
@@ -301,6 +339,10 @@ fn main() {
             r.wall - bound
         );
     }
+    println!(
+        "\n(spawn to the daemon's start is \"from spawn\" less \"in the daemon\"; \
+         the stages are the daemon's own, from `prewarm status`)"
+    );
     println!(
         "\norigin blob bytes: origin only {fleet_ratio:.3}x the image for {} nodes; \
          warm peer {:.3}x",

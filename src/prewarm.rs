@@ -47,7 +47,9 @@ use crate::oci::{Digest, ImageRef, Platform};
 pub use intent::{Intent, IntentImage, IntentSelector, INTENT_SWEEP};
 pub use metrics::PrewarmMetrics;
 use resolve::{BlobRef, Resolved};
-pub use status::{BytesBySource, ImageState, ImageStatus, IntentStatus, PrewarmStatus, RuleStatus};
+pub use status::{
+    BytesBySource, ImageState, ImageStatus, IntentStatus, PrewarmStatus, RuleStatus, StageTimes,
+};
 
 const RETRY_START: Duration = Duration::from_secs(1);
 /// The least time a swarm's membership must hold still before prewarm
@@ -125,6 +127,7 @@ impl Entry {
                 error: None,
                 retry_in_s: None,
                 ready_after_s: None,
+                stages: StageTimes::default(),
                 resolved_at: None,
                 pinned: false,
                 in_containerd: false,
@@ -159,6 +162,8 @@ struct Inner {
     /// the swarm settled (tasks wait for both).
     shutdown: std::sync::OnceLock<CancellationToken>,
     settled: watch::Sender<bool>,
+    /// Seconds from the start until the swarm settled and prewarm began.
+    settled_after: std::sync::OnceLock<f64>,
     /// Seeds act on every intent, whatever its GPU selector.
     seed: bool,
     /// With the swarm on: how long prewarm may wait for it, and how long
@@ -248,6 +253,7 @@ impl Prewarm {
                 slots: Arc::new(Semaphore::new(pcfg_concurrency)),
                 shutdown: std::sync::OnceLock::new(),
                 settled: watch::Sender::new(false),
+                settled_after: std::sync::OnceLock::new(),
                 seed: cfg.swarm.enabled && cfg.swarm.role == crate::swarm::Role::Seed,
             }),
         };
@@ -298,6 +304,10 @@ impl Prewarm {
         let (this, stop) = (self.clone(), shutdown.clone());
         tokio::spawn(async move {
             this.settle_swarm(&stop).await;
+            let _ = this
+                .inner
+                .settled_after
+                .set(this.inner.started.elapsed().as_secs_f64());
             this.inner.settled.send_replace(true);
         });
         let this = self.clone();
@@ -367,6 +377,10 @@ impl Prewarm {
                 .as_millis() as u64,
             "prewarm starts"
         );
+    }
+
+    fn since_start(&self) -> f64 {
+        self.inner.started.elapsed().as_secs_f64()
     }
 
     fn update(&self, idx: usize, f: impl FnOnce(&mut Entry)) {
@@ -462,6 +476,7 @@ impl Prewarm {
         PrewarmStatus {
             gpu: self.inner.facts.clone(),
             into_containerd: self.inner.containerd.is_some(),
+            settled_after_s: self.inner.settled_after.get().copied(),
             ready: *self.inner.ready.borrow(),
             rules: self.inner.rules.clone(),
             intents: self.intent_statuses(&entries),
@@ -541,9 +556,12 @@ impl Prewarm {
             .upstream(&image.registry)
             .ok_or_else(|| WarmError::NotMirrored(image.registry.clone()))?;
         let refreshing = current.is_some();
-        if !refreshing {
-            self.update(idx, |e| e.status.state = ImageState::Resolving);
-        }
+        let started = self.since_start();
+        self.update(idx, |e| {
+            if !refreshing {
+                e.status.state = ImageState::Resolving;
+            }
+        });
         let resolved = resolve::resolve(fetcher, &up, image, platform).await?;
         let digests = resolved.digests();
         let unchanged = current.is_some_and(|c| c.root == resolved.root)
@@ -552,6 +570,14 @@ impl Prewarm {
         if unchanged && self.still_in_containerd(idx).await {
             return Ok(resolved);
         }
+        let resolved_s = self.since_start();
+        self.update(idx, |e| {
+            e.status.stages = StageTimes {
+                started_s: Some(started),
+                resolved_s: Some(resolved_s),
+                ..StageTimes::default()
+            }
+        });
         let (rule, old_names) = {
             let entries = self.lock();
             (
@@ -589,9 +615,11 @@ impl Prewarm {
         self.fetch_blobs(idx, &up, &image.repository, &blobs)
             .await?;
         let bytes_total = resolved.total_bytes();
+        let cached_s = self.since_start();
         self.update(idx, |e| {
             e.status.state = ImageState::Cached;
             e.status.bytes_done = bytes_total;
+            e.status.stages.cached_s = Some(cached_s);
         });
         let goes = {
             let entries = self.lock();
@@ -607,7 +635,7 @@ impl Prewarm {
             let previous = current.map(|c| c.root.to_string());
             self.update(idx, |e| e.status.previous = previous);
         }
-        let after = self.inner.started.elapsed().as_secs_f64();
+        let after = self.since_start();
         self.inner
             .metrics
             .ready_seconds
@@ -620,6 +648,9 @@ impl Prewarm {
         };
         self.update(idx, |e| {
             e.status.state = ready_state;
+            if goes {
+                e.status.stages.in_containerd_s = Some(after);
+            }
             e.status.failures = 0;
             if e.status.ready_after_s.is_none() || current.is_some() {
                 e.status.ready_after_s = Some(after);

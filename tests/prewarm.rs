@@ -217,6 +217,22 @@ fn a_matching_rule_lands_the_image_in_containerd_and_the_kubelets_pull_is_local(
     assert_eq!(got["pinned"], true);
     assert_eq!(got["in_containerd"], true);
     assert!(got["ready_after_s"].as_f64().unwrap() > 0.0, "{got:#}");
+    // The stages follow each other and the last one is the ready time.
+    let stage = |k: &str| {
+        got["stages"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {k}: {got:#}"))
+    };
+    let settled = s["settled_after_s"].as_f64().expect("settled_after_s");
+    let times = [
+        settled,
+        stage("started_s"),
+        stage("resolved_s"),
+        stage("cached_s"),
+        stage("in_containerd_s"),
+    ];
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}: {got:#}");
+    assert_eq!(Some(times[4]), got["ready_after_s"].as_f64(), "{got:#}");
     assert_eq!(got["bytes_done"], got["bytes_total"], "{got:#}");
     assert_eq!(
         got["sources"]["origin"].as_u64().unwrap(),

@@ -97,6 +97,10 @@ pub struct ImageStatus {
     pub retry_in_s: Option<u64>,
     /// Seconds from the daemon's start to the image being ready.
     pub ready_after_s: Option<f64>,
+    /// Where the last attempt's time went, for the bench and for a slow
+    /// prewarm: seconds from the daemon's start to the end of each stage.
+    #[serde(default)]
+    pub stages: StageTimes,
     /// Seconds since the Unix epoch of the last resolution at the origin.
     pub resolved_at: Option<u64>,
     /// The blobs are pinned in the store.
@@ -108,6 +112,22 @@ pub struct ImageStatus {
     pub cri_pinned: Option<bool>,
     /// The digest a moved tag named before, now unpinned.
     pub previous: Option<String>,
+}
+
+/// Seconds from the daemon's start to the end of each stage of the last
+/// attempt (`None` until the stage is reached). Resolving starts once the
+/// swarm settled ([`PrewarmStatus::settled_after_s`]); fetching ends at
+/// `cached_s`; the CRI pull and unpack in containerd at `in_containerd_s`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimes {
+    /// The attempt began (a prewarm slot was free and the swarm settled).
+    pub started_s: Option<f64>,
+    /// Index and manifest resolved at the origin.
+    pub resolved_s: Option<f64>,
+    /// Every blob in the store.
+    pub cached_s: Option<f64>,
+    /// CRI `PullImage` returned: pulled and unpacked in containerd.
+    pub in_containerd_s: Option<f64>,
 }
 
 /// A warm intent this node acts on.
@@ -123,6 +143,10 @@ pub struct IntentStatus {
 pub struct PrewarmStatus {
     pub gpu: GpuFacts,
     pub into_containerd: bool,
+    /// Seconds from the daemon's start until prewarm began: with the swarm
+    /// on, until the membership held still (`prewarm.swarm_wait` at most).
+    #[serde(default)]
+    pub settled_after_s: Option<f64>,
     /// Every image of every matching rule is ready (intents not counted).
     pub ready: bool,
     pub rules: Vec<RuleStatus>,
