@@ -665,3 +665,51 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn get(routes: &telemetry::Routes, path: &str) -> (StatusCode, serde_json::Value) {
+        let resp = routes(path).expect("a route");
+        let status = resp.status();
+        let body = futures_util::FutureExt::now_or_never(resp.into_body().collect())
+            .expect("a full body is ready")
+            .unwrap()
+            .to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[test]
+    fn keda_sees_a_failure_as_a_non_2xx_and_a_value_as_json() {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let routes = routes(shared.clone());
+        assert!(routes("/nothing").is_none());
+        // Before the first read: no value to give, so KEDA's fallback.
+        let (code, body) = get(&routes, KEDA_PATH);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"], "no value read yet");
+        let metric = KedaMetric {
+            workload: "inference/llm".into(),
+            value: 12.0,
+            threshold: 5.0,
+            wanted_replicas: 3,
+            current_replicas: None,
+            timestamp: 1,
+        };
+        shared.lock().unwrap().keda = Some(metric.clone());
+        let (code, body) = get(&routes, KEDA_PATH);
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(serde_json::from_value::<KedaMetric>(body).unwrap(), metric);
+        // The signal fails: the last value is kept for status, but KEDA
+        // must not scale on a stale number.
+        shared.lock().unwrap().keda_error = Some("cannot reach Prometheus".into());
+        let (code, body) = get(&routes, KEDA_PATH);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"], "cannot reach Prometheus");
+        let (code, body) = get(&routes, STATUS_PATH);
+        assert_eq!((code, body), (StatusCode::OK, serde_json::Value::Null));
+    }
+}

@@ -101,3 +101,58 @@ pub struct KedaMetric {
     /// When the value was read.
     pub timestamp: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Scaling;
+    use crate::sidecar::signal::wanted_replicas;
+
+    /// What KEDA's `metrics-api` scaler does with the answer under the
+    /// default `AverageValue`: the number at `valueLocation`, over
+    /// `targetValue`, rounded up (the HPA's arithmetic), whatever the
+    /// current count.
+    fn keda_desired(body: &serde_json::Value, value_location: &str, target: f64) -> u32 {
+        let v = body[value_location].as_f64().expect("a number at valueLocation");
+        (v / target).ceil() as u32
+    }
+
+    #[test]
+    fn the_keda_answer_gives_keda_the_replicas_the_sidecar_wants() {
+        let scaling = Scaling {
+            threshold: 5.0,
+            activation_threshold: 0.0,
+            min_replicas: 0,
+            max_replicas: 10,
+        };
+        for (value, current) in [(12.0, None), (12.0, Some(7)), (3.0, Some(1)), (40.0, Some(0)), (80.0, Some(2))] {
+            let m = KedaMetric {
+                workload: "inference/llm".into(),
+                value,
+                threshold: scaling.threshold,
+                wanted_replicas: wanted_replicas(value, &scaling),
+                current_replicas: current,
+                timestamp: 1_796_596_235,
+            };
+            let body: serde_json::Value = serde_json::to_value(&m).unwrap();
+            // The keys KEDA's valueLocation names (GJSON paths).
+            assert_eq!(body["value"], value);
+            assert_eq!(body["threshold"], 5.0);
+            assert_eq!(body["wantedReplicas"], m.wanted_replicas);
+            assert_eq!(body["currentReplicas"], serde_json::json!(current));
+            assert_eq!(body["workload"], "inference/llm");
+            assert!(body.get("wanted_replicas").is_none(), "{body}");
+            // Both documented triggers give the sidecar's count, whatever
+            // the current one (within the bounds KEDA clamps to itself).
+            let want = m.wanted_replicas;
+            assert_eq!(keda_desired(&body, "value", 5.0).min(10), want, "{body}");
+            assert_eq!(keda_desired(&body, "wantedReplicas", 1.0), want, "{body}");
+            let back: KedaMetric = serde_json::from_value(body).unwrap();
+            assert_eq!(back, m);
+        }
+        // 12 at threshold 5 is the 3 replicas; 80 would be 16,
+        // capped at max_replicas in wantedReplicas.
+        assert_eq!(wanted_replicas(12.0, &scaling), 3);
+        assert_eq!(wanted_replicas(80.0, &scaling), 10);
+    }
+}
