@@ -27,9 +27,7 @@ pub use prewarm::{
     parse_compute_capability, AssumedGpus, GpuConfig, GpuSelector, GpuSource, PrewarmConfig,
     PrewarmRule, ProductGlob, RuleNodes,
 };
-pub use sidecar::{
-    valid_workload_id, Scaling, SidecarConfig, SignalSource, WORKLOAD_ID_GRAMMAR,
-};
+pub use sidecar::{valid_workload_id, Scaling, SidecarConfig, SignalSource, WORKLOAD_ID_GRAMMAR};
 
 /// One documented configuration key.
 pub struct Key {

@@ -364,9 +364,8 @@ impl Prewarm {
         let deadline = Instant::now() + wait;
         // Data peers only: the scaling sidecar is a member with nothing to
         // share.
-        let peers = |s: &crate::swarm::Swarm| {
-            s.peers().iter().filter(|p| p.role.serves_data()).count()
-        };
+        let peers =
+            |s: &crate::swarm::Swarm| s.peers().iter().filter(|p| p.role.serves_data()).count();
         let mut count = peers(&swarm);
         let mut since = Instant::now();
         while Instant::now() < deadline {

@@ -360,7 +360,11 @@ impl Sidecar {
         let obs = match p.value {
             Ok(v) => {
                 if self.failures > 0 {
-                    tracing::info!(value = v, failed_reads = self.failures, "the scaling signal answers again");
+                    tracing::info!(
+                        value = v,
+                        failed_reads = self.failures,
+                        "the scaling signal answers again"
+                    );
                 }
                 self.failures = 0;
                 self.last_error = None;
@@ -517,7 +521,12 @@ impl Sidecar {
         let Some(intent) = live.intent(&self.cfg.workload, self.gpu.as_ref()) else {
             return;
         };
-        tracing::debug!(kind, replicas = intent.replicas, expires_at = intent.expires_at, "publishing the warm intent");
+        tracing::debug!(
+            kind,
+            replicas = intent.replicas,
+            expires_at = intent.expires_at,
+            "publishing the warm intent"
+        );
         self.link.publish(INTENTS_TOPIC, intent.encode());
         self.metrics.publications.with_label_values(&[kind]).inc();
     }

@@ -416,7 +416,10 @@ impl Throttle {
     /// were held back since the last line; `None` to stay quiet.
     pub fn allow(&mut self) -> Option<u64> {
         let now = std::time::Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
             self.held += 1;
             return None;
         }
@@ -476,7 +479,8 @@ pub async fn serve_with(
         let routes = routes.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = routes(req.uri().path()).unwrap_or_else(|| answer(&req, &registry, &health));
+                let r =
+                    routes(req.uri().path()).unwrap_or_else(|| answer(&req, &registry, &health));
                 async move { Ok::<_, Infallible>(r) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

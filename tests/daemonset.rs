@@ -529,7 +529,10 @@ fn the_sidecar_example_agrees_with_its_scaled_object() {
     );
     // The workload is the ScaledObject's target, and its images are the
     // target's containers'.
-    let target = find("Deployment", spec["scaleTargetRef"]["name"].as_str().unwrap());
+    let target = find(
+        "Deployment",
+        spec["scaleTargetRef"]["name"].as_str().unwrap(),
+    );
     assert_eq!(
         sc.workload,
         format!(
@@ -554,7 +557,10 @@ fn the_sidecar_example_agrees_with_its_scaled_object() {
     let c = container(pod, "containers", "sidecar");
     assert_eq!(c["command"], serde_json::json!(["damselfly", "sidecar"]));
     assert_eq!(port(c, "http"), sc.listen.port());
-    assert!(sc.listen.ip().is_unspecified(), "KEDA and Prometheus must reach it");
+    assert!(
+        sc.listen.ip().is_unspecified(),
+        "KEDA and Prometheus must reach it"
+    );
     for (probe, path) in [
         ("readinessProbe", damselfly::telemetry::READY_PATH),
         ("livenessProbe", damselfly::telemetry::HEALTH_PATH),
@@ -581,7 +587,10 @@ fn the_sidecar_example_agrees_with_its_scaled_object() {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert!(!c["resources"].to_string().contains("nvidia.com/gpu"));
     let svc = find("Service", "damselfly-sidecar");
-    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(u64::from(sc.listen.port())));
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"].as_u64(),
+        Some(u64::from(sc.listen.port()))
+    );
 }
 
 #[test]

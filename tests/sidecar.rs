@@ -133,10 +133,14 @@ fn is_intent_image(img: &PushedImage) -> impl Fn(&Value) -> bool + '_ {
 #[test]
 fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later() {
     let _g = heavy();
-    let img = pushed("sidecar/llm", &[(101, 4 * MIB), (102, 6 * MIB), (103, 8 * MIB)]);
+    let img = pushed(
+        "sidecar/llm",
+        &[(101, 4 * MIB), (102, 6 * MIB), (103, 8 * MIB)],
+    );
     let prom = Prometheus::start("1s").expect("prometheus");
     prom.push("queue", "gpu_job_queue_depth 0\n").unwrap();
-    prom.wait_value(QUERY, 0.0, Duration::from_secs(30)).unwrap();
+    prom.wait_value(QUERY, 0.0, Duration::from_secs(30))
+        .unwrap();
     let spec = NodeSpec {
         wire_containerd: true,
         config: A10G_NODE.into(),
@@ -158,12 +162,20 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
     });
     // The sidecar is a member the daemons see, never a data peer.
     for n in &cluster.nodes {
-        assert_eq!(n.members(), 3.0, "{}: the sidecar counted as a data peer", n.name());
+        assert_eq!(
+            n.members(),
+            3.0,
+            "{}: the sidecar counted as a data peer",
+            n.name()
+        );
     }
     // At zero nothing goes out.
     std::thread::sleep(Duration::from_secs(2));
     assert!(status(&sc)["intent"].is_null());
-    assert_eq!(sc.metric_sum("damselfly_sidecar_intent_publications_total", &[]), 0.0);
+    assert_eq!(
+        sc.metric_sum("damselfly_sidecar_intent_publications_total", &[]),
+        0.0
+    );
     for n in &cluster.nodes {
         assert_eq!(n.daemon.prewarm_status()["intents"], serde_json::json!([]));
     }
@@ -180,12 +192,19 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
     let st = status(&sc);
     assert_eq!(st["wanted_replicas"], 3);
     assert_eq!(st["signal"]["value"], 12.0);
-    assert_eq!(st["intent"]["images"][0]["digest"], img.manifest_digest.as_str());
+    assert_eq!(
+        st["intent"]["images"][0]["digest"],
+        img.manifest_digest.as_str()
+    );
     let (code, keda) = sc.http_json("/keda");
     assert_eq!(code, 200, "{keda}");
     assert_eq!(
         (&keda["value"], &keda["threshold"], &keda["wantedReplicas"]),
-        (&serde_json::json!(12.0), &serde_json::json!(5.0), &serde_json::json!(3))
+        (
+            &serde_json::json!(12.0),
+            &serde_json::json!(5.0),
+            &serde_json::json!(3)
+        )
     );
 
     // Every node holds the image, in containerd, before any pull asks.
@@ -213,7 +232,10 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
             sources["origin"]
         );
     }
-    for node in status(&sc)["intent"]["images"][0]["nodes"].as_array().unwrap() {
+    for node in status(&sc)["intent"]["images"][0]["nodes"]
+        .as_array()
+        .unwrap()
+    {
         eprintln!(
             "  ack from {} ({}): {:.2}s after publication",
             node["peer_id"], node["role"], node["ready_after_s"]
@@ -275,10 +297,14 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
     // The baseline, in the same run: an image of the same layer sizes that
     // no intent names, pulled only when "the pod lands" (CRI PullImage
     // through the same mirror, from the origin, on a node of this cluster).
-    let cold = pushed("sidecar/cold", &[(104, 4 * MIB), (105, 6 * MIB), (106, 8 * MIB)]);
+    let cold = pushed(
+        "sidecar/cold",
+        &[(104, 4 * MIB), (105, 6 * MIB), (106, 8 * MIB)],
+    );
     let n = &cluster.nodes[1];
     let t = Instant::now();
-    cri_pull(n.containerd.socket(), &cold.reference).unwrap_or_else(|e| panic!("{}: {e}", n.name()));
+    cri_pull(n.containerd.socket(), &cold.reference)
+        .unwrap_or_else(|e| panic!("{}: {e}", n.name()));
     eprintln!(
         "{}: baseline, a pull that starts when the pod lands ({} bytes, nothing warm): {:.2}s; load average {}",
         n.name(),
@@ -337,7 +363,9 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
     });
     for n in &cluster.nodes {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while n.daemon.pinned_in_store(&layer) || n.daemon.prewarm_status()["intents"] != serde_json::json!([]) {
+        while n.daemon.pinned_in_store(&layer)
+            || n.daemon.prewarm_status()["intents"] != serde_json::json!([])
+        {
             assert!(
                 Instant::now() < deadline,
                 "{}: the released intent's image is still pinned\n{}",
@@ -346,7 +374,11 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(n.daemon.metric(r#"damselfly_prewarm_intents_total{result="released"}"#) >= 1.0);
+        assert!(
+            n.daemon
+                .metric(r#"damselfly_prewarm_intents_total{result="released"}"#)
+                >= 1.0
+        );
     }
     assert_eq!(
         sc.metric(r#"damselfly_sidecar_intent_publications_total{kind="release"}"#),
@@ -360,7 +392,8 @@ fn prometheus_down_holds_the_intent_until_it_expires_without_a_flood() {
     let img = pushed("sidecar/hold", &[(111, MIB)]);
     let mut prom = Prometheus::start("1s").expect("prometheus");
     prom.push("queue", "gpu_job_queue_depth 12\n").unwrap();
-    prom.wait_value(QUERY, 12.0, Duration::from_secs(30)).unwrap();
+    prom.wait_value(QUERY, 12.0, Duration::from_secs(30))
+        .unwrap();
     let spec = NodeSpec {
         wire_containerd: true,
         config: A10G_NODE.into(),
@@ -385,7 +418,10 @@ fn prometheus_down_holds_the_intent_until_it_expires_without_a_flood() {
     });
     let st = status(&sc);
     assert!(
-        st["signal"]["error"].as_str().unwrap().contains("cannot reach"),
+        st["signal"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach"),
         "{st:#}"
     );
     assert_eq!(st["signal"]["value"], 12.0, "the last good value is kept");
@@ -394,12 +430,18 @@ fn prometheus_down_holds_the_intent_until_it_expires_without_a_flood() {
     assert_eq!(code, 503, "KEDA must see the failure: {keda}");
     // Held until its expiry (8s after the last good read), then gone on
     // the sidecar and on the node.
-    wait_status(&sc, "dropping the expired intent", Duration::from_secs(60), |s| {
-        s["intent"].is_null().then_some(())
-    });
+    wait_status(
+        &sc,
+        "dropping the expired intent",
+        Duration::from_secs(60),
+        |s| s["intent"].is_null().then_some(()),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while node.pinned_in_store(&layer) {
-        assert!(Instant::now() < deadline, "the expired intent's image is still pinned");
+        assert!(
+            Instant::now() < deadline,
+            "the expired intent's image is still pinned"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let held = down.elapsed();
@@ -410,7 +452,12 @@ fn prometheus_down_holds_the_intent_until_it_expires_without_a_flood() {
         held.as_secs_f64()
     );
     assert!(failures >= 3.0, "{failures}");
-    assert_eq!(lines, 1, "one line for a signal that keeps failing\n{}", sc.log_tail(30));
+    assert_eq!(
+        lines,
+        1,
+        "one line for a signal that keeps failing\n{}",
+        sc.log_tail(30)
+    );
     assert_eq!(sc.metric("damselfly_sidecar_signal_up"), 0.0);
     for kind in ["update", "release"] {
         assert_eq!(
@@ -445,7 +492,8 @@ fn an_image_that_cannot_be_resolved_is_reported_and_the_others_still_go_out() {
     let missing = format!("{}/sidecar/missing:v1", origin().host());
     let prom = Prometheus::start("1s").expect("prometheus");
     prom.push("queue", "gpu_job_queue_depth 3\n").unwrap();
-    prom.wait_value(QUERY, 3.0, Duration::from_secs(30)).unwrap();
+    prom.wait_value(QUERY, 3.0, Duration::from_secs(30))
+        .unwrap();
     let spec = NodeSpec {
         wire_containerd: true,
         config: A10G_NODE.into(),
@@ -462,7 +510,10 @@ fn an_image_that_cannot_be_resolved_is_reported_and_the_others_still_go_out() {
     });
     let st = status(&sc);
     let images = st["intent"]["images"].as_array().unwrap();
-    let bad = images.iter().find(|i| i["reference"] == missing.as_str()).unwrap();
+    let bad = images
+        .iter()
+        .find(|i| i["reference"] == missing.as_str())
+        .unwrap();
     assert!(bad["digest"].is_null(), "{bad}");
     assert!(
         bad["error"].as_str().unwrap().contains("no such manifest"),
@@ -471,18 +522,28 @@ fn an_image_that_cannot_be_resolved_is_reported_and_the_others_still_go_out() {
     assert!(sc.metric_sum("damselfly_sidecar_resolve_failures_total", &[]) >= 1.0);
     // The node was told only of the good image.
     let intents = node.prewarm_status()["intents"].clone();
-    assert_eq!(intents[0]["images"].as_array().unwrap().len(), 1, "{intents}");
+    assert_eq!(
+        intents[0]["images"].as_array().unwrap().len(),
+        1,
+        "{intents}"
+    );
 
     // Bad intents over the real swarm are refused, counted, and harmless.
     let link = common::util::block_on(async {
         let cfg = damselfly::config::Config::load(&sc.config_path).unwrap();
         let mut swarm = cfg.swarm.clone();
         swarm.listen = format!("/ip4/{}/tcp/0", node_ip(197));
-        let link = damselfly::swarm::intents::SidecarLink::join(&swarm).await.unwrap();
+        let link = damselfly::swarm::intents::SidecarLink::join(&swarm)
+            .await
+            .unwrap();
         let before = node.metric(r#"damselfly_prewarm_intents_total{result="refused"}"#);
         let deadline = Instant::now() + Duration::from_secs(30);
         while node.metric(r#"damselfly_prewarm_intents_total{result="refused"}"#) < before + 3.0 {
-            assert!(Instant::now() < deadline, "bad intents were not refused\n{}", node.log_tail(20));
+            assert!(
+                Instant::now() < deadline,
+                "bad intents were not refused\n{}",
+                node.log_tail(20)
+            );
             for bad in [
                 &b"not json"[..],
                 br#"{"id":"a b","images":[],"replicas":1,"published_at":1,"expires_at":99999999999}"#,

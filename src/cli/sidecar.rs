@@ -55,7 +55,10 @@ async fn status(g: &Global, a: &SidecarStatusArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| unreachable(format!("{e}; is `damselfly sidecar` running there?")))?;
     if !resp.status().is_success() {
-        return Err(CliError::Protocol(format!("{url} answered {}", resp.status())));
+        return Err(CliError::Protocol(format!(
+            "{url} answered {}",
+            resp.status()
+        )));
     }
     let s: Option<SidecarStatus> = resp
         .json()

@@ -357,10 +357,7 @@ impl Validator {
                             out.insert(k.clone(), s.clone());
                         }
                         Value::String(_) => {
-                            self.issue(
-                                &format!("{path}.{k}"),
-                                "is not a Prometheus label name",
-                            );
+                            self.issue(&format!("{path}.{k}"), "is not a Prometheus label name");
                         }
                         other => self.issue(
                             &format!("{path}.{k}"),
@@ -460,7 +457,9 @@ threshold = 5
         let s = c.sidecar.expect("a sidecar");
         assert_eq!(s.workload, "inference/llm");
         assert_eq!(s.images.len(), 1);
-        assert!(matches!(&s.source, SignalSource::Prometheus { query, .. } if query.starts_with("sum(")));
+        assert!(
+            matches!(&s.source, SignalSource::Prometheus { query, .. } if query.starts_with("sum("))
+        );
         assert_eq!(
             s.scaling,
             Scaling {

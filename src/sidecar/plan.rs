@@ -35,7 +35,9 @@ pub enum Observation {
 pub enum Decision {
     Nothing,
     /// Resolve the images and [`Planner::open`] an intent for `replicas`.
-    Open { replicas: u32 },
+    Open {
+        replicas: u32,
+    },
     /// The live intent changed: publish it now.
     PublishNow,
     /// Publish the release (see [`Live::release`]); the intent is gone.
@@ -89,7 +91,12 @@ impl Live {
 
     /// The release: the same intent, expired at `unix` (daemons unpin an
     /// intent whose expiry passed as soon as they hear it).
-    pub fn release(&self, workload: &str, gpu: Option<&IntentSelector>, unix: u64) -> Option<Intent> {
+    pub fn release(
+        &self,
+        workload: &str,
+        gpu: Option<&IntentSelector>,
+        unix: u64,
+    ) -> Option<Intent> {
         self.intent_expiring(workload, gpu, unix)
     }
 
@@ -286,8 +293,16 @@ mod tests {
         let d = p.observe(sig(3), t, T0 + 30);
         assert_eq!(d, Decision::Open { replicas: 3 });
         p.open(3, vec![image(Some(1))], t, T0 + 30);
-        let i = p.live.as_ref().unwrap().intent("inference/llm", None).unwrap();
-        assert_eq!((i.replicas, i.published_at, i.expires_at), (3, T0 + 30, T0 + 630));
+        let i = p
+            .live
+            .as_ref()
+            .unwrap()
+            .intent("inference/llm", None)
+            .unwrap();
+        assert_eq!(
+            (i.replicas, i.published_at, i.expires_at),
+            (3, T0 + 30, T0 + 630)
+        );
         assert_eq!(i.images[0].reference, "reg.example.com/llm:v3");
         // The same signal again: the expiry is renewed, nothing is sent now.
         for k in 1..20 {
@@ -356,11 +371,17 @@ mod tests {
         assert_eq!(p.observe(sig(3), t, T0), Decision::Open { replicas: 3 });
         p.open(3, vec![image(Some(1))], t, T0);
         for k in 1..40 {
-            assert_eq!(p.observe(Observation::Failed, t, T0 + 15 * k), Decision::Nothing);
+            assert_eq!(
+                p.observe(Observation::Failed, t, T0 + 15 * k),
+                Decision::Nothing
+            );
         }
         // Never renewed while failing.
         assert_eq!(p.live.as_ref().unwrap().expires_at, T0 + 600);
-        assert_eq!(p.observe(Observation::Failed, t, T0 + 600), Decision::Expired);
+        assert_eq!(
+            p.observe(Observation::Failed, t, T0 + 600),
+            Decision::Expired
+        );
         assert!(p.live.is_none());
         // A cooldown does not advance on failures either: only zeros count.
     }
@@ -379,7 +400,11 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         let d1 = Digest::from_sha256(&[1; 32]);
         let at = |s| t + Duration::from_millis(s);
-        assert_eq!(live.record_ready(a, T0 - 1, &d1, at(100)), None, "old publication");
+        assert_eq!(
+            live.record_ready(a, T0 - 1, &d1, at(100)),
+            None,
+            "old publication"
+        );
         assert_eq!(
             live.record_ready(a, T0, &Digest::from_sha256(&[9; 32]), at(100)),
             None,
@@ -408,6 +433,9 @@ mod tests {
         };
         let s = intent_selector(&g);
         assert_eq!(s.product.as_deref(), Some("*A10G*"));
-        assert_eq!((s.min_memory, s.min_count, s.mig), (Some(20 << 30), 2, Some(false)));
+        assert_eq!(
+            (s.min_memory, s.min_count, s.mig),
+            (Some(20 << 30), 2, Some(false))
+        );
     }
 }

@@ -347,7 +347,10 @@ pub fn metric_sum(
     let mut found = 0usize;
     let mut sum = 0.0;
     for s in scrape.samples.iter().filter(|s| s.metric == metric) {
-        if !labels.iter().all(|(k, v)| s.labels.get(k) == Some(v.as_str())) {
+        if !labels
+            .iter()
+            .all(|(k, v)| s.labels.get(k) == Some(v.as_str()))
+        {
             continue;
         }
         let v = match s.value {
@@ -420,11 +423,15 @@ mod tests {
     fn prometheus_answers_as_prometheus_2_writes_them() {
         // Captured from Debian's prometheus 2.42.
         assert_eq!(
-            prom(r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1796596235.391,"12"]}]}}"#),
+            prom(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1796596235.391,"12"]}]}}"#
+            ),
             Ok(12.0)
         );
         assert_eq!(
-            prom(r#"{"status":"success","data":{"resultType":"scalar","result":[1796596230.259,"3.5"]}}"#),
+            prom(
+                r#"{"status":"success","data":{"resultType":"scalar","result":[1796596230.259,"3.5"]}}"#
+            ),
             Ok(3.5)
         );
         assert!(matches!(
@@ -432,7 +439,9 @@ mod tests {
             Err(SignalError::Empty(_))
         ));
         assert_eq!(
-            prom(r#"{"status":"success","data":{"resultType":"scalar","result":[1796596230.259,"NaN"]}}"#),
+            prom(
+                r#"{"status":"success","data":{"resultType":"scalar","result":[1796596230.259,"NaN"]}}"#
+            ),
             Err(SignalError::NaN)
         );
         assert_eq!(
@@ -440,7 +449,9 @@ mod tests {
             Err(SignalError::Infinite(f64::INFINITY))
         );
         assert_eq!(
-            prom(r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"1"},"value":[1,"1"]},{"metric":{"a":"2"},"value":[1,"2"]}]}}"#),
+            prom(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"1"},"value":[1,"1"]},{"metric":{"a":"2"},"value":[1,"2"]}]}}"#
+            ),
             Err(SignalError::Multiple(2))
         );
         assert!(matches!(

@@ -113,7 +113,9 @@ mod tests {
     /// `targetValue`, rounded up (the HPA's arithmetic), whatever the
     /// current count.
     fn keda_desired(body: &serde_json::Value, value_location: &str, target: f64) -> u32 {
-        let v = body[value_location].as_f64().expect("a number at valueLocation");
+        let v = body[value_location]
+            .as_f64()
+            .expect("a number at valueLocation");
         (v / target).ceil() as u32
     }
 
@@ -125,7 +127,13 @@ mod tests {
             min_replicas: 0,
             max_replicas: 10,
         };
-        for (value, current) in [(12.0, None), (12.0, Some(7)), (3.0, Some(1)), (40.0, Some(0)), (80.0, Some(2))] {
+        for (value, current) in [
+            (12.0, None),
+            (12.0, Some(7)),
+            (3.0, Some(1)),
+            (40.0, Some(0)),
+            (80.0, Some(2)),
+        ] {
             let m = KedaMetric {
                 workload: "inference/llm".into(),
                 value,

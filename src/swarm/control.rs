@@ -1695,10 +1695,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path)
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let second = Control::start(cfg.clone()).await.unwrap();
@@ -1712,8 +1709,7 @@ mod tests {
             .expect("garbage identity accepted");
         assert!(matches!(err, ControlError::IdentityCorrupt { .. }), "{err}");
         assert!(
-            err.to_string()
-                .contains(&path.display().to_string()),
+            err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
     }

@@ -239,7 +239,10 @@ mod tests {
             READY_TOPIC,
         )
         .await;
-        assert_eq!((m.from, m.data.as_slice()), (b.local_peer_id(), &b"ready"[..]));
+        assert_eq!(
+            (m.from, m.data.as_slice()),
+            (b.local_peer_id(), &b"ready"[..])
+        );
         link.shutdown().await;
         a.shutdown().await;
         b.shutdown().await;

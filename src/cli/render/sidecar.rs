@@ -54,8 +54,10 @@ pub fn status(s: &SidecarStatus, now: u64, width: Option<usize>) -> String {
     let Some(i) = &s.intent else {
         out.push_str(&format!(
             "intent: none{}\n",
-            s.released_at
-                .map_or(String::new(), |t| format!(" (the last ended {})", age(now, t)))
+            s.released_at.map_or(String::new(), |t| format!(
+                " (the last ended {})",
+                age(now, t)
+            ))
         ));
         return out;
     };
