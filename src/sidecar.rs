@@ -183,10 +183,7 @@ async fn check_queries(signal: &Signal) -> Result<(), SidecarError> {
         ("sidecar.query", Some(signal.value().await)),
         (
             "sidecar.current_query",
-            match signal.current().await {
-                Some(r) => Some(r.map(f64::from)),
-                None => None,
-            },
+            signal.current().await.map(|r| r.map(f64::from)),
         ),
     ];
     for (key, r) in checks {
