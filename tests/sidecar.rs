@@ -96,6 +96,22 @@ fn sidecar_body(prom: &Prometheus, images: &[&str], more: &str) -> String {
     )
 }
 
+/// A Prometheus whose queries see queue depth `depth`, and one A10G daemon
+/// with its containerd.
+fn queue_and_one_node(depth: u32) -> (Prometheus, Cluster) {
+    let prom = Prometheus::start("1s").expect("prometheus");
+    prom.push("queue", &format!("gpu_job_queue_depth {depth}\n"))
+        .unwrap();
+    prom.wait_value(QUERY, f64::from(depth), Duration::from_secs(30))
+        .unwrap();
+    let spec = NodeSpec {
+        wire_containerd: true,
+        config: A10G_NODE.into(),
+        ..NodeSpec::default()
+    };
+    (prom, Cluster::start_specs(origin(), vec![spec]))
+}
+
 fn status(s: &Daemon) -> Value {
     let (code, v) = s.http_json("/v1/status");
     assert_eq!(code, 200, "sidecar status: {v}");
@@ -390,16 +406,7 @@ fn a_rising_queue_warms_every_node_before_its_pull_and_a_node_that_joins_later()
 fn prometheus_down_holds_the_intent_until_it_expires_without_a_flood() {
     let _g = heavy();
     let img = pushed("sidecar/hold", &[(111, MIB)]);
-    let mut prom = Prometheus::start("1s").expect("prometheus");
-    prom.push("queue", "gpu_job_queue_depth 12\n").unwrap();
-    prom.wait_value(QUERY, 12.0, Duration::from_secs(30))
-        .unwrap();
-    let spec = NodeSpec {
-        wire_containerd: true,
-        config: A10G_NODE.into(),
-        ..NodeSpec::default()
-    };
-    let cluster = Cluster::start_specs(origin(), vec![spec]);
+    let (mut prom, cluster) = queue_and_one_node(12);
     let sc = sidecar(
         &cluster,
         &sidecar_body(&prom, &[&img.reference], "intent_ttl = \"8s\"\n"),
@@ -490,16 +497,7 @@ fn an_image_that_cannot_be_resolved_is_reported_and_the_others_still_go_out() {
     let _g = heavy();
     let img = pushed("sidecar/good", &[(121, MIB)]);
     let missing = format!("{}/sidecar/missing:v1", origin().host());
-    let prom = Prometheus::start("1s").expect("prometheus");
-    prom.push("queue", "gpu_job_queue_depth 3\n").unwrap();
-    prom.wait_value(QUERY, 3.0, Duration::from_secs(30))
-        .unwrap();
-    let spec = NodeSpec {
-        wire_containerd: true,
-        config: A10G_NODE.into(),
-        ..NodeSpec::default()
-    };
-    let cluster = Cluster::start_specs(origin(), vec![spec]);
+    let (prom, cluster) = queue_and_one_node(3);
     let sc = sidecar(
         &cluster,
         &sidecar_body(&prom, &[&missing, &img.reference], ""),

@@ -290,7 +290,19 @@ fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
     }
 }
 
-fn sidecar(config: Option<&PathBuf>) -> ExitCode {
+/// Loads the config, starts logging and a runtime, and runs `service` until
+/// SIGTERM or SIGINT: `damselfly daemon` and `damselfly sidecar`. A bad
+/// config exits 2; a failure exits with `code(&error)`.
+fn run_service<E, F>(
+    config: Option<&PathBuf>,
+    what: &str,
+    service: impl FnOnce(Config, tokio_util::sync::CancellationToken) -> F,
+    code: impl Fn(&E) -> u8,
+) -> ExitCode
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E>>,
+{
     let cfg = match load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -308,16 +320,19 @@ fn sidecar(config: Option<&PathBuf>) -> ExitCode {
     };
     let result = rt.block_on(async {
         let token = tokio_util::sync::CancellationToken::new();
-        damselfly::daemon::cancel_on_signals(token.clone())
-            .map_err(damselfly::sidecar::SidecarError::Listen)?;
-        damselfly::sidecar::run(cfg, token).await
+        if let Err(e) = damselfly::daemon::cancel_on_signals(token.clone()) {
+            eprintln!("damselfly {what}: cannot handle signals: {e}");
+            return Err(None);
+        }
+        service(cfg, token).await.map_err(Some)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "the sidecar failed");
-            eprintln!("damselfly: sidecar: {e}");
-            ExitCode::from(if e.is_config() { 2 } else { 1 })
+        Err(None) => ExitCode::FAILURE,
+        Err(Some(e)) => {
+            tracing::error!(error = %e, "damselfly {what} failed");
+            eprintln!("damselfly {what}: {e}");
+            ExitCode::from(code(&e))
         }
     }
 }
@@ -326,35 +341,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon { config } => {
-            let cfg = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("damselfly: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            damselfly::telemetry::init_logging(&cfg.telemetry);
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("damselfly: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                let token = tokio_util::sync::CancellationToken::new();
-                damselfly::daemon::cancel_on_signals(token.clone())
-                    .map_err(damselfly::daemon::DaemonError::Listen)?;
-                damselfly::daemon::run(cfg, token).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "damselfly failed");
-                    eprintln!("damselfly: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_service(config.as_ref(), "daemon", damselfly::daemon::run, |_| 1)
         }
         Command::Hosts(command) => hosts(command),
         Command::Sidecar {
@@ -364,7 +351,13 @@ fn main() -> ExitCode {
         Command::Sidecar {
             config,
             command: None,
-        } => sidecar(config.as_ref()),
+        } => run_service(config.as_ref(), "sidecar", damselfly::sidecar::run, |e| {
+            if e.is_config() {
+                2
+            } else {
+                1
+            }
+        }),
         Command::Config(ConfigCommand::Check { config }) => match load(config.as_ref()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -4,6 +4,8 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+use crate::telemetry::reg;
+
 #[derive(Clone)]
 pub struct SidecarMetrics {
     /// The last good value of the signal.
@@ -31,13 +33,6 @@ pub struct SidecarMetrics {
 
 impl SidecarMetrics {
     pub fn new(registry: &Registry) -> Result<SidecarMetrics, prometheus::Error> {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: T,
-        ) -> Result<T, prometheus::Error> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let r = registry;
         Ok(SidecarMetrics {
             signal_value: reg(

@@ -161,14 +161,7 @@ impl Signal {
             .extend(["api", "v1", "query"]);
         url.query_pairs_mut().append_pair("query", query);
         let shown = format!("{server}");
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| unreachable(&shown, &e))?;
-        let status = resp.status();
-        let body = read_limited(resp, &shown).await?;
+        let (status, body) = self.get(url, &shown).await?;
         // Prometheus answers errors as JSON too (400 bad_data, 422
         // execution, 503 timeout); anything else is not Prometheus.
         match serde_json::from_slice::<PromResponse>(&body) {
@@ -186,14 +179,7 @@ impl Signal {
 
     async fn get_text(&self, url: Url) -> Result<String, SignalError> {
         let shown = url.to_string();
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| unreachable(&shown, &e))?;
-        let status = resp.status();
-        let body = read_limited(resp, &shown).await?;
+        let (status, body) = self.get(url, &shown).await?;
         if !status.is_success() {
             return Err(SignalError::HttpStatus {
                 url: shown,
@@ -202,6 +188,23 @@ impl Signal {
             });
         }
         String::from_utf8(body).map_err(|_| SignalError::Malformed("the page is not UTF-8".into()))
+    }
+
+    /// The status and the body (at most [`MAX_BODY`]); `shown` names the
+    /// URL in errors.
+    async fn get(
+        &self,
+        url: Url,
+        shown: &str,
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), SignalError> {
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| unreachable(shown, &e))?;
+        let status = resp.status();
+        Ok((status, read_limited(resp, shown).await?))
     }
 }
 

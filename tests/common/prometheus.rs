@@ -10,8 +10,6 @@
 //! [`Prometheus::start_server`] take the server away and bring it back on
 //! the same port and storage, for the "Prometheus unreachable" case.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -103,7 +101,7 @@ impl Prometheus {
     /// Replaces job `job`'s metrics on the gateway with `text` (exposition
     /// format, e.g. `"gpu_job_queue_depth 12\n"`).
     pub fn push(&self, job: &str, text: &str) -> anyhow::Result<()> {
-        let (status, body) = request(
+        let (status, body) = util::http_request(
             &self.gateway_addr,
             "PUT",
             &format!("/metrics/job/{job}"),
@@ -121,7 +119,7 @@ impl Prometheus {
             "/api/v1/query?query={}",
             percent_encoding::utf8_percent_encode(q, percent_encoding::NON_ALPHANUMERIC)
         );
-        let (_, body) = request(&self.addr, "GET", &path, "")?;
+        let (_, body) = util::http_request(&self.addr, "GET", &path, "")?;
         serde_json::from_str(&body).with_context(|| format!("not JSON: {body}"))
     }
 
@@ -159,7 +157,7 @@ fn log_file(dir: &TestDir, name: &str) -> anyhow::Result<std::fs::File> {
 fn wait_ready(addr: &str, path: &str, dir: &TestDir, log: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok((200, _)) = request(addr, "GET", path, "") {
+        if let Ok((200, _)) = util::http_request(addr, "GET", path, "") {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -170,28 +168,4 @@ fn wait_ready(addr: &str, path: &str, dir: &TestDir, log: &str) -> anyhow::Resul
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// One HTTP/1.1 request with a body; the status and the body.
-fn request(addr: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    let sock: std::net::SocketAddr = addr.parse()?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let text = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, text))
 }
