@@ -591,6 +591,19 @@ fn the_sidecar_example_agrees_with_its_scaled_object() {
         svc["spec"]["ports"][0]["port"].as_u64(),
         Some(u64::from(sc.listen.port()))
     );
+    // The daemons bootstrap from their headless Service: the sidecar's pod
+    // (no data plane, no DHT answers) must not be in it.
+    let base = documents(&build(&root().join("base")), scratch.path());
+    let peers = base
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "damselfly-peers")
+        .expect("the daemons' headless Service");
+    let labels = &dep["spec"]["template"]["metadata"]["labels"];
+    let selector = peers["spec"]["selector"].as_object().unwrap();
+    assert!(
+        selector.iter().any(|(k, v)| &labels[k] != v),
+        "damselfly-peers ({selector:?}) selects the sidecar's pod ({labels})"
+    );
 }
 
 #[test]
