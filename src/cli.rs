@@ -14,6 +14,9 @@
 
 mod client;
 pub mod render;
+mod sidecar;
+
+pub use sidecar::{sidecar_status, SidecarStatusArgs};
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -42,6 +45,8 @@ pub enum CliError {
     Usage(String),
     #[error("cannot reach the daemon on {socket}: {reason}")]
     Unreachable { socket: PathBuf, reason: String },
+    #[error("cannot reach the sidecar at {url}: {reason}")]
+    SidecarUnreachable { url: String, reason: String },
     #[error("{}", .0.message)]
     Api(ApiError),
     #[error(transparent)]
@@ -67,7 +72,7 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::Admin(e) if usage_code(e.code()) => 2,
             CliError::Api(e) if usage_code(&e.code) => 2,
-            CliError::Unreachable { .. } => 3,
+            CliError::Unreachable { .. } | CliError::SidecarUnreachable { .. } => 3,
             CliError::Corrupt(_) => 4,
             _ => 1,
         }

@@ -19,6 +19,7 @@ use url::Url;
 mod layers;
 mod node;
 mod prewarm;
+mod sidecar;
 
 pub use node::{valid_label_key, NodeConfig, TaintEffect, TaintSpec};
 
@@ -26,6 +27,7 @@ pub use prewarm::{
     parse_compute_capability, AssumedGpus, GpuConfig, GpuSelector, GpuSource, PrewarmConfig,
     PrewarmRule, ProductGlob, RuleNodes,
 };
+pub use sidecar::{valid_workload_id, Scaling, SidecarConfig, SignalSource, WORKLOAD_ID_GRAMMAR};
 
 /// One documented configuration key.
 pub struct Key {
@@ -518,6 +520,144 @@ pub const KEYS: &[Key] = &[
         doc: "Least CUDA compute capability, `8.0`.",
     },
     Key {
+        path: "sidecar.workload",
+        kind: "string",
+        default: "(required)",
+        doc: "`damselfly sidecar`: the workload its warm intents are for, `namespace/deployment` (the ScaledObject's target). A newer intent for the same workload replaces the older on every daemon.",
+    },
+    Key {
+        path: "sidecar.images",
+        kind: "list of image references",
+        default: "(required)",
+        doc: "The workload's images. The sidecar resolves each tag to its digest once per intent, at the origin, with `[[registry]]` credentials (ECR included); an image that cannot be resolved is reported and the others still go out.",
+    },
+    Key {
+        path: "sidecar.source",
+        kind: "\"prometheus\" or \"metrics_url\"",
+        default: "the one whose URL is set",
+        doc: "Where the signal comes from. Needed only when both URLs are set; the other source's keys are then not used (a warning says so).",
+    },
+    Key {
+        path: "sidecar.prometheus",
+        kind: "URL",
+        default: "(this or `metrics_url`)",
+        doc: "Prometheus' address, the ScaledObject trigger's `serverAddress`; the sidecar asks its `/api/v1/query`.",
+    },
+    Key {
+        path: "sidecar.query",
+        kind: "PromQL",
+        default: "(required with `prometheus`)",
+        doc: "The ScaledObject's query. It must return one series or a scalar (KEDA refuses more); `sum(...) or vector(0)` gives 0 rather than nothing. A query Prometheus refuses stops the sidecar at start, naming this key.",
+    },
+    Key {
+        path: "sidecar.metrics_url",
+        kind: "URL",
+        default: "(this or `prometheus`)",
+        doc: "The simpler source: a Prometheus text page (a queue consumer's own `/metrics`) read directly, no Prometheus server needed.",
+    },
+    Key {
+        path: "sidecar.metric",
+        kind: "metric name",
+        default: "(required with `metrics_url`)",
+        doc: "The metric on `metrics_url`; the value is the sum of its samples (those with `metric_labels`).",
+    },
+    Key {
+        path: "sidecar.metric_labels",
+        kind: "table of strings",
+        default: "{}",
+        doc: "Only samples of `metric` with these labels count, e.g. `{ queue = \"a10g\" }`.",
+    },
+    Key {
+        path: "sidecar.threshold",
+        kind: "number",
+        default: "(required)",
+        doc: "The trigger's `threshold`: wanted replicas are `ceil(value / threshold)`, clamped to `min_replicas`..`max_replicas`, as KEDA's default `AverageValue` metric computes them.",
+    },
+    Key {
+        path: "sidecar.activation_threshold",
+        kind: "number",
+        default: "0",
+        doc: "The trigger's `activationThreshold`: at or below it the workload stays at `min_replicas` (zero).",
+    },
+    Key {
+        path: "sidecar.min_replicas",
+        kind: "integer",
+        default: "0",
+        doc: "The ScaledObject's `minReplicaCount`.",
+    },
+    Key {
+        path: "sidecar.max_replicas",
+        kind: "integer",
+        default: "100",
+        doc: "The ScaledObject's `maxReplicaCount` (KEDA's default is 100).",
+    },
+    Key {
+        path: "sidecar.current_query",
+        kind: "PromQL",
+        default: "(none)",
+        doc: "The replicas that exist now, e.g. `kube_deployment_status_replicas{namespace=\"inference\",deployment=\"llm\"}` (kube-state-metrics). With it an intent goes out when the wanted replicas rise above the current ones; without it, when they rise above zero.",
+    },
+    Key {
+        path: "sidecar.poll_interval",
+        kind: "duration",
+        default: "15s",
+        doc: "How often the signal is read; at most the ScaledObject's `pollingInterval`, so the sidecar sees a rise no later than KEDA does.",
+    },
+    Key {
+        path: "sidecar.query_timeout",
+        kind: "duration",
+        default: "10s",
+        doc: "Longest wait for one answer from the signal's source.",
+    },
+    Key {
+        path: "sidecar.cooldown",
+        kind: "duration",
+        default: "5m",
+        doc: "How long the wanted replicas must stay at zero before the intent is released and the daemons unpin its images (KEDA's `cooldownPeriod`).",
+    },
+    Key {
+        path: "sidecar.intent_ttl",
+        kind: "duration",
+        default: "10m",
+        doc: "Each publication of an intent expires this long after it; while the signal is good it is renewed. While the signal fails the last intent is held until it expires.",
+    },
+    Key {
+        path: "sidecar.republish",
+        kind: "duration",
+        default: "30s",
+        doc: "A live intent is published again this often, and a second after a member joins, so that booting nodes get it. Daemons only refresh its expiry.",
+    },
+    Key {
+        path: "sidecar.listen",
+        kind: "address",
+        default: "127.0.0.1:4010",
+        doc: "Serves the sidecar's `/metrics`, the KEDA `metrics-api` JSON (`/keda`), `/v1/status` (`damselfly sidecar status`), `/healthz` and `/readyz`. In a pod, `0.0.0.0:4010`.",
+    },
+    Key {
+        path: "sidecar.gpu.product",
+        kind: "glob",
+        default: "(any)",
+        doc: "Only daemons with GPUs like these act on the intent (seeds always do), as in `[prewarm.rule.gpu]`. Without `[sidecar.gpu]` every node does.",
+    },
+    Key {
+        path: "sidecar.gpu.min_memory",
+        kind: "size, or integer GiB",
+        default: "(any)",
+        doc: "Least memory per GPU.",
+    },
+    Key {
+        path: "sidecar.gpu.min_count",
+        kind: "integer",
+        default: "1",
+        doc: "Least number of GPUs that satisfy the other fields.",
+    },
+    Key {
+        path: "sidecar.gpu.mig",
+        kind: "bool",
+        default: "(either)",
+        doc: "MIG enabled (`true`) or not (`false`).",
+    },
+    Key {
         path: "registry[].host",
         kind: "string",
         default: "(required)",
@@ -587,6 +727,8 @@ pub struct Config {
     pub node: NodeConfig,
     pub gpu: GpuConfig,
     pub prewarm: PrewarmConfig,
+    /// `[sidecar]`: only `damselfly sidecar` reads it.
+    pub sidecar: Option<SidecarConfig>,
     /// Empty means: mirror any registry over HTTPS.
     pub registries: Vec<RegistryConfig>,
     /// Valid, but probably not what was meant (the daemon logs them at
@@ -921,6 +1063,12 @@ impl Config {
         let gpu_cfg = v.gpu(gpu);
         let prewarm = v.section(root, "prewarm").unwrap_or(&empty);
         let prewarm_cfg = v.prewarm(prewarm);
+        let sidecar_cfg = match root.get("sidecar") {
+            Some(_) => v
+                .section(root, "sidecar")
+                .and_then(|t| v.sidecar(t, swarm_cfg.enabled)),
+            None => None,
+        };
 
         if let Some(default) = &mirror_cfg.default_registry {
             if !registries.iter().any(|r| &r.host == default) {
@@ -955,6 +1103,7 @@ impl Config {
                 node: node_cfg,
                 gpu: gpu_cfg,
                 prewarm: prewarm_cfg,
+                sidecar: sidecar_cfg,
                 registries,
                 warnings: v.warnings,
             })

@@ -194,6 +194,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         None
     };
     let prewarm_stop = CancellationToken::new();
+    if let Some(swarm) = &swarm_handle {
+        // Warm intents from the scaling sidecar; they wait in prewarm until
+        // it starts below.
+        crate::prewarm::feed::follow(prewarm.clone(), swarm.clone(), prewarm_stop.clone());
+    }
     {
         let (prewarm, stop) = (prewarm.clone(), prewarm_stop.clone());
         tokio::spawn(async move {

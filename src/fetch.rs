@@ -43,7 +43,7 @@ use crate::origin::{self, Origin, OriginError, Upstream};
 use crate::store::{Lease, Provenance, Store, StoreError};
 use crate::telemetry::Metrics;
 
-pub use manifest::{Manifest, MAX_MANIFEST};
+pub use manifest::{Manifest, DEFAULT_ACCEPT, MAX_MANIFEST};
 
 /// Bytes written to disk (and hashed) per batch while downloading.
 const WRITE_BATCH: usize = 1 << 20;

@@ -47,6 +47,9 @@
 //!   pinned, and pulled into containerd with CRI `PullImage`.
 //! - [`node`]: Kubernetes node gating: the startup taint comes off this
 //!   node's Node once containerd is wired and the daemon is ready.
+//! - [`sidecar`]: `damselfly sidecar`, beside the autoscaler: the scaling
+//!   signal (a Prometheus query, as KEDA reads it) turned into warm intents
+//!   over the swarm, so every node prewarms before the scale-out lands.
 //! - [`daemon`]: wires the parts together and owns graceful shutdown.
 //! - [`admin`]: the admin API on a root-only Unix socket: cache listing,
 //!   inspection, stats, verify, GC, pins, images, peers. [`admin::Node`]
@@ -58,8 +61,8 @@
 //!
 //! Imports point down: `config` and `oci` at the bottom; `store`, `origin`,
 //! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
-//! the fetch engine; `node` beside it; `admin`, `cli`, `bench` and `daemon`
-//! on top. Known exceptions, still to untangle: `config` validates with
+//! the fetch engine; `node` beside it; `sidecar` on `prewarm`'s wire types
+//! and the swarm; `admin`, `cli`, `bench` and `daemon` on top. Known exceptions, still to untangle: `config` validates with
 //! `swarm` and `origin::ecr` helpers, and `fetch` and `swarm` call each
 //! other.
 #![forbid(unsafe_code)]
@@ -77,6 +80,7 @@ pub mod oci;
 pub mod origin;
 pub mod prewarm;
 pub mod registry;
+pub mod sidecar;
 pub mod store;
 pub mod swarm;
 pub mod telemetry;

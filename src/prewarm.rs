@@ -24,6 +24,7 @@
 //! A failure is retried with backoff (1s doubling to `prewarm.retry_max`)
 //! and shown in status, metrics and a log line.
 
+pub mod feed;
 pub mod intent;
 mod land;
 pub mod metrics;
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{broadcast, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, PrewarmConfig};
@@ -145,6 +146,15 @@ impl Entry {
     }
 }
 
+/// An image of a rule or intent became ready on this node (in containerd,
+/// or cached when it is not for containerd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub rule: String,
+    /// What the reference resolved to.
+    pub digest: Digest,
+}
+
 struct Inner {
     cfg: PrewarmConfig,
     facts: GpuFacts,
@@ -155,6 +165,8 @@ struct Inner {
     rules: Vec<RuleStatus>,
     entries: Mutex<Vec<Entry>>,
     ready: watch::Sender<bool>,
+    /// Each image as it becomes ready (the intent feed acks them).
+    ready_events: broadcast::Sender<Ready>,
     host: Platform,
     /// Images prewarmed at once (`prewarm.concurrency`).
     slots: Arc<Semaphore>,
@@ -249,6 +261,7 @@ impl Prewarm {
                 rules,
                 entries: Mutex::new(entries),
                 ready: watch::Sender::new(ready),
+                ready_events: broadcast::channel(256).0,
                 host,
                 slots: Arc::new(Semaphore::new(pcfg_concurrency)),
                 shutdown: std::sync::OnceLock::new(),
@@ -273,6 +286,11 @@ impl Prewarm {
     /// `true` once every image of every matching rule is ready.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.inner.ready.subscribe()
+    }
+
+    /// Every image, rule or intent, as it becomes ready from now on.
+    pub fn ready_events(&self) -> broadcast::Receiver<Ready> {
+        self.inner.ready_events.subscribe()
     }
 
     /// Removes prewarm pins that no current rule holds (a rule removed
@@ -354,7 +372,11 @@ impl Prewarm {
             return;
         };
         let deadline = Instant::now() + wait;
-        let mut count = swarm.peers().len();
+        // Data peers only: the scaling sidecar is a member with nothing to
+        // share.
+        let peers =
+            |s: &crate::swarm::Swarm| s.peers().iter().filter(|p| p.role.serves_data()).count();
+        let mut count = peers(&swarm);
         let mut since = Instant::now();
         while Instant::now() < deadline {
             if count > 0 && since.elapsed() >= settled {
@@ -364,7 +386,7 @@ impl Prewarm {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let now = swarm.peers().len();
+            let now = peers(&swarm);
             if now != count {
                 count = now;
                 since = Instant::now();
@@ -659,6 +681,11 @@ impl Prewarm {
         tracing::info!(rule = %rule, image = %image, digest = %resolved.root,
             bytes = bytes_total, seconds_since_start = after, state = ready_state.as_str(),
             "prewarmed");
+        // No receiver (no swarm, no intent feed) is fine.
+        let _ = self.inner.ready_events.send(Ready {
+            rule: rule.clone(),
+            digest: resolved.root.clone(),
+        });
         Ok(resolved)
     }
 

@@ -87,15 +87,17 @@ pub struct Metrics {
     pub uploads_busy: IntCounter,
 }
 
+/// Registers `c` in `r` and hands it back.
+pub(crate) fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: T,
+) -> Result<T, prometheus::Error> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Metrics, prometheus::Error> {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: T,
-        ) -> Result<T, prometheus::Error> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let latency_buckets = vec![
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
         ];
@@ -394,17 +396,73 @@ impl Health {
     }
 }
 
+/// One log line per `every` for a repeating event (bad peer messages, a
+/// signal that keeps failing), so a flood of them cannot flood the log.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    pub fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// `Some(n)` when this occurrence should be logged, `n` being how many
+    /// were held back since the last line; `None` to stay quiet.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+
+    /// The next occurrence is logged whatever the time (the condition
+    /// cleared, so a new one is news).
+    pub fn reset(&mut self) {
+        self.last = None;
+        self.held = 0;
+    }
+}
+
 /// The telemetry paths (the DaemonSet's probes use them; tests/daemonset.rs
 /// checks that they match).
 pub const METRICS_PATH: &str = "/metrics";
 pub const HEALTH_PATH: &str = "/healthz";
 pub const READY_PATH: &str = "/readyz";
 
+/// More GET routes beside the telemetry ones (the sidecar's `/keda` and
+/// `/v1/status`): the answer for a path, or `None` for a 404.
+pub type Routes = Arc<dyn Fn(&str) -> Option<Response<Full<Bytes>>> + Send + Sync>;
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     health: Health,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, registry, health, Arc::new(|_| None), shutdown).await
+}
+
+/// [`serve`] with `routes` answered too.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    health: Health,
+    routes: Routes,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -420,9 +478,11 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let health = health.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let r = answer(&req, &registry, &health);
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r =
+                    routes(req.uri().path()).unwrap_or_else(|| answer(&req, &registry, &health));
                 async move { Ok::<_, Infallible>(r) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -478,6 +538,19 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut t = Throttle::new(std::time::Duration::from_secs(3600));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        t.reset();
+        assert_eq!(t.allow(), Some(0));
+        let mut fast = Throttle::new(std::time::Duration::ZERO);
+        assert_eq!(fast.allow(), Some(0));
+        assert_eq!(fast.allow(), Some(0));
+    }
 
     /// The node gate follows readiness through `subscribe`, holds included
     /// (prewarm with `gate_readiness` holds it until the images are warm).

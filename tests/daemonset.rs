@@ -5,7 +5,8 @@
 //! PrometheusRule passes `promtool check rules`, each ConfigMap's
 //! damselfly.toml passes the daemon's own config check, and the DaemonSet's
 //! ports, probes and paths are the daemon's (the gpu-nodes overlay's
-//! prewarm and NVML paths included).
+//! prewarm and NVML paths included). The sidecar example's config agrees
+//! with its ScaledObject.
 //!
 //! The tools come from `.ci/run` (kubectl from the machine image, the two
 //! validators from PyPI, promtool from Debian's `prometheus`); a missing one
@@ -475,6 +476,134 @@ fn the_config_maps_pass_the_daemons_config_check_and_the_daemonset_matches_it() 
             .collect();
         assert_eq!(images.len(), 1, "{dir}: {images:?}");
     }
+}
+
+/// The sidecar example: its config passes the config check, its signal
+/// and scaling numbers are the ScaledObject's, its images the Deployment's,
+/// and its pod serves what its probes and ports say.
+#[test]
+fn the_sidecar_example_agrees_with_its_scaled_object() {
+    use damselfly::config::SignalSource;
+    let scratch = tempfile::tempdir().unwrap();
+    let docs = documents(&build(&root().join("examples/sidecar")), scratch.path());
+    let cfg = load(&docs, "damselfly-sidecar-config", scratch.path(), "sidecar");
+    let sc = cfg.sidecar.expect("a [sidecar] section");
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let so = find("ScaledObject", "inference");
+    let spec = &so["spec"];
+    let trigger = &spec["triggers"][0];
+    assert_eq!(trigger["type"], "prometheus");
+    let meta = &trigger["metadata"];
+    match &sc.source {
+        SignalSource::Prometheus { server, query } => {
+            assert_eq!(meta["query"], query.as_str());
+            assert_eq!(
+                meta["serverAddress"].as_str().unwrap(),
+                server.as_str().trim_end_matches('/')
+            );
+        }
+        other => panic!("the example reads {other:?}, not the ScaledObject's Prometheus"),
+    }
+    let num = |v: &Value| v.as_str().unwrap().parse::<f64>().unwrap();
+    assert_eq!(num(&meta["threshold"]), sc.scaling.threshold);
+    assert_eq!(
+        num(&meta["activationThreshold"]),
+        sc.scaling.activation_threshold
+    );
+    assert_eq!(
+        spec["minReplicaCount"].as_u64(),
+        Some(u64::from(sc.scaling.min_replicas))
+    );
+    assert_eq!(
+        spec["maxReplicaCount"].as_u64(),
+        Some(u64::from(sc.scaling.max_replicas))
+    );
+    assert_eq!(spec["cooldownPeriod"].as_u64(), Some(sc.cooldown.as_secs()));
+    assert!(
+        sc.poll_interval.as_secs() <= spec["pollingInterval"].as_u64().unwrap(),
+        "the sidecar must poll at least as often as KEDA"
+    );
+    // The workload is the ScaledObject's target, and its images are the
+    // target's containers'.
+    let target = find(
+        "Deployment",
+        spec["scaleTargetRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        sc.workload,
+        format!(
+            "{}/{}",
+            target["metadata"]["namespace"].as_str().unwrap(),
+            target["metadata"]["name"].as_str().unwrap()
+        )
+    );
+    let images: Vec<String> = target["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["image"].as_str().unwrap().to_owned())
+        .collect();
+    let configured: Vec<String> = sc.images.iter().map(|i| i.to_string()).collect();
+    assert_eq!(configured, images);
+    // The sidecar's own pod: in the daemons' namespace with their key, its
+    // port and probes on `sidecar.listen`, the config where it reads it.
+    let dep = find("Deployment", "damselfly-sidecar");
+    assert_eq!(dep["metadata"]["namespace"], "damselfly");
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = container(pod, "containers", "sidecar");
+    assert_eq!(c["command"], serde_json::json!(["damselfly", "sidecar"]));
+    assert_eq!(port(c, "http"), sc.listen.port());
+    assert!(
+        sc.listen.ip().is_unspecified(),
+        "KEDA and Prometheus must reach it"
+    );
+    for (probe, path) in [
+        ("readinessProbe", damselfly::telemetry::READY_PATH),
+        ("livenessProbe", damselfly::telemetry::HEALTH_PATH),
+    ] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+    }
+    let at = env(c, "DAMSELFLY_CONFIG")["value"].as_str().unwrap();
+    let (_, v) = mount_for(pod, c, Path::new(at));
+    assert!(v["configMap"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("damselfly-sidecar-config"));
+    let (_, v) = mount_for(pod, c, Path::new(POD_KEY));
+    assert_eq!(v["secret"]["secretName"], "damselfly-cluster-key");
+    assert!(
+        cfg.swarm
+            .bootstrap
+            .iter()
+            .any(|b| b.contains("damselfly-peers.damselfly.svc")),
+        "the sidecar finds the daemons through their headless Service"
+    );
+    let sec = &c["securityContext"];
+    assert_eq!(sec["readOnlyRootFilesystem"], true);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert!(!c["resources"].to_string().contains("nvidia.com/gpu"));
+    let svc = find("Service", "damselfly-sidecar");
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"].as_u64(),
+        Some(u64::from(sc.listen.port()))
+    );
+    // The daemons bootstrap from their headless Service: the sidecar's pod
+    // (no data plane, no DHT answers) must not be in it.
+    let base = documents(&build(&root().join("base")), scratch.path());
+    let peers = base
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "damselfly-peers")
+        .expect("the daemons' headless Service");
+    let labels = &dep["spec"]["template"]["metadata"]["labels"];
+    let selector = peers["spec"]["selector"].as_object().unwrap();
+    assert!(
+        selector.iter().any(|(k, v)| &labels[k] != v),
+        "damselfly-peers ({selector:?}) selects the sidecar's pod ({labels})"
+    );
 }
 
 #[test]

@@ -84,9 +84,7 @@ fn node_with_store(store: &str, config: &str) -> (Daemon, Containerd) {
 
 /// `damselfly prewarm status` as JSON, from the admin socket.
 fn status(d: &Daemon) -> serde_json::Value {
-    let (code, v) = d.admin_get("/v1/prewarm");
-    assert_eq!(code, 200, "prewarm status: {v}");
-    v
+    d.prewarm_status()
 }
 
 /// Waits until `pred` holds for the status of image `reference`, and
@@ -97,27 +95,7 @@ fn wait_image(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + WARM;
-    loop {
-        let s = status(d);
-        let img = s["images"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|i| i["reference"] == reference)
-            .cloned()
-            .unwrap_or_else(|| panic!("no prewarm image {reference} in {s:#}"));
-        if pred(&img) {
-            return img;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{reference} never became {what}: {img:#}\n--- daemon log ---\n{}",
-                d.log_tail(40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_prewarm_image(|i| i["reference"] == reference, what, WARM, pred)
 }
 
 fn in_containerd(d: &Daemon, reference: &str) -> serde_json::Value {
@@ -148,26 +126,7 @@ fn k8s_images(c: &Containerd, needle: &str) -> Vec<String> {
 /// The image's records in containerd's `k8s.io` namespace, each complete
 /// and unpacked (`ctr images check`).
 fn assert_unpacked(c: &Containerd, reference: &str) {
-    let out = c
-        .ctr(&[
-            "-n",
-            "k8s.io",
-            "images",
-            "check",
-            "--snapshotter",
-            "native",
-            &format!("name=={reference}"),
-        ])
-        .expect("ctr")
-        .check()
-        .expect("ctr images check");
-    let line = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with(reference))
-        .unwrap_or_else(|| panic!("containerd has no {reference}: {}", out.stdout));
-    assert!(line.contains("complete"), "{line}");
-    assert!(line.trim_end().ends_with("true"), "not unpacked: {line}");
+    c.unpacked(reference).expect("ctr images check");
 }
 
 fn cri_status(c: &Containerd, reference: &str) -> Option<damselfly::cri::CriImage> {
@@ -176,14 +135,7 @@ fn cri_status(c: &Containerd, reference: &str) -> Option<damselfly::cri::CriImag
 }
 
 fn pinned_in_store(d: &Daemon, digest: &str) -> bool {
-    let (code, v) = d.admin_get("/v1/blobs");
-    assert_eq!(code, 200, "{v}");
-    v["blobs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| b["digest"] == digest)
-        .is_some_and(|b| b["pinned"] == true)
+    d.pinned_in_store(digest)
 }
 
 #[test]

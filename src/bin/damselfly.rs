@@ -65,6 +65,16 @@ enum Command {
     /// The images this node prewarms before its pods ask.
     #[command(subcommand)]
     Prewarm(PrewarmCommand),
+    /// The scaling sidecar: watches the autoscaler's signal and, before a
+    /// scale-out lands, tells every daemon to warm the workload's images.
+    #[command(after_help = SIDECAR_HELP, args_conflicts_with_subcommands = true)]
+    Sidecar {
+        /// TOML config file with a [sidecar] section and the cluster's [swarm].
+        #[arg(long, short, env = "DAMSELFLY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<SidecarCommand>,
+    },
     /// Measure pulls through this node: cold against warm, and where the bytes came from.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -125,6 +135,29 @@ const PREWARM_HELP: &str = "Examples:
 Exit codes:
   0  success
   3  the daemon is unreachable (prewarm runs inside it)";
+
+const SIDECAR_HELP: &str = "Examples:
+  damselfly sidecar --config /etc/damselfly/sidecar
+  damselfly sidecar status
+  damselfly sidecar status -o json | jq '.intent.images[] | {reference, lead_time_s}'
+
+Exit codes:
+  0  stopped on SIGTERM (run); success (status)
+  1  the sidecar failed (cannot join the swarm, cannot listen)
+  2  invalid config: a bad or missing [sidecar] key, or a query Prometheus refuses
+  3  status: the sidecar does not answer";
+
+#[derive(Subcommand)]
+enum SidecarCommand {
+    /// The signal, the wanted replicas, the live intent, and each image's
+    /// lead time and the nodes that hold it.
+    Status {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(flatten)]
+        args: cli::SidecarStatusArgs,
+    },
+}
 
 #[derive(Subcommand)]
 enum BenchCommand {
@@ -257,41 +290,74 @@ fn load(path: Option<&PathBuf>) -> Result<Config, config::ConfigError> {
     }
 }
 
+/// Loads the config, starts logging and a runtime, and runs `service` until
+/// SIGTERM or SIGINT: `damselfly daemon` and `damselfly sidecar`. A bad
+/// config exits 2; a failure exits with `code(&error)`.
+fn run_service<E, F>(
+    config: Option<&PathBuf>,
+    what: &str,
+    service: impl FnOnce(Config, tokio_util::sync::CancellationToken) -> F,
+    code: impl Fn(&E) -> u8,
+) -> ExitCode
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    damselfly::telemetry::init_logging(&cfg.telemetry);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("damselfly: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        if let Err(e) = damselfly::daemon::cancel_on_signals(token.clone()) {
+            eprintln!("damselfly {what}: cannot handle signals: {e}");
+            return Err(None);
+        }
+        service(cfg, token).await.map_err(Some)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(None) => ExitCode::FAILURE,
+        Err(Some(e)) => {
+            tracing::error!(error = %e, "damselfly {what} failed");
+            eprintln!("damselfly {what}: {e}");
+            ExitCode::from(code(&e))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon { config } => {
-            let cfg = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("damselfly: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            damselfly::telemetry::init_logging(&cfg.telemetry);
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("damselfly: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                let token = tokio_util::sync::CancellationToken::new();
-                damselfly::daemon::cancel_on_signals(token.clone())
-                    .map_err(damselfly::daemon::DaemonError::Listen)?;
-                damselfly::daemon::run(cfg, token).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "damselfly failed");
-                    eprintln!("damselfly: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_service(config.as_ref(), "daemon", damselfly::daemon::run, |_| 1)
         }
         Command::Hosts(command) => hosts(command),
+        Command::Sidecar {
+            command: Some(SidecarCommand::Status { global, args }),
+            ..
+        } => cli::sidecar_status(&global, &args),
+        Command::Sidecar {
+            config,
+            command: None,
+        } => run_service(config.as_ref(), "sidecar", damselfly::sidecar::run, |e| {
+            if e.is_config() {
+                2
+            } else {
+                1
+            }
+        }),
         Command::Config(ConfigCommand::Check { config }) => match load(config.as_ref()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -4,8 +4,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod prewarm;
+mod sidecar;
 
 pub use prewarm::{gpu, status as prewarm_status};
+pub use sidecar::status as sidecar_status;
 
 use super::{LsArgs, SortKey, SourceFilter};
 use crate::admin::api::*;

@@ -406,7 +406,7 @@ impl Validator {
         out
     }
 
-    fn rule_images(&mut self, r: &Table, at: &str) -> Vec<ImageRef> {
+    pub(super) fn rule_images(&mut self, r: &Table, at: &str) -> Vec<ImageRef> {
         let key = format!("{at}.images");
         let items = match r.get("images") {
             None => {
@@ -447,7 +447,7 @@ impl Validator {
         out
     }
 
-    fn selector(&mut self, g: &Table, at: &str) -> GpuSelector {
+    pub(super) fn selector(&mut self, g: &Table, at: &str) -> GpuSelector {
         let product = self.opt_string(g, at, "product").and_then(|p| {
             if p.is_empty() {
                 self.issue(&format!("{at}.product"), "must not be empty");

@@ -15,7 +15,7 @@ use crate::origin::{self, Upstream};
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
 /// What containerd asks for when it resolves: every manifest kind it knows.
-const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json, */*";

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{pin_target, rules, Entry, IntentStatus, Prewarm};
-use crate::config::{GpuSelector, PrewarmRule, ProductGlob, RuleNodes};
+use crate::config::{
+    valid_workload_id, GpuSelector, PrewarmRule, ProductGlob, RuleNodes, WORKLOAD_ID_GRAMMAR,
+};
 use crate::oci::{Digest, ImageRef};
 
 /// How often expired intents are looked for.
@@ -24,10 +26,11 @@ pub const INTENT_SWEEP: Duration = Duration::from_secs(5);
 /// wrong, a bad message) is cut to this.
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
-/// Longest workload id and most images an intent may carry: a peer's
-/// message must not make us allocate without bound.
-const MAX_ID: usize = 253;
+/// Most images an intent may carry: a peer's message must not make us
+/// allocate without bound (ids are bounded by `valid_workload_id`).
 const MAX_IMAGES: usize = 64;
+
+const RULE_PREFIX: &str = "intent:";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IntentImage {
@@ -104,16 +107,8 @@ impl Intent {
             id: self.id.chars().take(80).collect(),
             reason,
         };
-        if self.id.is_empty()
-            || self.id.len() > MAX_ID
-            || !self
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'-' | b'_'))
-        {
-            return Err(bad(
-                "the id must be 1-253 letters, digits, '/', '.', '-' or '_'".into(),
-            ));
+        if !valid_workload_id(&self.id) {
+            return Err(bad(WORKLOAD_ID_GRAMMAR.into()));
         }
         if self.images.is_empty() || self.images.len() > MAX_IMAGES {
             return Err(bad(format!("it must name 1 to {MAX_IMAGES} images")));
@@ -146,7 +141,12 @@ impl Intent {
 
     /// The rule name its images are prewarmed under.
     pub fn rule_name(&self) -> String {
-        format!("intent:{}", self.id)
+        format!("{RULE_PREFIX}{}", self.id)
+    }
+
+    /// The workload id of a rule name that [`Intent::rule_name`] made.
+    pub fn id_of_rule(rule: &str) -> Option<&str> {
+        rule.strip_prefix(RULE_PREFIX)
     }
 
     /// As a rule, for [`rules::evaluate`].
@@ -241,6 +241,34 @@ impl Prewarm {
         }
         self.publish();
         true
+    }
+
+    /// Releases every image of workload `id`'s intent now (the sidecar's
+    /// release after its cooldown at zero: an intent whose expiry passed).
+    /// Returns how many images went.
+    pub fn release_intent(&self, id: &str) -> usize {
+        let mine: Vec<usize> = self
+            .lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.retired && e.intent.as_ref().is_some_and(|(i, _)| i == id))
+            .map(|(i, _)| i)
+            .collect();
+        for &idx in &mine {
+            self.retire(idx, "its warm intent was released");
+        }
+        mine.len()
+    }
+
+    /// The digests of workload `id`'s images that are ready on this node.
+    pub fn intent_ready(&self, id: &str) -> Vec<Digest> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .filter(|e| !e.retired && e.intent.as_ref().is_some_and(|(i, _)| i == id))
+            .filter(|e| e.status.ready_after_s.is_some() && self.is_ready_state(e))
+            .filter_map(|e| e.image.digest.clone())
+            .collect()
     }
 
     /// Releases every image of intents that expired by `now`.

@@ -11,6 +11,8 @@ pub struct PrewarmMetrics {
     /// Seconds from the daemon's start to each image being ready.
     pub ready_seconds: GaugeVec,
     pub failures: IntCounterVec,
+    /// Warm intents received over the swarm, by what came of them.
+    pub intents: IntCounterVec,
 }
 
 impl PrewarmMetrics {
@@ -43,7 +45,15 @@ impl PrewarmMetrics {
             ),
             &["rule"],
         )?;
+        let intents = IntCounterVec::new(
+            Opts::new(
+                "damselfly_prewarm_intents_total",
+                "Warm intent messages from the swarm, by result (applied; other_nodes: its GPU selector does not match this node; released; refused: not a valid intent, logged).",
+            ),
+            &["result"],
+        )?;
         registry.register(Box::new(images.clone()))?;
+        registry.register(Box::new(intents.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(ready_seconds.clone()))?;
         registry.register(Box::new(failures.clone()))?;
@@ -52,6 +62,7 @@ impl PrewarmMetrics {
             bytes,
             ready_seconds,
             failures,
+            intents,
         })
     }
 }

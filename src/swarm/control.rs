@@ -8,6 +8,8 @@
 //! Wire formats (JSON, gossipsub, signed by the sender's node key):
 //! - `damselfly/members/1`: `{"info": MemberInfo}` every heartbeat.
 //! - `damselfly/content/1`: [`Announce`], tagged as `{"type": "have", ...}`.
+//! - the topics of [`super::intents::TOPICS`]: bytes this module does not
+//!   read, handed out as [`TopicMessage`]s (warm intents and their acks).
 
 use std::collections::{btree_map, BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use super::intents::{TopicMessage, TOPICS as EXTRA_TOPICS};
 use super::{MemberInfo, Role};
 
 /// How long a provider lookup goes on collecting after its first answer.
@@ -144,7 +147,8 @@ pub struct ControlConfig {
     pub psk: Option<[u8; 32]>,
     pub mdns: bool,
     /// Protobuf-encoded ed25519 keypair; created (0600) when missing.
-    pub identity_file: PathBuf,
+    /// `None`: a new identity each start (the sidecar, which keeps nothing).
+    pub identity_file: Option<PathBuf>,
     /// How often `Bootstrap::Dns` entries are re-resolved.
     pub dns_refresh: Duration,
     /// Membership heartbeat period.
@@ -245,6 +249,10 @@ type MemberMap = Arc<BTreeMap<PeerId, Member>>;
 
 enum Command {
     Announce(Announce),
+    Publish {
+        topic: &'static str,
+        data: Vec<u8>,
+    },
     Provide(String),
     Unprovide(String),
     Providers {
@@ -262,6 +270,7 @@ pub struct Control {
     cmd_tx: mpsc::UnboundedSender<Command>,
     members_rx: watch::Receiver<MemberMap>,
     ann_tx: broadcast::Sender<Announcement>,
+    msg_tx: broadcast::Sender<TopicMessage>,
     connected: Arc<AtomicUsize>,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
 }
@@ -271,7 +280,10 @@ impl Control {
     /// returns without waiting for any peer.
     pub async fn start(cfg: ControlConfig) -> Result<Control, ControlError> {
         validate(&cfg)?;
-        let key = load_or_create_identity(&cfg.identity_file)?;
+        let key = match &cfg.identity_file {
+            Some(path) => load_or_create_identity(path)?,
+            None => Keypair::generate_ed25519(),
+        };
         let peer_id = key.public().to_peer_id();
         let transport = build_transport(&key, cfg.psk)?;
         let behaviour = build_behaviour(&key, &cfg)?;
@@ -281,7 +293,14 @@ impl Control {
 
         let members_topic = IdentTopic::new(MEMBERS_TOPIC);
         let content_topic = IdentTopic::new(CONTENT_TOPIC);
-        for t in [&members_topic, &content_topic] {
+        let extra_topics: Vec<(IdentTopic, &'static str)> = EXTRA_TOPICS
+            .iter()
+            .map(|t| (IdentTopic::new(*t), *t))
+            .collect();
+        for t in [&members_topic, &content_topic]
+            .into_iter()
+            .chain(extra_topics.iter().map(|(t, _)| t))
+        {
             swarm
                 .behaviour_mut()
                 .gossipsub
@@ -317,6 +336,7 @@ impl Control {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (members_tx, members_rx) = watch::channel(MemberMap::default());
         let (ann_tx, _) = broadcast::channel(ANNOUNCEMENT_BUFFER);
+        let (msg_tx, _) = broadcast::channel(ANNOUNCEMENT_BUFFER);
         let connected = Arc::new(AtomicUsize::new(0));
         let listen_addrs = Arc::new(Mutex::new(Vec::new()));
 
@@ -333,6 +353,8 @@ impl Control {
             swarm,
             members_topic,
             content_topic,
+            extra_topics,
+            msg_tx: msg_tx.clone(),
             heartbeat,
             member_ttl: cfg.member_ttl,
             cfg_listen: cfg.listen.clone(),
@@ -375,6 +397,7 @@ impl Control {
             cmd_tx,
             members_rx,
             ann_tx,
+            msg_tx,
             connected,
             listen_addrs,
         })
@@ -403,6 +426,17 @@ impl Control {
     /// Publishes on the content topic; best effort (no peers, no delivery).
     pub fn announce(&self, a: Announce) {
         let _ = self.cmd_tx.send(Command::Announce(a));
+    }
+
+    /// Publishes `data` on one of [`EXTRA_TOPICS`]; best effort, like
+    /// [`Control::announce`].
+    pub fn publish(&self, topic: &'static str, data: Vec<u8>) {
+        let _ = self.cmd_tx.send(Command::Publish { topic, data });
+    }
+
+    /// Other nodes' messages on [`EXTRA_TOPICS`] (never our own).
+    pub fn messages(&self) -> broadcast::Receiver<TopicMessage> {
+        self.msg_tx.subscribe()
     }
 
     /// Announces in Kademlia that this node holds `digest`, and keeps
@@ -705,7 +739,12 @@ fn build_behaviour(key: &Keypair, cfg: &ControlConfig) -> Result<Behaviour, Cont
     let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
     // Default mode is client until an external address is confirmed, which
     // never happens without AutoNAT; nodes on a cluster network all serve.
-    kad.set_mode(Some(kad::Mode::Server));
+    // The sidecar holds nothing, so it takes no provider records either.
+    kad.set_mode(Some(if cfg.info.role.serves_data() {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
 
     let mdns = if cfg.mdns {
         Some(
@@ -797,6 +836,8 @@ struct Task {
     swarm: Swarm<Behaviour>,
     members_topic: IdentTopic,
     content_topic: IdentTopic,
+    extra_topics: Vec<(IdentTopic, &'static str)>,
+    msg_tx: broadcast::Sender<TopicMessage>,
     /// Our heartbeat payload; MemberInfo does not change while running.
     heartbeat: Vec<u8>,
     member_ttl: Duration,
@@ -923,6 +964,15 @@ impl Task {
                 };
                 let topic = self.content_topic.clone();
                 self.publish(topic, data);
+            }
+            Command::Publish { topic, data } => {
+                match self.extra_topics.iter().find(|(_, name)| *name == topic) {
+                    Some((t, _)) => {
+                        let t = t.clone();
+                        self.publish(t, data);
+                    }
+                    None => warn!(topic, "publish on a topic this node does not carry"),
+                }
             }
             Command::Provide(digest) => {
                 self.start_providing(&digest);
@@ -1216,6 +1266,17 @@ impl Task {
                         }
                         Err(e) => debug!(%from, error = %e, "ignoring malformed announcement"),
                     }
+                } else if let Some(topic) = self
+                    .extra_topics
+                    .iter()
+                    .find(|(t, _)| message.topic == t.hash())
+                    .map(|(_, name)| *name)
+                {
+                    let _ = self.msg_tx.send(TopicMessage {
+                        topic,
+                        from,
+                        data: message.data,
+                    });
                 } else {
                     debug!(%from, topic = %message.topic, "message on unknown topic");
                 }
@@ -1401,7 +1462,7 @@ mod tests {
             bootstrap,
             psk,
             mdns: false,
-            identity_file: dir.0.join(format!("node{n}")).join("identity.key"),
+            identity_file: Some(dir.0.join(format!("node{n}")).join("identity.key")),
             dns_refresh: Duration::from_secs(30),
             heartbeat: Duration::from_millis(250),
             member_ttl: Duration::from_millis(1500),
@@ -1627,31 +1688,28 @@ mod tests {
     async fn identity_persists_and_corruption_is_reported() {
         let dir = TempDir::new("id");
         let cfg = config(&dir, 0, Some(PSK), vec![]);
+        let path = cfg.identity_file.clone().unwrap();
         let first = Control::start(cfg.clone()).await.unwrap();
         let id = first.local_peer_id();
         first.shutdown().await;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&cfg.identity_file)
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let second = Control::start(cfg.clone()).await.unwrap();
         assert_eq!(second.local_peer_id(), id);
         second.shutdown().await;
 
-        std::fs::write(&cfg.identity_file, b"not a key").unwrap();
+        std::fs::write(&path, b"not a key").unwrap();
         let err = Control::start(cfg.clone())
             .await
             .err()
             .expect("garbage identity accepted");
         assert!(matches!(err, ControlError::IdentityCorrupt { .. }), "{err}");
         assert!(
-            err.to_string()
-                .contains(&cfg.identity_file.display().to_string()),
+            err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
     }

@@ -13,12 +13,17 @@
 //! Which node fetches a piece from the origin is decided without a
 //! coordinator: rendezvous hashing of (digest, piece) over the live members
 //! ([`rendezvous`]).
+//!
+//! The scaling sidecar is a member too ([`Role::Sidecar`]), on the control
+//! plane only: it publishes warm intents ([`intents`]) and has no data
+//! plane, so it is never a piece owner, a holder, or a peer to ask.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 pub mod control;
+pub mod intents;
 pub mod model;
 pub mod rendezvous;
 pub mod tls;
@@ -33,6 +38,10 @@ pub enum Role {
     /// Also keeps full copies of what it sees the cluster pull, so the cache
     /// survives when every other node has scaled away.
     Seed,
+    /// The scaling sidecar (`damselfly sidecar`): publishes warm intents,
+    /// stores and serves nothing. Daemons before this role existed cannot
+    /// decode its heartbeat and so never count it as a member.
+    Sidecar,
 }
 
 impl Role {
@@ -40,7 +49,14 @@ impl Role {
         match self {
             Role::Node => "node",
             Role::Seed => "seed",
+            Role::Sidecar => "sidecar",
         }
+    }
+
+    /// Whether members of this role hold blobs and answer piece requests:
+    /// only those are piece owners, holders, or peers to ask.
+    pub fn serves_data(self) -> bool {
+        !matches!(self, Role::Sidecar)
     }
 }
 
@@ -198,37 +214,15 @@ impl Swarm {
         } else {
             String::new()
         };
-        let psk = match &cfg.cluster_key_file {
-            Some(path) => Some(control::load_psk(path)?),
-            None => {
-                tracing::warn!("swarm running without a cluster key (swarm.insecure_no_cluster_key): any node that reaches the port can join");
-                None
-            }
-        };
-        let bootstrap = cfg
-            .bootstrap
-            .iter()
-            .filter_map(|b| b.parse::<control::Bootstrap>().ok())
-            .collect();
-        let listen = cfg
-            .listen
-            .parse()
-            .map_err(|e| SwarmError::Client(format!("swarm.listen: {e}")))?;
-        let control = control::Control::start(control::ControlConfig {
-            listen,
-            bootstrap,
-            psk,
-            mdns: cfg.mdns,
-            identity_file: store_dir.join("identity/p2p.key"),
-            dns_refresh: cfg.dns_refresh,
-            heartbeat: cfg.heartbeat,
-            member_ttl: cfg.heartbeat * 4,
-            info: MemberInfo {
+        let control = control::Control::start(control_config(
+            cfg,
+            Some(store_dir.join("identity/p2p.key")),
+            MemberInfo {
                 data_addr,
                 fingerprint: fingerprint.clone(),
                 role: cfg.role,
             },
-        })
+        )?)
         .await?;
         let mut builder = reqwest::Client::builder()
             // A dead peer refuses at once; a timeout means a loaded one (or
@@ -288,10 +282,12 @@ impl Swarm {
                     me.inner.trusted.replace(
                         members
                             .values()
+                            .filter(|m| m.info.role.serves_data())
                             .map(|m| m.info.fingerprint.clone())
                             .filter(|f| !f.is_empty()),
                     );
-                    me.inner.metrics.swarm_members.set(members.len() as i64);
+                    let serving = members.values().filter(|m| m.info.role.serves_data());
+                    me.inner.metrics.swarm_members.set(serving.count() as i64);
                 }
                 if rx.changed().await.is_err() {
                     return;
@@ -346,10 +342,14 @@ impl Swarm {
         self.inner.cfg.max_uploads
     }
 
-    /// Whether any other member is alive (else downloads go straight to
-    /// the origin, sequentially).
+    /// Whether any other member that serves data is alive (else downloads
+    /// go straight to the origin, sequentially).
     pub fn has_peers(&self) -> bool {
-        !self.inner.members.borrow().is_empty()
+        self.inner
+            .members
+            .borrow()
+            .values()
+            .any(|m| m.info.role.serves_data())
     }
 
     fn add_holder(&self, digest: &str, peer: PeerId) {
@@ -426,9 +426,10 @@ impl Swarm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let usable = |id: &PeerId| {
-            members.contains_key(id) && !distrusted.contains(id) && !failed.contains(id)
-        };
+        // The sidecar is a member with no data plane: never asked, never
+        // an owner.
+        let serves = |id: &PeerId| members.get(id).is_some_and(|m| m.info.role.serves_data());
+        let usable = |id: &PeerId| serves(id) && !distrusted.contains(id) && !failed.contains(id);
         let key = digest.to_string();
         let peer_ref = |id: &PeerId| {
             members.get(id).map(|m| PeerRef {
@@ -449,7 +450,7 @@ impl Swarm {
         let all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
             members
                 .keys()
-                .filter(|id| !distrusted.contains(id))
+                .filter(|id| serves(id) && !distrusted.contains(id))
                 .map(|id| (id.to_bytes(), Some(*id)))
                 .chain(std::iter::once((self.inner.local.to_bytes(), None)))
                 .collect()
@@ -577,7 +578,7 @@ impl Swarm {
             .members
             .borrow()
             .values()
-            .find(|m| m.info.fingerprint == fp)
+            .find(|m| m.info.role.serves_data() && m.info.fingerprint == fp)
             .map(|m| m.peer_id)
     }
 
@@ -587,7 +588,7 @@ impl Swarm {
             .members
             .borrow()
             .values()
-            .find(|m| m.info.data_addr.ip() == ip)
+            .find(|m| m.info.role.serves_data() && m.info.data_addr.ip() == ip)
             .map(|m| m.peer_id)
     }
 
@@ -639,6 +640,41 @@ impl Swarm {
     pub async fn shutdown(&self) {
         self.inner.control.shutdown().await;
     }
+}
+
+/// The control plane's config for `cfg`'s `[swarm]`, announcing `info`.
+pub(crate) fn control_config(
+    cfg: &SwarmConfig,
+    identity_file: Option<std::path::PathBuf>,
+    info: MemberInfo,
+) -> Result<control::ControlConfig, SwarmError> {
+    let psk = match &cfg.cluster_key_file {
+        Some(path) => Some(control::load_psk(path)?),
+        None => {
+            tracing::warn!("swarm running without a cluster key (swarm.insecure_no_cluster_key): any node that reaches the port can join");
+            None
+        }
+    };
+    let bootstrap = cfg
+        .bootstrap
+        .iter()
+        .filter_map(|b| b.parse::<control::Bootstrap>().ok())
+        .collect();
+    let listen = cfg
+        .listen
+        .parse()
+        .map_err(|e| SwarmError::Client(format!("swarm.listen: {e}")))?;
+    Ok(control::ControlConfig {
+        listen,
+        bootstrap,
+        psk,
+        mdns: cfg.mdns,
+        identity_file,
+        dns_refresh: cfg.dns_refresh,
+        heartbeat: cfg.heartbeat,
+        member_ttl: cfg.heartbeat * 4,
+        info,
+    })
 }
 
 /// The IP peers should dial for this node's data plane.

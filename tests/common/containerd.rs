@@ -216,6 +216,32 @@ disabled_plugins = [
         ctr_command(&self.socket, self.netns.as_deref(), args, CTR_TIMEOUT)
     }
 
+    /// Ok when `reference`'s records in the `k8s.io` namespace (where the
+    /// CRI plugin keeps images) are complete and unpacked (`ctr images
+    /// check`); the error quotes what ctr said.
+    pub fn unpacked(&self, reference: &str) -> anyhow::Result<()> {
+        let out = self
+            .ctr(&[
+                "-n",
+                "k8s.io",
+                "images",
+                "check",
+                "--snapshotter",
+                "native",
+                &format!("name=={reference}"),
+            ])?
+            .check()?;
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(reference))
+            .ok_or_else(|| anyhow!("containerd has no {reference}: {}", out.stdout))?;
+        if !line.contains("complete") || !line.trim_end().ends_with("true") {
+            bail!("not complete and unpacked: {line}");
+        }
+        Ok(())
+    }
+
     /// `ctr -a <socket> <args>`, killed after `timeout`.
     pub fn ctr_with_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
         ctr_command(&self.socket, self.netns.as_deref(), args, timeout)

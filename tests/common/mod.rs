@@ -17,6 +17,7 @@
 //! | [`Containerd`], [`write_hosts_toml`] | a private containerd and the `hosts.toml` that points it at a mirror |
 //! | [`ApiServer`] | a stand-in for the Kubernetes API server's node endpoints (GET, JSON-patch PATCH, 403/409/422), for the node gate |
 //! | [`FaultProxy`] | a streaming HTTP/1.1 reverse proxy that counts requests and injects faults |
+//! | [`Prometheus`] | a `prometheus` server scraping a `prometheus-pushgateway` that the test pushes to; can be stopped and started again |
 //!
 //! # Rules the lab keeps
 //!
@@ -55,6 +56,7 @@ pub mod blob;
 pub mod containerd;
 pub mod cri;
 pub mod image;
+pub mod prometheus;
 pub mod proxy;
 pub mod random;
 pub mod registry;
@@ -80,6 +82,8 @@ pub use image::{
     build_image, build_image_cached, push_image, push_raw_image, ImageSpec, LayerSpec, OciLayout,
     PushedImage,
 };
+#[allow(unused_imports)]
+pub use prometheus::Prometheus;
 #[allow(unused_imports)]
 pub use proxy::{Fault, FaultProxy, ProxyRequest, ALWAYS};
 #[allow(unused_imports)]

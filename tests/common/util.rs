@@ -654,15 +654,26 @@ pub fn format_command(cmd: &Command) -> String {
 /// without a runtime, from whatever network namespace the calling thread is
 /// in: the status and the body. For tiny answers (`/readyz`, `/metrics`).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, "")
+}
+
+/// [`http_get`] with any method and a body (a pushgateway `PUT`).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let sock: std::net::SocketAddr = addr
         .parse()
         .map_err(|_| std::io::Error::other(format!("bad address {addr}")))?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;

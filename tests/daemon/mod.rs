@@ -100,6 +100,8 @@ pub struct Daemon {
     pub log_path: PathBuf,
     env: Vec<(String, String)>,
     env_remove: Vec<String>,
+    /// `daemon` or `sidecar`.
+    command: &'static str,
 }
 
 /// Extra config lines: `mirror` and `store` go into those sections,
@@ -122,6 +124,11 @@ pub struct Options {
     /// A `[swarm]` section ([`swarm_section`]) on this daemon's own swarm
     /// addresses; none when `None`.
     pub swarm: Option<SwarmOptions>,
+    /// Run `damselfly sidecar` instead of the daemon, with these lines in
+    /// its `[sidecar]` section; `sidecar.listen` is the reserved telemetry
+    /// address, so readiness, [`Daemon::metrics`] and [`Daemon::http_json`]
+    /// talk to the sidecar.
+    pub sidecar: Option<String>,
 }
 
 impl Daemon {
@@ -202,11 +209,16 @@ impl Daemon {
             .as_ref()
             .map(|s| swarm_section(swarm_listen, data_listen, s))
             .unwrap_or_default();
+        let sidecar = opts
+            .sidecar
+            .as_ref()
+            .map(|s| format!("[sidecar]\nlisten = \"{telemetry}\"\n{s}\n"))
+            .unwrap_or_default();
         let text = format!(
             "[mirror]\nlisten = \"{mirror}\"\ndrain_timeout = \"2s\"\n{}\n\
              [store]\ndir = \"{}\"\n{}\n\
              [telemetry]\nlisten = \"{telemetry}\"\nlog_level = \"info,damselfly=debug\"\n\
-             {}\n{swarm}",
+             {}\n{swarm}{sidecar}",
             opts.mirror,
             store.display(),
             opts.store,
@@ -225,6 +237,11 @@ impl Daemon {
             log_path,
             env: opts.env,
             env_remove: opts.env_remove,
+            command: if opts.sidecar.is_some() {
+                "sidecar"
+            } else {
+                "daemon"
+            },
         }
     }
 
@@ -287,7 +304,7 @@ impl Daemon {
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
-            .arg("daemon")
+            .arg(self.command)
             .arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())
@@ -362,6 +379,59 @@ impl Daemon {
         // used by these endpoints: they answer with a Content-Length.
         let value = serde_json::from_str(json.trim()).unwrap_or(serde_json::Value::Null);
         (status, value)
+    }
+
+    /// `damselfly prewarm status -o json`: the admin API's `/v1/prewarm`.
+    pub fn prewarm_status(&self) -> serde_json::Value {
+        let (code, v) = self.admin_get("/v1/prewarm");
+        assert_eq!(code, 200, "prewarm status: {v}");
+        v
+    }
+
+    /// Waits (at most `timeout`) until the prewarm image that `select`
+    /// picks exists and `pred` holds for it, and returns its status. The
+    /// panic shows the last status and the log tail.
+    pub fn wait_prewarm_image(
+        &self,
+        select: impl Fn(&serde_json::Value) -> bool,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.prewarm_status();
+            let img = s["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|i| select(i))
+                .cloned();
+            if let Some(img) = img.filter(|i| pred(i)) {
+                return img;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no prewarm image became {what} within {timeout:?}: {s:#}
+--- daemon log ---
+{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the store lists `digest` as pinned.
+    pub fn pinned_in_store(&self, digest: &str) -> bool {
+        let (code, v) = self.admin_get("/v1/blobs");
+        assert_eq!(code, 200, "{v}");
+        v["blobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["digest"] == digest)
+            .is_some_and(|b| b["pinned"] == true)
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -439,6 +509,17 @@ impl Daemon {
             exit_cleanup::unregister(self.pid());
         }
         exited
+    }
+
+    /// `GET path` on the telemetry address (a sidecar's `/keda`,
+    /// `/v1/status`): the status and the JSON (`Null` when not JSON).
+    pub fn http_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (code, body) =
+            plain_http::get(&format!("http://{}{path}", self.telemetry)).unwrap_or_default();
+        (
+            code,
+            serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// The Prometheus exposition text.
