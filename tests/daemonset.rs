@@ -591,6 +591,30 @@ fn the_sidecar_example_agrees_with_its_scaled_object() {
         svc["spec"]["ports"][0]["port"].as_u64(),
         Some(u64::from(sc.listen.port()))
     );
+    // The monitoring overlay scrapes the sidecar through this Service.
+    let monitoring = documents(&build(&root().join("overlays/monitoring")), scratch.path());
+    let monitor = monitoring
+        .iter()
+        .find(|d| d["kind"] == "ServiceMonitor" && d["metadata"]["name"] == "damselfly-sidecar")
+        .expect("a ServiceMonitor for the sidecar");
+    let svc_labels = &svc["metadata"]["labels"];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&svc_labels[k], v, "the sidecar's monitor selects {k}={v}");
+    }
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == endpoint["port"]),
+        "the monitor's port {} is not a port of the sidecar's Service",
+        endpoint["port"]
+    );
+    assert_eq!(endpoint["path"], damselfly::telemetry::METRICS_PATH);
     // The daemons bootstrap from their headless Service: the sidecar's pod
     // (no data plane, no DHT answers) must not be in it.
     let base = documents(&build(&root().join("base")), scratch.path());
