@@ -14,8 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cargo:rerun-if-changed=proto/github.com/containerd/containerd/api/types/descriptor.proto"
     );
     let fds = protox::compile(protos, ["proto"])?;
+    // The protos' comments are Go-flavoured prose with indented blocks that
+    // rustdoc would run as doctests; proto/ keeps them.
+    let mut config = prost_build::Config::new();
+    config.disable_comments(["."]);
     tonic_prost_build::configure()
         .build_server(false)
-        .compile_fds(fds)?;
+        .disable_comments(["."])
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }
