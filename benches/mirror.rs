@@ -117,7 +117,9 @@ fn daemon_for(reg: &Registry, verify: bool) -> Daemon {
 fn daemon_at(host: &str, endpoint: &str, verify: bool, origin: &str) -> Daemon {
     Daemon::start_with(daemon::Options {
         store: format!("max_size = \"64GiB\"\nscrub_rate = 0\nverify_reads = {verify}"),
-        extra: format!("[origin]\n{origin}\n[[registry]]\nhost = \"{host}\"\nendpoint = \"{endpoint}\"\n"),
+        extra: format!(
+            "[origin]\n{origin}\n[[registry]]\nhost = \"{host}\"\nendpoint = \"{endpoint}\"\n"
+        ),
         ..Default::default()
     })
 }

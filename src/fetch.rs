@@ -1344,7 +1344,9 @@ impl Blob {
         end: u64,
         metrics: Metrics,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let counter = metrics.bytes_served.with_label_values(&[self.source.as_str()]);
+        let counter = metrics
+            .bytes_served
+            .with_label_values(&[self.source.as_str()]);
         let state = self.reader(start, end);
         futures_util::stream::unfold(state, move |mut st| {
             let counter = counter.clone();

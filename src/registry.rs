@@ -273,7 +273,6 @@ fn full(b: impl Into<Bytes>) -> Body {
     Body::Full(b.into())
 }
 
-
 /// The mirror service.
 #[derive(Clone)]
 pub struct Mirror {
@@ -548,10 +547,8 @@ pub async fn serve(
     drop(listener);
     tracing::info!(drain_s = drain.as_secs_f64(), "mirror draining");
     // Idle connections close at once; those serving a response finish it.
-    let drained = tokio::time::timeout(drain, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("drain timeout passed; cutting remaining connections");
         conns.abort_all();

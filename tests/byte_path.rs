@@ -101,16 +101,28 @@ async fn sendfile_serves_exactly_the_cached_bytes() {
         // Cold, then from the cache.
         for round in ["cold", "hit"] {
             let (status, digest, n) = get_hashed(&client, &url).await.expect(round);
-            assert_eq!((status, n, digest.as_str()), (200, b.size, b.digest.as_str()), "{round}");
+            assert_eq!(
+                (status, n, digest.as_str()),
+                (200, b.size, b.digest.as_str()),
+                "{round}"
+            );
         }
         let size = b.size;
         let cases: Vec<(String, u64, u64)> = vec![
             ("bytes=0-0".into(), 0, 1),
             ("bytes=1000-1999".into(), 1000, 2000),
             // Across a chunk boundary, starting inside a chunk.
-            (format!("bytes={}-{}", MIB - 7, 2 * MIB + 9), MIB - 7, 2 * MIB + 10),
+            (
+                format!("bytes={}-{}", MIB - 7, 2 * MIB + 9),
+                MIB - 7,
+                2 * MIB + 10,
+            ),
             // Exactly one chunk.
-            (format!("bytes={}-{}", 3 * MIB, 4 * MIB - 1), 3 * MIB, 4 * MIB),
+            (
+                format!("bytes={}-{}", 3 * MIB, 4 * MIB - 1),
+                3 * MIB,
+                4 * MIB,
+            ),
             // Open-ended, into the short last chunk.
             (format!("bytes={}-", 5 * MIB + 17), 5 * MIB + 17, size),
             ("bytes=-5000".into(), size - 5000, size),
@@ -223,7 +235,10 @@ fn keep_alive_pipelining_and_closing() {
     let req = "GET /v2/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /v2/ HTTP/1.0\r\n\r\n";
     let r = split_responses(&raw_exchange(addr, req.as_bytes()));
     assert_eq!(r.len(), 2, "{r:?}");
-    assert!(r[0].0.to_ascii_lowercase().contains("connection: keep-alive"));
+    assert!(r[0]
+        .0
+        .to_ascii_lowercase()
+        .contains("connection: keep-alive"));
 
     // A request body is not read: answered, then closed.
     let req = "GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /v2/ HTTP/1.1\r\n\r\n";
@@ -231,9 +246,7 @@ fn keep_alive_pipelining_and_closing() {
     assert_eq!(r.len(), 1, "{r:?}");
 
     // HEAD: the length, no body, and the connection stays usable.
-    let req = format!(
-        "HEAD {path} HTTP/1.1\r\n\r\nGET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n"
-    );
+    let req = format!("HEAD {path} HTTP/1.1\r\n\r\nGET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n");
     let raw = raw_exchange(addr, req.as_bytes());
     let text = String::from_utf8_lossy(&raw);
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
@@ -293,7 +306,10 @@ async fn a_cold_blob_comes_in_parallel_ranges() {
     let (status, digest, n) = get_hashed(&reqwest::Client::new(), &blob_url(&d, &proxy.host(), b))
         .await
         .expect("read");
-    assert_eq!((status, n, digest.as_str()), (200, b.size, b.digest.as_str()));
+    assert_eq!(
+        (status, n, digest.as_str()),
+        (200, b.size, b.digest.as_str())
+    );
     let gets = ranged_gets(&proxy, mark, &b.digest);
     assert_eq!(gets.len(), 13, "13 parts of 1 MiB: {gets:#?}");
     let mut ranges: Vec<(u64, u64)> = gets.iter().map(range_of).collect();
@@ -353,7 +369,10 @@ async fn corrupt_bytes_on_a_parallel_range_are_never_served_whole() {
     assert!(!d.partial_path(&b.digest).exists(), "corrupt partial kept");
     assert_eq!(d.metric("damselfly_digest_mismatches_total"), 1.0);
     let (status, digest, n) = get_hashed(&client, &url).await.expect("read");
-    assert_eq!((status, n, digest.as_str()), (200, b.size, b.digest.as_str()));
+    assert_eq!(
+        (status, n, digest.as_str()),
+        (200, b.size, b.digest.as_str())
+    );
     assert!(d.blob_path(&b.digest).exists());
 }
 
@@ -388,14 +407,21 @@ async fn a_range_that_breaks_midway_is_resumed() {
     let (status, digest, n) = get_hashed(&reqwest::Client::new(), &blob_url(&d, &proxy.host(), b))
         .await
         .expect("read");
-    assert_eq!((status, n, digest.as_str()), (200, b.size, b.digest.as_str()));
+    assert_eq!(
+        (status, n, digest.as_str()),
+        (200, b.size, b.digest.as_str())
+    );
     assert_eq!(d.metric("damselfly_origin_resumes_total"), 1.0);
     let gets = ranged_gets(&proxy, mark, &b.digest);
     let resumed: Vec<_> = gets
         .iter()
         .filter(|r| range_of(r) == (7 * MIB + 300_000, 8 * MIB - 1))
         .collect();
-    assert_eq!(resumed.len(), 1, "the cut part resumed from its last byte: {gets:#?}");
+    assert_eq!(
+        resumed.len(),
+        1,
+        "the cut part resumed from its last byte: {gets:#?}"
+    );
     assert_eq!(gets.len(), 14, "13 parts and one resumption");
     // Every byte crossed the proxy once: the cut part's first 300 000 bytes
     // were kept.
@@ -414,7 +440,10 @@ async fn an_origin_without_ranges_gets_one_stream() {
     let (status, digest, n) = get_hashed(&reqwest::Client::new(), &blob_url(&d, &proxy.host(), b))
         .await
         .expect("read");
-    assert_eq!((status, n, digest.as_str()), (200, b.size, b.digest.as_str()));
+    assert_eq!(
+        (status, n, digest.as_str()),
+        (200, b.size, b.digest.as_str())
+    );
     let gets = ranged_gets(&proxy, mark, &b.digest);
     assert_eq!(gets.len(), 1, "{gets:#?}");
     assert_eq!(gets[0].header("range"), None);

@@ -122,7 +122,9 @@ impl<'a> Sink<'a> {
     /// from there). Bytes pushed but not submitted are dropped.
     pub(super) async fn settle(&mut self) -> Result<(), FetchError> {
         if let Some((prev, end)) = self.pending.take() {
-            self.job.complete(prev, end, self.hasher, self.written).await?;
+            self.job
+                .complete(prev, end, self.hasher, self.written)
+                .await?;
         }
         Ok(())
     }
@@ -267,7 +269,9 @@ pub(super) async fn parallel(
         }
         sink.submit().await?;
     }
-    Ok(())
+    // The last parts' bytes may have been taken from `held` after the
+    // last submit.
+    sink.submit().await
 }
 
 /// Fetches bytes `start..end` of the blob and sends them on `tx` in order,
@@ -336,8 +340,8 @@ async fn fetch_part(
         let why = broke.unwrap_or_else(|| "body ended early".into());
         if failures > inner.retries {
             let _ = tx.send(Msg::Failed(FetchError::Exhausted {
-                    digest: digest.clone(),
-                    attempts: failures,
+                digest: digest.clone(),
+                attempts: failures,
                 last: why,
             }));
             return;

@@ -146,12 +146,9 @@ impl Spans {
                 "the blob's chunk sums are gone: it was removed while being read",
             ));
         };
-        let (buf, read) = pending.await.unwrap_or_else(|e| {
-            (
-                Vec::new(),
-                Err(verify::ReadFail::Io(io::Error::other(e))),
-            )
-        });
+        let (buf, read) = pending
+            .await
+            .unwrap_or_else(|e| (Vec::new(), Err(verify::ReadFail::Io(io::Error::other(e)))));
         if !buf.is_empty() {
             self.buf = Some(buf);
         }

@@ -136,7 +136,13 @@ pub(super) fn start_check(
     })
 }
 
-fn check_span(file: &File, at: u64, len: u64, sums: &[u64], buf: &mut [u8]) -> Result<(), ReadFail> {
+fn check_span(
+    file: &File,
+    at: u64,
+    len: u64,
+    sums: &[u64],
+    buf: &mut [u8],
+) -> Result<(), ReadFail> {
     let end = at + len;
     let mut chunk_start = at;
     for sum in sums {

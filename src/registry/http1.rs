@@ -319,7 +319,9 @@ mod tests {
         assert!(close("GET / HTTP/1.0\r\n\r\n"));
         assert!(!close("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
         assert!(close("GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"));
-        assert!(close("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(close(
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
         assert!(!close("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
     }
 
@@ -330,10 +332,15 @@ mod tests {
             parse("GET / HTTP/9\r\n\r\n"),
             Err(HeadError::Bad(StatusCode::BAD_REQUEST, _))
         ));
-        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect();
         assert!(matches!(
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
-            Err(HeadError::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, _))
+            Err(HeadError::Bad(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                _
+            ))
         ));
     }
 
