@@ -72,17 +72,18 @@ pub(super) async fn serve_connection(
                     .header(http::header::CONTENT_LENGTH, why.len())
                     .body(Body::Full(why.into()))
                     .unwrap_or_else(|_| Response::new(Body::Empty));
-                write_response(&mut stream, resp, false, After::Close).await?;
+                write_response(&mut stream, resp, false, false, After::Close).await?;
                 return Ok(());
             }
         };
         let (req, mut after) = req;
         let head_only = req.method() == Method::HEAD;
+        let http10 = req.version() == Version::HTTP_10;
         let resp = mirror.handle(req).await;
         if shutdown.is_cancelled() {
             after = After::Close;
         }
-        match write_response(&mut stream, resp, head_only, after).await? {
+        match write_response(&mut stream, resp, head_only, http10, after).await? {
             After::KeepAlive => {}
             After::Close => {
                 let _ = stream.shutdown().await;
@@ -201,12 +202,14 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> After {
     }
 }
 
-/// Writes `resp`; returns what the connection does next (`Close` also when
-/// a body could not be completed).
+/// Writes `resp` to a request of HTTP/1.0 (`http10`) or 1.1; returns what
+/// the connection does next (`Close` also when a body could not be
+/// completed).
 async fn write_response(
     stream: &mut TcpStream,
     resp: Response<Body>,
     head_only: bool,
+    http10: bool,
     after: After,
 ) -> io::Result<After> {
     let (parts, body) = resp.into_parts();
@@ -236,9 +239,8 @@ async fn write_response(
     }
     match after {
         After::Close => head.extend_from_slice(b"connection: close\r\n"),
-        After::KeepAlive if parts.version == Version::HTTP_10 => {
-            head.extend_from_slice(b"connection: keep-alive\r\n")
-        }
+        // An HTTP/1.0 client keeps the connection only when told so.
+        After::KeepAlive if http10 => head.extend_from_slice(b"connection: keep-alive\r\n"),
         After::KeepAlive => {}
     }
     head.extend_from_slice(b"\r\n");
