@@ -6,7 +6,7 @@
 //!    sent, the default) and without them (`store.verify_reads = false`),
 //!    to show what the check costs (goal: under 10%);
 //! 2. a cold pull through the mirror (origin to mirror to client), against
-//!    the same client pulling straight from the origin (goal: at least 0.9x);
+//!    the same client pulling straight from the origin (goal: at least 0.8x, issue 16);
 //! 3. the daemon's peak RSS while it streams a large blob cold (goal: at
 //!    most 100 MiB whatever the blob size), and its CPU time per GiB;
 //! 4. a cold pull from an origin that caps each connection (200 Mbit/s
@@ -351,12 +351,12 @@ fn main() {
         hit_mib / plain_mib
     );
     println!(
-        "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.9x |",
+        "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.8x |",
         size >> 20,
         cold_mib / direct_mib
     );
     println!(
-        "| cold pull, {} MiB blob, client stores to disk like containerd (median of {RUNS}) | direct from origin {direct_store_mib:.0} MiB/s | through the mirror {cold_store_mib:.0} MiB/s | {:.2}x | >= 0.9x |",
+        "| cold pull, {} MiB blob, client stores to disk like containerd (median of {RUNS}) | direct from origin {direct_store_mib:.0} MiB/s | through the mirror {cold_store_mib:.0} MiB/s | {:.2}x | >= 0.8x |",
         size >> 20,
         cold_store_mib / direct_store_mib
     );
