@@ -313,7 +313,7 @@ impl Mirror {
             Err(e) => ("invalid", e.response(head_only)),
         };
         let m = &self.inner.metrics;
-        // Any token is a method to hyper; only ours become label values, so
+        // Any token is a method to the parser; only ours become label values, so
         // a client cannot mint new series.
         let method_label = match method {
             Method::GET => "GET",
