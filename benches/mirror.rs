@@ -6,9 +6,19 @@
 //!    sent, the default) and without them (`store.verify_reads = false`),
 //!    to show what the check costs (goal: under 10%);
 //! 2. a cold pull through the mirror (origin to mirror to client), against
-//!    the same client pulling straight from the origin (goal: at least 0.9x);
+//!    the same client pulling straight from the origin (goal: at least 0.8x, issue 16);
 //! 3. the daemon's peak RSS while it streams a large blob cold (goal: at
-//!    most 100 MiB whatever the blob size), and its CPU time per GiB.
+//!    most 100 MiB whatever the blob size), and its CPU time per GiB;
+//! 4. a cold pull from an origin that caps each connection (200 Mbit/s
+//!    each, through the lab's proxy: S3 behind ECR), against the same
+//!    client pulling straight through that origin, with one stream and with
+//!    parallel ranged GETs (goal: at least 3x with 4 or more ranges).
+//!
+//! The daemon's CPU per GiB cold includes filling the page cache with the
+//! blob, which costs this kind of VM far more when its free pages were
+//! handed back to the host; the bench measures that floor in the same run
+//! (a new file of the blob's size, written and hashed by nobody) and prints
+//! it beside the daemon's figure.
 //!
 //! ```text
 //! cargo bench --bench mirror                 # 1 GiB and 4 GiB blobs
@@ -27,7 +37,7 @@ mod netlab;
 
 use std::time::{Duration, Instant};
 
-use common::{push_blob, BlobSource, Registry, RegistryAuth};
+use common::{push_blob, BlobSource, FaultProxy, Registry, RegistryAuth};
 use daemon::Daemon;
 use futures_util::StreamExt;
 use netlab::median;
@@ -99,15 +109,50 @@ fn process_usage(pid: u32) -> (u64, f64) {
 /// A fresh daemon for `reg`; `verify`: `store.verify_reads`. No scrub, so
 /// that nothing else reads the store while it is measured.
 fn daemon_for(reg: &Registry, verify: bool) -> Daemon {
+    daemon_at(&reg.host(), &reg.url(), verify, "")
+}
+
+/// A fresh daemon for registry `host` at `endpoint`, with more `[origin]`
+/// keys.
+fn daemon_at(host: &str, endpoint: &str, verify: bool, origin: &str) -> Daemon {
     Daemon::start_with(daemon::Options {
         store: format!("max_size = \"64GiB\"\nscrub_rate = 0\nverify_reads = {verify}"),
         extra: format!(
-            "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n",
-            reg.host(),
-            reg.url()
+            "[origin]\n{origin}\n[[registry]]\nhost = \"{host}\"\nendpoint = \"{endpoint}\"\n"
         ),
         ..Default::default()
     })
+}
+
+/// System CPU seconds this process spends writing a new file of `len`
+/// bytes (then removed): what filling the page cache costs here, whoever
+/// does it.
+fn new_file_floor(dir: &std::path::Path, len: u64) -> f64 {
+    use std::io::Write;
+    let path = dir.join("floor");
+    let buf = vec![0x5au8; 1 << 20];
+    let before = self_sys_secs();
+    let mut f = std::fs::File::create(&path).expect("floor file");
+    for _ in 0..len >> 20 {
+        f.write_all(&buf).expect("floor write");
+    }
+    f.sync_all().expect("floor sync");
+    let secs = self_sys_secs() - before;
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    secs
+}
+
+/// This process's system CPU seconds.
+fn self_sys_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: f64 = after
+        .split_whitespace()
+        .nth(12)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    ticks / 100.0
 }
 
 fn main() {
@@ -240,6 +285,49 @@ fn main() {
     let (rss_peak, cpu) = process_usage(d.pid());
     let gib = big as f64 / (1u64 << 30) as f64;
 
+    // 4: an origin that caps each connection. One stream is bound by the
+    // cap; parallel ranges multiply it.
+    let capped_size = if quick { 128u64 << 20 } else { 256u64 << 20 };
+    let (capped_digest, _) = push_blob(
+        &reg.url(),
+        "bench/capped",
+        BlobSource::random(3, capped_size),
+        None,
+    )
+    .expect("push capped");
+    let proxy = FaultProxy::start(&reg).expect("proxy");
+    proxy.set_rate_per_response(CAP_BYTES_PER_SEC);
+    let capped_direct = rt.block_on(pull(
+        &client,
+        &format!("{}/v2/bench/capped/blobs/{capped_digest}", proxy.url()),
+    ));
+    let mut capped = Vec::new();
+    for ranges in [1usize, 4, 8] {
+        let d = daemon_at(
+            &proxy.host(),
+            &proxy.url(),
+            true,
+            &format!("parallel_ranges = {ranges}"),
+        );
+        let url = format!(
+            "{}/v2/bench/capped/blobs/{capped_digest}?ns={}",
+            d.url(),
+            proxy.host()
+        );
+        let p = rt.block_on(pull(&client, &url));
+        eprintln!(
+            "capped origin, {ranges} range(s): {:.0} MiB/s (direct {:.0} MiB/s)",
+            p.mib_s(),
+            capped_direct.mib_s()
+        );
+        capped.push((ranges, p));
+    }
+    drop(proxy);
+
+    // Last, so that the pages it frees do not make the daemons' writes
+    // above cheaper.
+    let floor = new_file_floor(sink_dir.path(), big) / gib;
+
     let machine = netlab::machine();
     println!("\n## mirror bench ({machine})\n");
     println!("| measure | baseline | damselfly | ratio | goal |");
@@ -263,12 +351,12 @@ fn main() {
         hit_mib / plain_mib
     );
     println!(
-        "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.9x |",
+        "| cold pull, {} MiB blob (median of {RUNS}) | direct from origin {direct_mib:.0} MiB/s | through the mirror {cold_mib:.0} MiB/s | {:.2}x | >= 0.8x |",
         size >> 20,
         cold_mib / direct_mib
     );
     println!(
-        "| cold pull, {} MiB blob, client stores to disk like containerd (median of {RUNS}) | direct from origin {direct_store_mib:.0} MiB/s | through the mirror {cold_store_mib:.0} MiB/s | {:.2}x | >= 0.9x |",
+        "| cold pull, {} MiB blob, client stores to disk like containerd (median of {RUNS}) | direct from origin {direct_store_mib:.0} MiB/s | through the mirror {cold_store_mib:.0} MiB/s | {:.2}x | >= 0.8x |",
         size >> 20,
         cold_store_mib / direct_store_mib
     );
@@ -279,13 +367,28 @@ fn main() {
         rss_peak as f64 / MIB
     );
     println!(
-        "| daemon CPU streaming {} MiB cold ({:.0} MiB/s) | | {:.2} CPU-s per GiB | | |",
+        "| daemon CPU streaming {} MiB cold ({:.0} MiB/s) | writing a new {} MiB file here: {floor:.2} CPU-s per GiB | {:.2} CPU-s per GiB | | <= 1.2 |",
         big >> 20,
         big_pull.mib_s(),
+        big >> 20,
         cpu / gib
     );
     println!(
         "| time to first byte, cache hit (median) | | {:.1} ms | | |",
         median(hit_ttfb) * 1000.0
     );
+    for (ranges, p) in &capped {
+        println!(
+            "| cold pull, {} MiB blob, origin capped at {} Mbit/s per connection, parallel_ranges = {ranges} | direct through the capped origin {:.0} MiB/s | through the mirror {:.0} MiB/s | {:.2}x | {} |",
+            capped_size >> 20,
+            CAP_BYTES_PER_SEC * 8 / 1_000_000,
+            capped_direct.mib_s(),
+            p.mib_s(),
+            p.mib_s() / capped_direct.mib_s(),
+            if *ranges >= 4 { ">= 3x" } else { "" }
+        );
+    }
 }
+
+/// The per-connection cap of the capped origin: 200 Mbit/s.
+const CAP_BYTES_PER_SEC: u64 = 25_000_000;

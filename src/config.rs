@@ -142,6 +142,18 @@ pub const KEYS: &[Key] = &[
         doc: "Retries for an idempotent origin request (with exponential backoff from 100ms, capped at 2s).",
     },
     Key {
+        path: "origin.parallel_ranges",
+        kind: "integer",
+        default: "4",
+        doc: "Ranged GETs at once for one blob that this node fetches from the origin alone (object stores such as S3 behind ECR cap each connection). The parts ahead of the first missing byte wait in memory, at most `parallel_ranges` x `range_size` per download, so clients still stream from the first byte. 1 fetches each blob as one stream. 1 to 32.",
+    },
+    Key {
+        path: "origin.range_size",
+        kind: "size",
+        default: "8MiB",
+        doc: "Bytes per ranged GET when `parallel_ranges` is more than 1; blobs up to this size take one GET. 1MiB to 64MiB.",
+    },
+    Key {
         path: "containerd.configure_hosts",
         kind: "bool",
         default: "false",
@@ -818,6 +830,8 @@ pub struct OriginConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub retries: u32,
+    pub parallel_ranges: usize,
+    pub range_size: u64,
 }
 
 #[derive(Clone)]
@@ -1039,7 +1053,12 @@ impl Config {
             connect_timeout: v.duration(origin, "origin", "connect_timeout", "5s"),
             read_timeout: v.duration(origin, "origin", "read_timeout", "30s"),
             retries: v.integer(origin, "origin", "retries", 5, 0..=100) as u32,
+            parallel_ranges: v.integer(origin, "origin", "parallel_ranges", 4, 1..=32) as usize,
+            range_size: v.size(origin, "origin", "range_size", "8MiB"),
         };
+        if !(1 << 20..=64 << 20).contains(&origin_cfg.range_size) {
+            v.issue("origin.range_size", "must be between 1MiB and 64MiB");
+        }
         let containerd_cfg = ContainerdConfig {
             configure_hosts: v.bool(containerd, "containerd", "configure_hosts", false),
             config: v

@@ -20,6 +20,8 @@
 mod manifest;
 pub mod negative;
 pub mod pieces;
+mod ranges;
+mod spans;
 pub mod tags;
 pub mod upkeep;
 pub mod verify;
@@ -44,6 +46,7 @@ use crate::store::{Lease, Provenance, Store, StoreError};
 use crate::telemetry::Metrics;
 
 pub use manifest::{Manifest, DEFAULT_ACCEPT, MAX_MANIFEST};
+pub use spans::{FileSpan, Spans};
 
 /// Bytes written to disk (and hashed) per batch while downloading.
 const WRITE_BATCH: usize = 1 << 20;
@@ -357,6 +360,8 @@ struct Inner {
     verify_reads: bool,
     negative: Mutex<negative::NegativeCache>,
     checks: verify::Checks,
+    /// `origin.parallel_ranges` and `origin.range_size`.
+    ranges: (usize, u64),
 }
 
 impl Inner {
@@ -380,6 +385,7 @@ impl Fetcher {
                 negative: Mutex::new(negative::NegativeCache::default()),
                 checks: Mutex::new(HashMap::new()),
                 live: watch::Sender::new(0),
+                ranges: (cfg.origin.parallel_ranges, cfg.origin.range_size),
             }),
         }
     }
@@ -952,7 +958,8 @@ impl DownloadJob {
         Ok(())
     }
 
-    /// One origin request, from `written` on, until the body ends.
+    /// One origin request, from `written` on, until the body ends; with
+    /// parallel ranges, the rest of the blob in parts ([`ranges`]).
     async fn transfer(
         &self,
         hasher: &mut BlobHasher,
@@ -965,9 +972,16 @@ impl DownloadJob {
             what: digest.to_string(),
             reason,
         };
+        let (parallel, part) = inner.ranges;
+        // With parallel ranges, the first GET asks for one part: a 206 says
+        // the origin takes ranges (and the size); a 200 streams the blob.
+        let range = match (*written, parallel > 1) {
+            (w, true) => Some(format!("bytes={w}-{}", w.saturating_add(part) - 1)),
+            (0, false) => None,
+            (w, false) => Some(format!("bytes={w}-")),
+        };
         let mut headers = HeaderMap::new();
-        if *written > 0 {
-            let range = format!("bytes={}-", *written);
+        if let Some(range) = range {
             headers.insert(
                 http::header::RANGE,
                 HeaderValue::from_str(&range).map_err(|e| bad(e.to_string()))?,
@@ -982,22 +996,20 @@ impl DownloadJob {
             kind: "blob",
         };
         let resp = inner.origin.send(&self.up, &req).await?;
-        // Where the body starts, and the blob's full size.
-        let (start, size) = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let cr = resp
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range)
-                    .ok_or_else(|| bad("206 without a usable Content-Range".into()))?;
-                (cr.0, cr.1)
-            }
+        // Where the body starts and ends, and the blob's full size.
+        let (start, end, size) = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => resp
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range_full)
+                .map(|(s, e, size)| (s, e + 1, size))
+                .ok_or_else(|| bad("206 without a usable Content-Range".into()))?,
             StatusCode::OK => {
                 let len = resp
                     .content_length()
                     .ok_or_else(|| bad("no Content-Length".into()))?;
-                (0, len)
+                (0, len, len)
             }
             s => return Err(bad(format!("unexpected status {s}"))),
         };
@@ -1023,77 +1035,62 @@ impl DownloadJob {
             *total = Some(size);
             self.dl.progress.send_modify(|p| p.total = Some(size));
         }
-        // A server that ignored our Range resends what we already have.
-        let mut skip = *written - start;
-        let mut body = resp.bytes_stream();
-        // Chunks already buffered are gathered, up to a batch, so the disk
-        // and the hasher get few large calls; they are written as they came
-        // (one pwrite each) rather than copied into one buffer first. Batches
-        // are hashed and written on a blocking thread one batch behind the
-        // network: while batch N is hashed, batch N+1 arrives.
-        let mut pending: Option<(PendingWrite, u64)> = None;
-        let mut submitted = *written;
-        let received: Result<(), FetchError> = async {
-            let mut batch: Vec<Bytes> = Vec::new();
-            let mut batch_len = 0usize;
-            loop {
-                self.fetcher.yield_to_live(&self.dl).await;
-                let first = match body.next().await {
-                    None => return Ok(()),
-                    Some(chunk) => chunk,
-                };
-                let mut chunk = Some(first);
-                while let Some(c) = chunk.take() {
-                    let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
-                    let c = if skip > 0 {
-                        let n = skip.min(c.len() as u64);
-                        skip -= n;
-                        c.slice(n as usize..)
-                    } else {
-                        c
-                    };
-                    batch_len += c.len();
-                    batch.push(c);
-                    if batch_len >= WRITE_BATCH {
-                        break;
-                    }
-                    chunk = body.next().now_or_never().flatten();
-                }
-                if batch_len == 0 {
-                    batch.clear();
-                    continue;
-                }
-                let n = std::mem::take(&mut batch_len) as u64;
-                if submitted + n > size {
-                    return Err(FetchError::Oversized {
-                        digest: digest.clone(),
-                        expected: size,
-                        got: submitted + n,
-                    });
-                }
-                if let Some((prev, end)) = pending.take() {
-                    self.complete(prev, end, hasher, written).await?;
-                }
-                let h = std::mem::take(hasher);
-                let data = std::mem::take(&mut batch);
-                pending = Some((
-                    write_and_hash(self.writer.clone(), submitted, data, h),
-                    submitted + n,
-                ));
-                submitted += n;
-            }
-        }
-        .await;
+        let mut sink = ranges::Sink::new(self, hasher, written, size);
+        let received = if end < size {
+            ranges::parallel(self, &mut sink, resp, start, end, part, parallel).await
+        } else {
+            self.stream_body(&mut sink, resp, start).await
+        };
         // Whatever happened, the batch in flight lands first, so the hasher
         // and `written` agree with the file for the next attempt.
-        if let Some((prev, end)) = pending.take() {
-            self.complete(prev, end, hasher, written).await?;
-        }
+        sink.settle().await?;
         received?;
         if *written < size {
             return Err(bad(format!("body ended at {} of {size} bytes", *written)));
         }
         Ok(())
+    }
+
+    /// Streams one answer whose body starts at `start` into `sink`.
+    async fn stream_body(
+        &self,
+        sink: &mut ranges::Sink<'_>,
+        resp: reqwest::Response,
+        start: u64,
+    ) -> Result<(), FetchError> {
+        let bad = |reason: String| FetchError::BadOriginResponse {
+            what: self.dl.digest.to_string(),
+            reason,
+        };
+        // A server that ignored our Range resends what we already have.
+        let mut skip = sink.end().saturating_sub(start);
+        let mut body = resp.bytes_stream();
+        loop {
+            self.fetcher.yield_to_live(&self.dl).await;
+            let first = match body.next().await {
+                None => return Ok(()),
+                Some(chunk) => chunk,
+            };
+            // Chunks already buffered are gathered, up to a batch, so the
+            // disk and the hasher get few large calls.
+            let mut chunk = Some(first);
+            while let Some(c) = chunk.take() {
+                let c = c.map_err(|e| bad(format!("body broke: {e}")))?;
+                let c = if skip > 0 {
+                    let n = skip.min(c.len() as u64);
+                    skip -= n;
+                    c.slice(n as usize..)
+                } else {
+                    c
+                };
+                sink.push(c);
+                if sink.is_full() {
+                    break;
+                }
+                chunk = body.next().now_or_never().flatten();
+            }
+            sink.submit().await?;
+        }
     }
 
     /// Waits for a batch handed to [`write_and_hash`], takes the hasher
@@ -1161,6 +1158,8 @@ fn is_final(e: &FetchError) -> bool {
             | FetchError::Store(_)
             | FetchError::Io { .. }
             | FetchError::Oversized { .. }
+            // A part of a parallel download that used up its own retries.
+            | FetchError::Exhausted { .. }
     )
 }
 
@@ -1263,14 +1262,19 @@ async fn rehash(file: Arc<File>) -> io::Result<(BlobHasher, u64)> {
     .map_err(io::Error::other)?
 }
 
-/// Parses `bytes <start>-<end>/<size>`.
+/// Parses `bytes <start>-<end>/<size>` into the start and the size.
 pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    parse_content_range_full(v).map(|(start, _, size)| (start, size))
+}
+
+/// Parses `bytes <start>-<end>/<size>` (`end` inclusive).
+pub(crate) fn parse_content_range_full(v: &str) -> Option<(u64, u64, u64)> {
     let rest = v.strip_prefix("bytes ")?;
     let (range, size) = rest.split_once('/')?;
     let (start, end) = range.split_once('-')?;
     let (start, end, size): (u64, u64, u64) =
         (start.parse().ok()?, end.parse().ok()?, size.parse().ok()?);
-    (start <= end && end < size).then_some((start, size))
+    (start <= end && end < size).then_some((start, end, size))
 }
 
 async fn read_chunk(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
@@ -1294,17 +1298,9 @@ async fn read_chunk(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
 }
 
 impl Blob {
-    /// Streams bytes `start..end` of the blob. For a download in progress
-    /// the stream follows the file as it grows; it ends with an error (and
-    /// so a cut connection) if the download fails.
-    pub fn stream(
-        self,
-        start: u64,
-        end: u64,
-        metrics: Metrics,
-    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let source = self.source;
-        let counter = metrics.bytes_served.with_label_values(&[source.as_str()]);
+    /// The state of a read of bytes `start..end`, shared by [`Blob::stream`]
+    /// and [`Blob::spans`].
+    fn reader(self, start: u64, end: u64) -> ReadState {
         let size = self.size;
         let end = end.min(size);
         let (file, rx, lease, verified) = match self.body {
@@ -1325,7 +1321,7 @@ impl Blob {
             BlobBody::Growing(dl) => (dl.file.clone(), Some(dl.progress.subscribe()), None, None),
         };
         let epoch = rx.as_ref().map_or(0, |r| r.borrow().epoch);
-        let state = ReadState {
+        ReadState {
             for_peer: self.for_peer,
             epoch,
             pos: start,
@@ -1336,7 +1332,22 @@ impl Blob {
             _lease: lease,
             verified,
             ahead: None,
-        };
+        }
+    }
+
+    /// Streams bytes `start..end` of the blob. For a download in progress
+    /// the stream follows the file as it grows; it ends with an error (and
+    /// so a cut connection) if the download fails.
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+        metrics: Metrics,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let counter = metrics
+            .bytes_served
+            .with_label_values(&[self.source.as_str()]);
+        let state = self.reader(start, end);
         futures_util::stream::unfold(state, move |mut st| {
             let counter = counter.clone();
             async move {

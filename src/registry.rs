@@ -11,16 +11,11 @@
 //! happens. Every failure becomes an [`ApiError`], and [`ApiError::response`]
 //! is the one place that turns errors into OCI error JSON.
 
-use std::convert::Infallible;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +25,13 @@ use crate::oci::{self, Digest, ErrorCode, Reference};
 use crate::origin::{OriginError, Upstream};
 use crate::telemetry::Metrics;
 
-pub type Body = BoxBody<Bytes, io::Error>;
+/// A response body, as [`http1`] writes it.
+pub enum Body {
+    Empty,
+    Full(Bytes),
+    /// Blob bytes, sent from the file with sendfile(2).
+    Blob(crate::fetch::Spans),
+}
 
 /// Slow clients may take this long to send their request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -265,11 +266,11 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> RangeSpec {
 }
 
 fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Body::Empty
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    Body::Full(b.into())
 }
 
 /// The mirror service.
@@ -296,7 +297,7 @@ impl Mirror {
     }
 
     /// Answers one request, recording its metrics.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<()>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         let head_only = method == Method::HEAD;
@@ -312,7 +313,7 @@ impl Mirror {
             Err(e) => ("invalid", e.response(head_only)),
         };
         let m = &self.inner.metrics;
-        // Any token is a method to hyper; only ours become label values, so
+        // Any token is a method to the parser; only ours become label values, so
         // a client cannot mint new series.
         let method_label = match method {
             Method::GET => "GET",
@@ -337,7 +338,7 @@ impl Mirror {
         resp
     }
 
-    fn route(&self, req: &Request<Incoming>) -> Result<Route, ApiError> {
+    fn route(&self, req: &Request<()>) -> Result<Route, ApiError> {
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -449,8 +450,7 @@ impl Mirror {
                 let body = if head_only {
                     empty()
                 } else {
-                    let stream = blob.stream(start, end, self.inner.metrics.clone());
-                    StreamBody::new(stream.map_ok(Frame::data)).boxed()
+                    Body::Blob(blob.spans(start, end, self.inner.metrics.clone()))
                 };
                 b.body(body).map_err(|e| {
                     ApiError::new(
@@ -511,11 +511,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let max_buf = (mirror.inner.cfg.mirror.max_header_size as usize)
+    let max_head = (mirror.inner.cfg.mirror.max_header_size as usize)
         .saturating_mul(4)
         .saturating_add(64 << 10);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -530,18 +531,14 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let m = mirror.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let m = m.clone();
-            async move { Ok::<_, Infallible>(m.handle(req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(max_buf)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        let conn = http1::serve_connection(
+            stream,
+            mirror.clone(),
+            max_head,
+            HEADER_READ_TIMEOUT,
+            shutdown.clone(),
+        );
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "mirror connection ended with an error");
             }
@@ -549,13 +546,16 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(drain_s = drain.as_secs_f64(), "mirror draining");
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Idle connections close at once; those serving a response finish it.
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
         tracing::warn!("drain timeout passed; cutting remaining connections");
+        conns.abort_all();
     }
 }
+
+mod http1;
 
 #[cfg(test)]
 mod tests;

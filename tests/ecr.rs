@@ -211,7 +211,9 @@ fn containerd_pulls_through_the_mirror_with_the_daemons_ecr_token() {
     let seen = reg.requests_in_repo("ecr/app", mark);
     let blob_gets: Vec<_> = seen
         .iter()
-        .filter(|r| r.is_blob_get() && r.status == 200)
+        // 206: the daemon's first GET of a blob asks for a range
+        // (origin.parallel_ranges), which covers these small blobs whole.
+        .filter(|r| r.is_blob_get() && (200..300).contains(&r.status))
         .collect();
     assert_eq!(blob_gets.len(), img.blob_digests().len(), "{seen:#?}");
     for r in &seen {
@@ -368,7 +370,7 @@ fn a_refused_token_is_renewed_once_and_the_pull_succeeds() {
     assert!(seen.iter().all(|r| r.user_agent.starts_with("damselfly/")));
     assert_eq!(
         seen.iter()
-            .filter(|r| r.is_blob_get() && r.status == 200)
+            .filter(|r| r.is_blob_get() && (200..300).contains(&r.status))
             .count(),
         second.blob_digests().len()
     );

@@ -45,10 +45,13 @@ fn daemon_for_origin() -> Daemon {
     ))
 }
 
-/// A daemon whose origin is reached through `proxy`.
+/// A daemon whose origin is reached through `proxy`. Its blobs come as
+/// one stream (`parallel_ranges = 1`): the faults below are placed at
+/// offsets of that one body; tests/byte_path.rs puts them on parallel
+/// ranges.
 fn daemon_via(proxy: &FaultProxy) -> Daemon {
     Daemon::start(&format!(
-        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n[origin]\nretries = 5\nread_timeout = \"5s\"\n",
+        "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n[origin]\nretries = 5\nread_timeout = \"5s\"\nparallel_ranges = 1\n",
         proxy.host(),
         proxy.url()
     ))
@@ -59,7 +62,8 @@ fn blob_url(d: &Daemon, ns: &str, b: &Blob) -> String {
 }
 
 /// 16 concurrent requests for one 256 MiB blob make exactly one origin
-/// download, and every reader gets every byte right.
+/// download (in parallel ranges, each byte once), and every reader gets
+/// every byte right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_readers_one_origin_download() {
     let reg = origin();
@@ -82,10 +86,17 @@ async fn sixteen_readers_one_origin_download() {
         assert_eq!(n, b.size);
         assert_eq!(digest, b.digest);
     }
-    let gets = tokio::task::spawn_blocking(move || origin().blob_gets_of(&b.digest, mark))
-        .await
-        .unwrap();
-    assert_eq!(gets, 1, "origin blob downloads");
+    let digest = b.digest.clone();
+    let (gets, sent) = tokio::task::spawn_blocking(move || {
+        (
+            origin().blob_gets_of(&digest, mark),
+            origin().blob_bytes_sent_of(&digest, mark),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(gets, 32, "one download: 32 ranges of 8 MiB");
+    assert_eq!(sent, 256 * MIB, "each byte once from the origin");
     assert_eq!(d.metric("damselfly_origin_bytes_total") as u64, 256 * MIB);
     assert_eq!(
         d.metric(r#"damselfly_bytes_served_total{source="origin"}"#)
@@ -478,8 +489,8 @@ async fn complete_partials_are_committed_or_restarted_after_a_crash() {
         .collect();
     assert_eq!(
         bad_gets,
-        vec![416, 200],
-        "refused resume, then a fresh download"
+        vec![416, 206],
+        "refused resume, then a fresh download (its first range covers the blob)"
     );
     assert!(d.log().contains("partial download is complete"));
     assert!(d.log().contains("starting over"));

@@ -112,6 +112,74 @@ pub(super) fn start_read(
     })
 }
 
+/// A check of bytes from the store in progress on a blocking thread; it
+/// hands its buffer back for the next one.
+pub(super) type PendingCheck = tokio::task::JoinHandle<(Vec<u8>, Result<(), ReadFail>)>;
+
+/// Checks bytes `at..at + len` against `sums` (the sums of the chunks the
+/// span covers, in order; `at` on a chunk boundary) without keeping them:
+/// for a sender that hands the same range of the file to the kernel
+/// (sendfile), which sends it from the page cache the check just read.
+/// Reads through `buf`, which can be smaller than a chunk, so that a
+/// reader needs no chunk-sized buffer and the bytes stay in the CPU cache
+/// between the read and the hash.
+pub(super) fn start_check(
+    file: Arc<File>,
+    at: u64,
+    len: u64,
+    sums: Vec<u64>,
+    mut buf: Vec<u8>,
+) -> PendingCheck {
+    tokio::task::spawn_blocking(move || {
+        let r = check_span(&file, at, len, &sums, &mut buf);
+        (buf, r)
+    })
+}
+
+fn check_span(
+    file: &File,
+    at: u64,
+    len: u64,
+    sums: &[u64],
+    buf: &mut [u8],
+) -> Result<(), ReadFail> {
+    let end = at + len;
+    let mut chunk_start = at;
+    for sum in sums {
+        if chunk_start >= end {
+            break;
+        }
+        let chunk_end = (chunk_start + SUM_CHUNK).min(end);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut pos = chunk_start;
+        while pos < chunk_end {
+            let n = ((chunk_end - pos) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], pos).map_err(|e| {
+                ReadFail::Io(if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(e.kind(), "blob file is shorter than expected")
+                } else {
+                    e
+                })
+            })?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if h.digest() != *sum {
+            return Err(ReadFail::Rot {
+                offset: chunk_start,
+            });
+        }
+        chunk_start = chunk_end;
+    }
+    if chunk_start < end {
+        // Fewer sums than chunks: the sums file does not fit the blob.
+        return Err(ReadFail::Rot {
+            offset: chunk_start,
+        });
+    }
+    Ok(())
+}
+
 impl Fetcher {
     /// A committed blob, ready to serve with verified reads (when they are
     /// on). `None` when its bytes turned out wrong: it was quarantined and

@@ -9,6 +9,11 @@
 //! (or to what [`FaultProxy::set_fault_matching`] selects) that the upstream
 //! answered with 2xx. The proxy runs on its own tokio runtime thread, so it
 //! is controlled from sync or async tests alike.
+//!
+//! [`FaultProxy::set_rate_per_response`] caps every response body at a rate
+//! of its own: an origin whose connections are each capped, as S3's are
+//! behind ECR, so that one stream cannot fill the link and parallel ranged
+//! GETs multiply the throughput.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -91,7 +96,7 @@ impl Fault {
     }
 }
 
-type Filter = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+type Filter = Arc<dyn Fn(&str, &str, &HeaderMap) -> bool + Send + Sync>;
 
 struct FaultRule {
     fault: Fault,
@@ -179,8 +184,12 @@ struct ProxyState {
     client: Client<HttpConnector, LabBody>,
     rule: Mutex<FaultRule>,
     latency: Mutex<Duration>,
+    /// Bytes per second for each response body; 0: unlimited.
+    rate: AtomicU64,
     records: Mutex<Vec<Arc<Record>>>,
     in_flight: AtomicUsize,
+    /// The most response bodies that streamed at once.
+    max_in_flight: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -188,22 +197,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ProxyState {
-    fn matches(&self, filter: &Option<Filter>, method: &str, path: &str) -> bool {
+    fn matches(
+        &self,
+        filter: &Option<Filter>,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
         match filter {
-            Some(f) => f(method, path),
+            Some(f) => f(method, path, headers),
             None => method == "GET" && blob_digest(path).is_some(),
         }
     }
 
     /// Takes one use of the current fault if it applies to this request at
     /// this stage (`before_upstream`: only `Status`; after: body faults).
-    fn take_fault(&self, method: &str, path: &str, before_upstream: bool) -> Option<Fault> {
+    fn take_fault(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+        before_upstream: bool,
+    ) -> Option<Fault> {
         let mut rule = lock(&self.rule);
         let is_status = matches!(rule.fault, Fault::Status { .. });
         if rule.fault == Fault::None || rule.remaining == 0 || is_status != before_upstream {
             return None;
         }
-        if !self.matches(&rule.filter, method, path) {
+        if !self.matches(&rule.filter, method, path, headers) {
             return None;
         }
         if rule.remaining != ALWAYS {
@@ -266,8 +287,10 @@ impl FaultProxy {
                 filter: None,
             }),
             latency: Mutex::new(Duration::ZERO),
+            rate: AtomicU64::new(0),
             records: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         let handler_state = state.clone();
         let server = ServerThread::start("lab-proxy", 2, move |req| {
@@ -312,10 +335,27 @@ impl FaultProxy {
         fault: Fault,
         filter: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
     ) {
+        self.set_fault_matching_headers(fault, move |m, p, _| filter(m, p));
+    }
+
+    /// Sets the fault for requests where `filter(method, path, request
+    /// headers)` is true, e.g. only the GET whose `Range` starts at a given
+    /// offset.
+    pub fn set_fault_matching_headers(
+        &self,
+        fault: Fault,
+        filter: impl Fn(&str, &str, &HeaderMap) -> bool + Send + Sync + 'static,
+    ) {
         let mut rule = lock(&self.state.rule);
         rule.remaining = fault.times();
         rule.fault = fault;
         rule.filter = Some(Arc::new(filter));
+    }
+
+    /// Caps every response body from now on at `bytes_per_sec`, each on its
+    /// own (0: no cap). Responses already streaming keep their cap.
+    pub fn set_rate_per_response(&self, bytes_per_sec: u64) {
+        self.state.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Back to pass-through.
@@ -397,6 +437,11 @@ impl FaultProxy {
             .iter()
             .filter(|r| lock(&r.fault).is_some())
             .count()
+    }
+
+    /// The most response bodies that were streaming at the same moment.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Waits (at most `timeout`) until no response body is streaming.
@@ -501,7 +546,9 @@ async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<LabB
     });
     lock(&state.records).push(record.clone());
 
-    if let Some(fault @ Fault::Status { code, .. }) = state.take_fault(&method, &path, true) {
+    if let Some(fault @ Fault::Status { code, .. }) =
+        state.take_fault(&method, &path, req.headers(), true)
+    {
         *lock(&record.fault) = Some(fault);
         record.status.store(code, Ordering::SeqCst);
         record.outcome.store(OUTCOME_COMPLETE, Ordering::SeqCst);
@@ -522,6 +569,7 @@ async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<LabB
         }
     };
     strip_hop_by_hop(&mut parts.headers);
+    let request_headers = parts.headers.clone();
     let upstream_request =
         Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
     let response = match state.client.request(upstream_request).await {
@@ -542,12 +590,19 @@ async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<LabB
         .and_then(|v| v.parse::<u64>().ok());
     *lock(&record.content_length) = content_length;
     let fault = if parts.status.is_success() {
-        state.take_fault(&method, &path, false)
+        state.take_fault(&method, &path, &request_headers, false)
     } else {
         None
     };
     *lock(&record.fault) = fault.clone();
-    let body = FaultBody::new(body, fault, record, content_length, state.clone());
+    let rate = state.rate.load(Ordering::SeqCst);
+    let mut body = FaultBody::new(body, fault, record, content_length, state.clone());
+    if rate > 0 {
+        body.pace = Some(Pace {
+            rate: rate as f64,
+            started: tokio::time::Instant::now(),
+        });
+    }
     Response::from_parts(parts, body.boxed())
 }
 
@@ -563,9 +618,21 @@ struct FaultBody {
     stalled: bool,
     cutting: bool,
     ended: bool,
+    /// The per-response rate cap, if any.
+    pace: Option<Pace>,
     record: Arc<Record>,
     state: Arc<ProxyState>,
 }
+
+/// A response's own rate cap: each frame waits until the bytes sent so far
+/// fit the rate since the first byte.
+struct Pace {
+    rate: f64,
+    started: tokio::time::Instant,
+}
+
+/// Frames larger than this are split, so a capped body flows smoothly.
+const PACE_FRAME: usize = 64 << 10;
 
 impl FaultBody {
     fn new(
@@ -575,7 +642,8 @@ impl FaultBody {
         content_length: Option<u64>,
         state: Arc<ProxyState>,
     ) -> FaultBody {
-        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
         FaultBody {
             inner,
             fault,
@@ -586,12 +654,25 @@ impl FaultBody {
             stalled: false,
             cutting: false,
             ended: false,
+            pace: None,
             record,
             state,
         }
     }
 
-    fn emit(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn emit(&mut self, mut data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(pace) = &self.pace {
+            // (A fault that already holds back the rest keeps its frame.)
+            if data.len() > PACE_FRAME && self.pending.is_none() {
+                self.pending = Some(data.split_off(PACE_FRAME));
+            }
+            // The wait comes before the next frame: this one may go now.
+            let due = pace.started
+                + Duration::from_secs_f64((self.sent + data.len() as u64) as f64 / pace.rate);
+            if due > tokio::time::Instant::now() {
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(due)));
+            }
+        }
         self.sent += data.len() as u64;
         self.record
             .body_bytes
