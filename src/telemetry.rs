@@ -471,7 +471,10 @@ pub async fn serve_with(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, typically: back off as the
+                    // other listeners do, rather than spin and flood the log.
                     tracing::warn!(error = %e, "telemetry accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
