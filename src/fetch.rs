@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, StatusCode};
 use sha2::Digest as _;
 use tokio::sync::watch;
 
@@ -976,25 +976,11 @@ impl DownloadJob {
         // With parallel ranges, the first GET asks for one part: a 206 says
         // the origin takes ranges (and the size); a 200 streams the blob.
         let range = match (*written, parallel > 1) {
-            (w, true) => Some(format!("bytes={w}-{}", w.saturating_add(part) - 1)),
+            (w, true) => Some((w, Some(w.saturating_add(part)))),
             (0, false) => None,
-            (w, false) => Some(format!("bytes={w}-")),
+            (w, false) => Some((w, None)),
         };
-        let mut headers = HeaderMap::new();
-        if let Some(range) = range {
-            headers.insert(
-                http::header::RANGE,
-                HeaderValue::from_str(&range).map_err(|e| bad(e.to_string()))?,
-            );
-        }
-        let req = origin::Request {
-            method: Method::GET,
-            path: origin::blob_path(&self.repo, digest),
-            scope: origin::pull_scope(&self.repo),
-            headers,
-            client_auth: self.client_auth.as_ref(),
-            kind: "blob",
-        };
+        let req = origin::Request::blob_get(&self.repo, digest, range, self.client_auth.as_ref());
         let resp = inner.origin.send(&self.up, &req).await?;
         // Where the body starts and ends, and the blob's full size.
         let (start, end, size) = match resp.status() {

@@ -217,6 +217,38 @@ pub struct Request<'a> {
     pub kind: &'static str,
 }
 
+impl<'a> Request<'a> {
+    /// A GET of blob `digest` in `repo`: the whole blob, or with `range`
+    /// the bytes from `.0` to `.1` (exclusive; to the end when `None`).
+    /// The one place a blob GET to the origin is written.
+    pub fn blob_get(
+        repo: &str,
+        digest: &Digest,
+        range: Option<(u64, Option<u64>)>,
+        client_auth: Option<&'a HeaderValue>,
+    ) -> Request<'a> {
+        let mut headers = HeaderMap::new();
+        if let Some((from, end)) = range {
+            let spec = match end {
+                Some(end) => format!("bytes={from}-{}", end.saturating_sub(1)),
+                None => format!("bytes={from}-"),
+            };
+            // Digits, '=' and '-' only: always a valid header value.
+            if let Ok(v) = HeaderValue::from_str(&spec) {
+                headers.insert(http::header::RANGE, v);
+            }
+        }
+        Request {
+            method: Method::GET,
+            path: blob_path(repo, digest),
+            scope: pull_scope(repo),
+            headers,
+            client_auth,
+            kind: "blob",
+        }
+    }
+}
+
 impl Origin {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Origin, OriginError> {
         Origin::with_ecr_source(cfg, metrics, Arc::new(ecr::AwsTokenSource::default()))

@@ -296,12 +296,7 @@ async fn a_cold_blob_comes_in_parallel_ranges() {
     let proxy = FaultProxy::start(origin()).expect("proxy");
     // 8 MiB/s per response: one stream would take 1.5 s; the parts overlap.
     proxy.set_rate_per_response(8 * MIB);
-    let d = daemon(
-        &proxy.host(),
-        &proxy.url(),
-        "parallel_ranges = 4\nrange_size = \"1MiB\"",
-        "",
-    );
+    let d = ranged_daemon(&proxy);
     let mark = proxy.mark();
     let (status, digest, n) = get_hashed(&reqwest::Client::new(), &blob_url(&d, &proxy.host(), b))
         .await
@@ -329,6 +324,28 @@ async fn a_cold_blob_comes_in_parallel_ranges() {
     assert!(d.blob_path(&b.digest).exists());
 }
 
+/// A daemon behind `proxy` that fetches in 1 MiB parts, 4 at once.
+fn ranged_daemon(proxy: &FaultProxy) -> Daemon {
+    daemon(
+        &proxy.host(),
+        &proxy.url(),
+        "parallel_ranges = 4\nrange_size = \"1MiB\"",
+        "",
+    )
+}
+
+/// `fault` on the blob GET whose range starts at byte `from`.
+fn fault_on_part_at(proxy: &FaultProxy, from: u64, fault: Fault) {
+    let part = format!("bytes={from}-");
+    proxy.set_fault_matching_headers(fault, move |m, p, h| {
+        m == "GET"
+            && p.contains("/blobs/")
+            && h.get("range")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with(&part))
+    });
+}
+
 /// Corrupt bytes in one of the parallel ranges: the client never gets the
 /// whole body, nothing is committed, and once the origin is healthy the
 /// next GET gets the right blob.
@@ -336,26 +353,15 @@ async fn a_cold_blob_comes_in_parallel_ranges() {
 async fn corrupt_bytes_on_a_parallel_range_are_never_served_whole() {
     let b = tokio::task::spawn_blocking(parts_blob).await.unwrap();
     let proxy = FaultProxy::start(origin()).expect("proxy");
-    let bad_part = format!("bytes={}-", 5 * MIB);
-    proxy.set_fault_matching_headers(
+    fault_on_part_at(
+        &proxy,
+        5 * MIB,
         Fault::Corrupt {
             offset: 12_345,
             times: 1,
         },
-        move |m, p, h| {
-            m == "GET"
-                && p.contains("/blobs/")
-                && h.get("range")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with(&bad_part))
-        },
     );
-    let d = daemon(
-        &proxy.host(),
-        &proxy.url(),
-        "parallel_ranges = 4\nrange_size = \"1MiB\"",
-        "",
-    );
+    let d = ranged_daemon(&proxy);
     let client = reqwest::Client::new();
     let url = blob_url(&d, &proxy.host(), b);
     match get_hashed(&client, &url).await {
@@ -383,26 +389,15 @@ async fn corrupt_bytes_on_a_parallel_range_are_never_served_whole() {
 async fn a_range_that_breaks_midway_is_resumed() {
     let b = tokio::task::spawn_blocking(parts_blob).await.unwrap();
     let proxy = FaultProxy::start(origin()).expect("proxy");
-    let cut_part = format!("bytes={}-", 7 * MIB);
-    proxy.set_fault_matching_headers(
+    fault_on_part_at(
+        &proxy,
+        7 * MIB,
         Fault::CutAfter {
             bytes: 300_000,
             times: 1,
         },
-        move |m, p, h| {
-            m == "GET"
-                && p.contains("/blobs/")
-                && h.get("range")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with(&cut_part))
-        },
     );
-    let d = daemon(
-        &proxy.host(),
-        &proxy.url(),
-        "parallel_ranges = 4\nrange_size = \"1MiB\"",
-        "",
-    );
+    let d = ranged_daemon(&proxy);
     let mark = proxy.mark();
     let (status, digest, n) = get_hashed(&reqwest::Client::new(), &blob_url(&d, &proxy.host(), b))
         .await

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, StatusCode};
 use libp2p::PeerId;
 use sha2::Digest as _;
 use tokio::sync::mpsc;
@@ -746,20 +746,12 @@ async fn origin_piece(ctx: &Arc<Ctx>, k: usize, have: &mut u64) -> Result<(), Fe
             return Ok(());
         }
         let from = start + *have;
-        let mut headers = HeaderMap::new();
-        let range = format!("bytes={from}-{}", end - 1);
-        headers.insert(
-            http::header::RANGE,
-            HeaderValue::from_str(&range).map_err(|e| bad(e.to_string()))?,
+        let req = origin::Request::blob_get(
+            &ctx.repo,
+            digest,
+            Some((from, Some(end))),
+            ctx.client_auth.as_ref(),
         );
-        let req = origin::Request {
-            method: Method::GET,
-            path: origin::blob_path(&ctx.repo, digest),
-            scope: origin::pull_scope(&ctx.repo),
-            headers,
-            client_auth: ctx.client_auth.as_ref(),
-            kind: "blob",
-        };
         let resp = inner.origin.send(&ctx.up, &req).await?;
         let (rstart, total) = match resp.status() {
             StatusCode::PARTIAL_CONTENT => resp

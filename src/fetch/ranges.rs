@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, StatusCode};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -361,20 +361,12 @@ async fn request(ctx: &PartCtx, from: u64, end: u64) -> Result<reqwest::Response
         what: digest.to_string(),
         reason,
     };
-    let mut headers = HeaderMap::new();
-    let range = format!("bytes={from}-{}", end - 1);
-    headers.insert(
-        http::header::RANGE,
-        HeaderValue::from_str(&range).map_err(|e| bad(e.to_string()))?,
+    let req = origin::Request::blob_get(
+        &ctx.repo,
+        digest,
+        Some((from, Some(end))),
+        ctx.client_auth.as_ref(),
     );
-    let req = origin::Request {
-        method: Method::GET,
-        path: origin::blob_path(&ctx.repo, digest),
-        scope: origin::pull_scope(&ctx.repo),
-        headers,
-        client_auth: ctx.client_auth.as_ref(),
-        kind: "blob",
-    };
     let resp = ctx.fetcher.inner.origin.send(&ctx.up, &req).await?;
     if resp.status() != StatusCode::PARTIAL_CONTENT {
         return Err(bad(format!(
