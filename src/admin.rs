@@ -69,6 +69,7 @@ impl AdminError {
 pub struct Node {
     store: Store,
     fetcher: Option<Fetcher>,
+    swarm: Option<crate::swarm::Swarm>,
     metrics: Option<Metrics>,
     prewarm: Option<Prewarm>,
     started_at: SystemTime,
@@ -103,10 +104,17 @@ impl Node {
         Node {
             store: fetcher.store().clone(),
             fetcher: Some(fetcher),
+            swarm: None,
             metrics: Some(metrics),
             prewarm: None,
             started_at: SystemTime::now(),
         }
+    }
+
+    /// Answers `peers` from the swarm, and withdraws evicted blobs from it.
+    pub fn with_swarm(mut self, swarm: Option<crate::swarm::Swarm>) -> Node {
+        self.swarm = swarm;
+        self
     }
 
     /// Answers prewarm and GPU questions from `prewarm`.
@@ -137,6 +145,7 @@ impl Node {
         Node {
             store,
             fetcher: None,
+            swarm: None,
             metrics: None,
             prewarm: None,
             started_at: SystemTime::now(),
@@ -417,7 +426,7 @@ impl Node {
         };
         let r = self.store.verify(repair, &mut forward)?;
         if let Some(m) = &self.metrics {
-            m.observe_store(self.store.usage());
+            self.store.usage().publish(m);
         }
         Ok(VerifyReport {
             checked: r.checked,
@@ -442,7 +451,7 @@ impl Node {
         let target = req.target.unwrap_or(self.store.usage().max_size);
         let r = self.store.gc(target, req.dry_run)?;
         if let Some(m) = &self.metrics {
-            m.observe_store(self.store.usage());
+            self.store.usage().publish(m);
         }
         Ok(GcReport {
             dry_run: r.dry_run,
@@ -521,7 +530,7 @@ impl Node {
     /// `peers`: the swarm's live members, and the ones this node stopped
     /// trusting.
     pub fn peers(&self) -> Peers {
-        let Some(swarm) = self.fetcher.as_ref().and_then(|f| f.swarm()) else {
+        let Some(swarm) = self.swarm.as_ref() else {
             return Node::peers_disabled();
         };
         let (id, _, role, _) = swarm.local_info();
@@ -564,13 +573,13 @@ impl Node {
         for d in &parsed {
             if self.store.remove(d)? {
                 removed += 1;
-                if let Some(s) = self.fetcher.as_ref().and_then(|f| f.swarm()) {
+                if let Some(s) = self.swarm.as_ref() {
                     s.blob_removed(d);
                 }
             }
         }
         if let Some(m) = &self.metrics {
-            m.observe_store(self.store.usage());
+            self.store.usage().publish(m);
         }
         Ok(api::EvictResponse { removed })
     }

@@ -66,17 +66,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let prom = Registry::new();
     let metrics = Metrics::new(&prom)?;
     let usage = store.usage();
-    metrics.observe_store(usage);
+    usage.publish(&metrics);
 
     let origin = Origin::new(&cfg, metrics.clone())?;
     origin.prefetch_ecr_tokens();
-    let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone());
     let swarm_stop = CancellationToken::new();
     let mut swarm_handle = None;
-    if cfg.swarm.enabled {
-        let (swarm, listener) =
-            crate::swarm::Swarm::start(&cfg.swarm, &cfg.store.dir, metrics.clone()).await?;
-        fetcher.attach_swarm(swarm.clone());
+    // The swarm first: the engine takes pieces from it, and its data plane
+    // serves the engine's blobs (started below, once the engine exists).
+    let started_swarm = if cfg.swarm.enabled {
+        Some(crate::swarm::Swarm::start(&cfg.swarm, &cfg.store.dir, metrics.clone()).await?)
+    } else {
+        None
+    };
+    let peers = started_swarm
+        .as_ref()
+        .map(|(s, _)| std::sync::Arc::new(s.clone()) as std::sync::Arc<dyn crate::swarm::PeerNet>);
+    let fetcher = Fetcher::new(&cfg, store, origin, metrics.clone(), peers);
+    if let Some((swarm, listener)) = started_swarm {
         let follower = fetcher.clone();
         let seed = cfg.swarm.role == crate::swarm::Role::Seed;
         swarm.spawn_watchers(move |a| {
@@ -90,7 +97,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         });
         tokio::spawn(crate::swarm::data::serve(
             listener,
-            fetcher.clone(),
+            std::sync::Arc::new(fetcher.clone()),
             swarm.clone(),
             swarm_stop.clone(),
         ));
@@ -124,11 +131,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         &cfg,
         facts,
         fetcher.clone(),
+        swarm_handle.clone(),
         PrewarmMetrics::new(&prom)?,
         started,
     );
     let admin_node = std::sync::Arc::new(
-        admin::Node::daemon(fetcher.clone(), metrics.clone()).with_prewarm(prewarm.clone()),
+        admin::Node::daemon(fetcher.clone(), metrics.clone())
+            .with_swarm(swarm_handle.clone())
+            .with_prewarm(prewarm.clone()),
     );
     let mirror = Mirror::new(&cfg, fetcher, metrics);
 

@@ -159,6 +159,8 @@ struct Inner {
     cfg: PrewarmConfig,
     facts: GpuFacts,
     fetcher: Fetcher,
+    /// With the swarm on: how prewarm tells that membership settled.
+    swarm: Option<crate::swarm::Swarm>,
     containerd: Option<Containerd>,
     metrics: PrewarmMetrics,
     started: Instant,
@@ -209,6 +211,7 @@ impl Prewarm {
         cfg: &Config,
         facts: GpuFacts,
         fetcher: Fetcher,
+        swarm: Option<crate::swarm::Swarm>,
         metrics: PrewarmMetrics,
         started: Instant,
     ) -> Prewarm {
@@ -255,6 +258,7 @@ impl Prewarm {
                 cfg: pcfg,
                 facts,
                 fetcher,
+                swarm,
                 containerd,
                 metrics,
                 started,
@@ -368,7 +372,7 @@ impl Prewarm {
         let Some((wait, settled)) = self.inner.swarm_wait else {
             return;
         };
-        let Some(swarm) = self.inner.fetcher.swarm().cloned() else {
+        let Some(swarm) = self.inner.swarm.clone() else {
             return;
         };
         let deadline = Instant::now() + wait;

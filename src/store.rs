@@ -108,6 +108,15 @@ pub struct Usage {
     pub max_size: u64,
 }
 
+impl Usage {
+    /// Publishes the store's size gauges.
+    pub fn publish(&self, metrics: &crate::telemetry::Metrics) {
+        metrics.store_bytes.set(self.bytes as i64);
+        metrics.store_blobs.set(self.blobs as i64);
+        metrics.store_max_bytes.set(self.max_size as i64);
+    }
+}
+
 /// What start-up recovery found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {

@@ -319,15 +319,6 @@ impl Metrics {
     }
 }
 
-impl Metrics {
-    /// Publishes the store's size gauges.
-    pub fn observe_store(&self, usage: crate::store::Usage) {
-        self.store_bytes.set(usage.bytes as i64);
-        self.store_blobs.set(usage.blobs as i64);
-        self.store_max_bytes.set(usage.max_size as i64);
-    }
-}
-
 /// Readiness as the health endpoint reports it: the daemon is up, and
 /// nothing holds readiness back (prewarm with `gate_readiness`). Every
 /// change is also published on a watch channel, so that the node gate can

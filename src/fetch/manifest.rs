@@ -101,7 +101,7 @@ impl Fetcher {
             });
         }
         let file = std::sync::Arc::new(opened.file);
-        let body = super::read_chunk(file.clone(), 0, opened.size)
+        let body = super::read::read_chunk(file.clone(), 0, opened.size)
             .await
             .map_err(|source| FetchError::Io {
                 what: format!("manifest {d}"),
@@ -205,25 +205,9 @@ impl Fetcher {
         }
         let media_type = header_type.unwrap_or_else(|| sniff_media_type(&body));
         if !self.inner.store.contains(&actual) {
-            // fsyncs, and possibly an eviction: off the runtime.
-            let store = self.inner.store.clone();
-            let (d, b, mt) = (actual.clone(), body.clone(), media_type.clone());
             let prov = crate::store::Provenance::origin(up.host(), repo);
-            tokio::task::spawn_blocking(move || {
-                store.put_small(&d, &b, Some(&mt))?;
-                if let Err(e) = store.set_provenance(&d, &prov) {
-                    tracing::debug!(digest = %d, error = %e, "cannot record provenance");
-                }
-                Ok::<_, crate::store::StoreError>(())
-            })
-            .await
-            .map_err(|e| FetchError::Io {
-                what: "storing manifest".into(),
-                source: std::io::Error::other(e),
-            })??;
-            if let Some(swarm) = self.inner.swarm.get() {
-                swarm.blob_committed(&actual, body.len() as u64);
-            }
+            self.commit_small(&actual, &body, &media_type, &prov)
+                .await?;
         }
         Ok(Manifest {
             digest: actual,
@@ -243,7 +227,7 @@ impl Fetcher {
     /// digest is what it is. Only holders are asked, with no origin hint, so
     /// no peer fetches it from the origin on our behalf.
     async fn peer_manifest(&self, up: &Upstream, repo: &str, d: &Digest) -> Option<Manifest> {
-        let swarm = self.inner.swarm.get()?;
+        let swarm = self.inner.swarm.as_ref()?;
         if !swarm.has_peers() {
             return None;
         }
@@ -253,10 +237,16 @@ impl Fetcher {
             let crate::swarm::PieceSource::Peer(p) = src else {
                 break;
             };
-            let resp = match swarm
-                .open_piece(&p, d, 0, MAX_MANIFEST - 1, None, "", "")
-                .await
-            {
+            let req = crate::swarm::PieceRequest {
+                peer: &p,
+                digest: d,
+                start: 0,
+                end_incl: MAX_MANIFEST - 1,
+                size: None,
+                registry: "",
+                repo: "",
+            };
+            let resp = match swarm.open_piece(req).await {
                 Ok(r) if r.total <= MAX_MANIFEST && r.start == 0 => r,
                 Ok(_) => continue,
                 Err(e) => {
@@ -285,20 +275,11 @@ impl Fetcher {
                 continue;
             }
             let media_type = content_type.unwrap_or_else(|| sniff_media_type(&body));
-            let store = self.inner.store.clone();
-            let (dd, b, mt) = (d.clone(), body.clone(), media_type.clone());
             let mut prov = crate::store::Provenance::origin(up.host(), repo);
             prov.from = crate::store::Fetched::Peer;
-            let stored = tokio::task::spawn_blocking(move || {
-                store.put_small(&dd, &b, Some(&mt))?;
-                let _ = store.set_provenance(&dd, &prov);
-                Ok::<_, crate::store::StoreError>(())
-            })
-            .await;
-            if !matches!(stored, Ok(Ok(()))) {
-                tracing::debug!(digest = %d, "cannot store a manifest from a peer");
+            if let Err(e) = self.commit_small(d, &body, &media_type, &prov).await {
+                tracing::debug!(digest = %d, error = %e, "cannot store a manifest from a peer");
             }
-            swarm.blob_committed(d, body.len() as u64);
             self.inner
                 .metrics
                 .cache_lookups

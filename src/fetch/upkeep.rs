@@ -305,7 +305,7 @@ mod tests {
         let (store, _) = Store::open(dir, 1 << 30).unwrap();
         let metrics = crate::telemetry::Metrics::new(&prometheus::Registry::new()).unwrap();
         let origin = crate::origin::Origin::new(&cfg, metrics.clone()).unwrap();
-        Fetcher::new(&cfg, store, origin, metrics)
+        Fetcher::new(&cfg, store, origin, metrics, None)
     }
 
     fn digest(i: u32) -> Digest {

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{tls, Swarm, SwarmError};
 use crate::config::SwarmConfig;
-use crate::fetch::Fetcher;
 use crate::oci::Digest;
 use crate::telemetry::Metrics;
 
@@ -45,6 +44,60 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What the data plane needs from the engine: bytes of a blob, for a peer.
+/// The fetch engine is the real one (`fetch::Fetcher`); the data plane
+/// knows nothing else of it.
+pub trait PeerBlobs: Send + Sync + 'static {
+    /// Opens bytes of `ask.digest` for a peer: from the store, from a
+    /// download in flight, or (with `ask.origin` a configured registry)
+    /// from a new download of just the pieces peers ask for.
+    fn read_for_peer<'a>(
+        &'a self,
+        ask: PeerAsk<'a>,
+    ) -> futures_util::future::BoxFuture<'a, Result<PeerRead, ServeError>>;
+}
+
+/// A peer's piece request, as the data plane parsed it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAsk<'a> {
+    pub digest: &'a Digest,
+    pub start: u64,
+    pub end_incl: u64,
+    /// The size the peer knows the blob to have.
+    pub size: Option<u64>,
+    /// Where the peer's origin keeps the blob, `(registry, repository)`.
+    pub origin: Option<(&'a str, &'a str)>,
+}
+
+/// The engine's answer to a [`PeerAsk`].
+pub enum PeerRead {
+    /// Not here, and not fetchable here.
+    NotHere,
+    /// `start` lies past the end of a blob of `size` bytes.
+    OutOfRange { size: u64 },
+    /// Bytes `start..end` of a blob of `size` bytes.
+    Bytes {
+        size: u64,
+        start: u64,
+        end: u64,
+        /// Chunk checksums from `start`, when this node holds the verified
+        /// blob.
+        sums: Option<Vec<u64>>,
+        media_type: Option<String>,
+        body: PeerBody,
+    },
+}
+
+/// Bytes for a peer: `Sync` too, as hyper's boxed bodies must be.
+pub type PeerBody = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static>,
+>;
+
+/// Why the engine could not open bytes for a peer (answered as 502).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ServeError(pub String);
 
 /// The bound data-plane socket, with its TLS acceptor.
 pub struct Listener {
@@ -87,7 +140,7 @@ impl Listener {
 /// Serves piece requests until `shutdown` fires.
 pub async fn serve(
     listener: Listener,
-    fetcher: Fetcher,
+    blobs: Arc<dyn PeerBlobs>,
     swarm: Swarm,
     shutdown: CancellationToken,
 ) {
@@ -106,7 +159,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let fetcher = fetcher.clone();
+        let blobs = blobs.clone();
         let swarm = swarm.clone();
         let uploads = uploads.clone();
         let tls = tls.clone();
@@ -138,11 +191,11 @@ pub async fn serve(
                     };
                     let peer = tls::peer_fingerprint(stream.get_ref().1)
                         .and_then(|fp| swarm.member_by_fingerprint(&fp));
-                    serve_conn(stream, remote, peer, fetcher, swarm, uploads, stop).await;
+                    serve_conn(stream, remote, peer, blobs, swarm, uploads, stop).await;
                 }
                 None => {
                     let peer = swarm.member_by_ip(remote.ip());
-                    serve_conn(stream, remote, peer, fetcher, swarm, uploads, stop).await;
+                    serve_conn(stream, remote, peer, blobs, swarm, uploads, stop).await;
                 }
             }
         });
@@ -153,7 +206,7 @@ async fn serve_conn<S>(
     stream: S,
     remote: SocketAddr,
     peer: Option<libp2p::PeerId>,
-    fetcher: Fetcher,
+    blobs: Arc<dyn PeerBlobs>,
     swarm: Swarm,
     uploads: Arc<Semaphore>,
     stop: CancellationToken,
@@ -162,13 +215,9 @@ async fn serve_conn<S>(
 {
     let label = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
     let svc = hyper::service::service_fn(move |req| {
-        let (fetcher, swarm, uploads, label) = (
-            fetcher.clone(),
-            swarm.clone(),
-            uploads.clone(),
-            label.clone(),
-        );
-        async move { Ok::<_, Infallible>(handle(req, fetcher, swarm, uploads, label).await) }
+        let (blobs, swarm, uploads, label) =
+            (blobs.clone(), swarm.clone(), uploads.clone(), label.clone());
+        async move { Ok::<_, Infallible>(handle(req, blobs, swarm, uploads, label).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -203,7 +252,7 @@ fn parse_piece_range(v: Option<&HeaderValue>) -> Option<(u64, u64)> {
 
 async fn handle(
     req: Request<Incoming>,
-    fetcher: Fetcher,
+    blobs: Arc<dyn PeerBlobs>,
     swarm: Swarm,
     uploads: Arc<Semaphore>,
     peer: String,
@@ -232,14 +281,7 @@ async fn handle(
             .map(str::to_owned)
     };
     let size_hint = header(SIZE_HEADER).and_then(|s| s.parse::<u64>().ok());
-    // Where this node's own origin keeps the blob, if it must fetch it:
-    // only a configured registry and a valid repository name.
-    let origin = match (header(REGISTRY_HEADER), header(REPOSITORY_HEADER)) {
-        (Some(ns), Some(repo)) if crate::oci::validate_repository(&repo).is_ok() => {
-            fetcher.origin().upstream(&ns).map(|up| (up, repo))
-        }
-        _ => None,
-    };
+    let (registry, repo) = (header(REGISTRY_HEADER), header(REPOSITORY_HEADER));
     let Ok(permit) = uploads.clone().try_acquire_owned() else {
         swarm.metrics().uploads_busy.inc();
         return plain(
@@ -247,27 +289,35 @@ async fn handle(
             "too many uploads in progress",
         );
     };
-    let blob = match fetcher
-        .blob_for_peer(&digest, start, size_hint, origin)
-        .await
-    {
-        Ok(Some(b)) => b,
-        Ok(None) => return plain(StatusCode::NOT_FOUND, "not here"),
+    let ask = PeerAsk {
+        digest: &digest,
+        start,
+        end_incl,
+        size: size_hint,
+        origin: registry.as_deref().zip(repo.as_deref()),
+    };
+    let (size, start, end, sums, media_type, body) = match blobs.read_for_peer(ask).await {
+        Ok(PeerRead::Bytes {
+            size,
+            start,
+            end,
+            sums,
+            media_type,
+            body,
+        }) => (size, start, end, sums, media_type, body),
+        Ok(PeerRead::NotHere) => return plain(StatusCode::NOT_FOUND, "not here"),
+        Ok(PeerRead::OutOfRange { size }) => {
+            let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "range outside the blob");
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(http::header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
         Err(e) => {
             tracing::debug!(digest = %digest, error = %e, "cannot serve a peer");
             return plain(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
-    let size = blob.size;
-    if start >= size && size > 0 {
-        let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "range outside the blob");
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-            r.headers_mut().insert(http::header::CONTENT_RANGE, v);
-        }
-        return r;
-    }
-    let end = end_incl.saturating_add(1).min(size);
-    let sums = blob.sums_from(fetcher.store(), &digest, start, end);
     let counter = swarm
         .metrics()
         .peer_bytes
@@ -275,18 +325,16 @@ async fn handle(
     let throttle = swarm.clone();
     // Held by the body: the upload slot is free when the body is dropped.
     let permit = Arc::new(permit);
-    let stream = blob
-        .stream(start, end, swarm.metrics().clone())
-        .and_then(move |chunk: Bytes| {
-            let counter = counter.clone();
-            let throttle = throttle.clone();
-            let _slot = permit.clone();
-            async move {
-                throttle.throttle_out(chunk.len() as u64).await;
-                counter.inc_by(chunk.len() as u64);
-                Ok(chunk)
-            }
-        });
+    let stream = body.and_then(move |chunk: Bytes| {
+        let counter = counter.clone();
+        let throttle = throttle.clone();
+        let _slot = permit.clone();
+        async move {
+            throttle.throttle_out(chunk.len() as u64).await;
+            counter.inc_by(chunk.len() as u64);
+            Ok(chunk)
+        }
+    });
     let mut r = Response::new(StreamBody::new(stream.map_ok(Frame::data)).boxed());
     *r.status_mut() = StatusCode::PARTIAL_CONTENT;
     let h = r.headers_mut();
@@ -295,11 +343,7 @@ async fn handle(
     {
         h.insert(http::header::CONTENT_RANGE, v);
     }
-    if let Some(mt) = fetcher
-        .store()
-        .media_type(&digest)
-        .and_then(|mt| HeaderValue::from_str(&mt).ok())
-    {
+    if let Some(mt) = media_type.and_then(|mt| HeaderValue::from_str(&mt).ok()) {
         h.insert(http::header::CONTENT_TYPE, mt);
     }
     if let Some(sums) = sums {

@@ -24,9 +24,13 @@ use serde::{Deserialize, Serialize};
 
 pub mod control;
 pub mod intents;
+pub mod memory;
 pub mod model;
+pub mod net;
 pub mod rendezvous;
 pub mod tls;
+
+pub use net::{PeerError, PeerNet, PeerRef, PeerResponse, PieceRequest, PieceSource};
 
 /// What a node is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -77,8 +81,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
 use libp2p::PeerId;
 use tokio::sync::watch;
 
@@ -103,24 +105,6 @@ pub enum SwarmError {
     Client(String),
 }
 
-/// A failed piece request to one peer.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("request to {addr} failed: {}", error_chain(source))]
-    Request {
-        addr: SocketAddr,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{addr} answered {status}")]
-    Status {
-        addr: SocketAddr,
-        status: http::StatusCode,
-    },
-    #[error("{addr} answered without a usable Content-Range")]
-    NoRange { addr: SocketAddr },
-}
-
 /// An error with its causes, `a: b: c`: reqwest's own message alone
 /// ("error sending request") hides what went wrong.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -132,32 +116,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
-}
-
-/// A peer to ask for bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerRef {
-    pub id: PeerId,
-    pub addr: SocketAddr,
-}
-
-/// Where a piece may come from, best first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PieceSource {
-    Peer(PeerRef),
-    Origin,
-}
-
-/// A peer's answer to a piece request, before its body.
-pub struct PeerResponse {
-    pub start: u64,
-    pub total: u64,
-    /// Checksums of each [`crate::store::SUM_CHUNK`] from `start`, when the
-    /// peer holds the whole verified blob.
-    pub sums: Option<Vec<u64>>,
-    /// The media type the peer recorded (manifests).
-    pub content_type: Option<String>,
-    pub body: BoxStream<'static, Result<Bytes, reqwest::Error>>,
 }
 
 /// The swarm, as the fetch engine and the admin API see it. Cheap to clone.
@@ -419,92 +377,60 @@ impl Swarm {
         full: bool,
         failed: &HashSet<PeerId>,
     ) -> Vec<PieceSource> {
-        let members = self.inner.members.borrow().clone();
+        // The sidecar is a member with no data plane: never asked, never
+        // an owner.
+        let members: Vec<(PeerId, SocketAddr)> = self
+            .inner
+            .members
+            .borrow()
+            .values()
+            .filter(|m| m.info.role.serves_data())
+            .map(|m| (m.peer_id, m.info.data_addr))
+            .collect();
         let distrusted = self
             .inner
             .distrusted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // The sidecar is a member with no data plane: never asked, never
-        // an owner.
-        let serves = |id: &PeerId| members.get(id).is_some_and(|m| m.info.role.serves_data());
-        let usable = |id: &PeerId| serves(id) && !distrusted.contains(id) && !failed.contains(id);
-        let key = digest.to_string();
-        let peer_ref = |id: &PeerId| {
-            members.get(id).map(|m| PeerRef {
-                id: *id,
-                addr: m.info.data_addr,
-            })
-        };
-        let holders: Vec<PeerId> = self
+        let holders = self
             .inner
             .holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .map(|h| h.iter().filter(|id| usable(id)).copied().collect())
+            .get(&digest.to_string())
+            .cloned()
             .unwrap_or_default();
-        let holder_bytes: Vec<(Vec<u8>, PeerId)> =
-            holders.iter().map(|id| (id.to_bytes(), *id)).collect();
-        let all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
-            members
-                .keys()
-                .filter(|id| serves(id) && !distrusted.contains(id))
-                .map(|id| (id.to_bytes(), Some(*id)))
-                .chain(std::iter::once((self.inner.local.to_bytes(), None)))
-                .collect()
-        } else {
-            Vec::new()
+        let view = net::PlanView {
+            local: self.inner.local,
+            members: &members,
+            holders: &holders,
+            distrusted: &distrusted,
         };
-        let holder_refs: Vec<(&[u8], PeerId)> = holder_bytes
-            .iter()
-            .map(|(b, id)| (b.as_slice(), *id))
-            .collect();
-        let member_refs: Vec<(&[u8], Option<PeerId>)> =
-            all.iter().map(|(b, id)| (b.as_slice(), *id)).collect();
-        // Only the first owner that has not failed: asking the next one as
-        // a hedge would make it fetch the piece from the origin too. The
-        // next one is asked once this one failed.
-        let mut out: Vec<PieceSource> =
-            rendezvous::plan(&key, piece, &holder_refs, &member_refs, |id| {
-                failed.contains(id)
-            })
-            .into_iter()
-            .filter_map(|id| peer_ref(&id).map(PieceSource::Peer))
-            .collect();
-        out.push(PieceSource::Origin);
-        out
+        net::plan_piece(&view, digest, piece, full, failed)
     }
 
-    /// Asks `peer` for bytes `start..=end_incl` of `digest`.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn open_piece(
-        &self,
-        peer: &PeerRef,
-        digest: &Digest,
-        start: u64,
-        end_incl: u64,
-        size: Option<u64>,
-        ns: &str,
-        repo: &str,
-    ) -> Result<PeerResponse, PeerError> {
-        let addr = peer.addr;
-        let url = format!("{}://{}/v1/blobs/{}", self.inner.scheme, addr, digest);
-        let mut req = self
+    /// Asks a peer for a piece, over the data plane.
+    pub async fn open_piece(&self, req: PieceRequest<'_>) -> Result<PeerResponse, PeerError> {
+        let addr = req.peer.addr;
+        let url = format!("{}://{}/v1/blobs/{}", self.inner.scheme, addr, req.digest);
+        let mut get = self
             .inner
             .client
             .get(url)
-            .header(http::header::RANGE, format!("bytes={start}-{end_incl}"))
-            .header(data::REGISTRY_HEADER, ns)
-            .header(data::REPOSITORY_HEADER, repo);
-        if let Some(s) = size {
-            req = req.header(data::SIZE_HEADER, s.to_string());
+            .header(
+                http::header::RANGE,
+                format!("bytes={}-{}", req.start, req.end_incl),
+            )
+            .header(data::REGISTRY_HEADER, req.registry)
+            .header(data::REPOSITORY_HEADER, req.repo);
+        if let Some(s) = req.size {
+            get = get.header(data::SIZE_HEADER, s.to_string());
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| PeerError::Request { addr, source })?;
+        let resp = get.send().await.map_err(|e| PeerError::Request {
+            addr,
+            reason: error_chain(&e),
+        })?;
         if resp.status() != http::StatusCode::PARTIAL_CONTENT {
             return Err(PeerError::Status {
                 addr,
@@ -527,13 +453,16 @@ impl Swarm {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        use futures_util::StreamExt;
+        use futures_util::{StreamExt, TryStreamExt};
         Ok(PeerResponse {
             start: rstart,
             total,
             sums,
             content_type,
-            body: resp.bytes_stream().boxed(),
+            body: resp
+                .bytes_stream()
+                .map_err(|e| std::io::Error::other(error_chain(&e)))
+                .boxed(),
         })
     }
 
@@ -639,6 +568,73 @@ impl Swarm {
 
     pub async fn shutdown(&self) {
         self.inner.control.shutdown().await;
+    }
+}
+
+impl PeerNet for Swarm {
+    fn piece_size(&self) -> u64 {
+        Swarm::piece_size(self)
+    }
+
+    fn max_piece_transfers(&self) -> usize {
+        Swarm::max_piece_transfers(self)
+    }
+
+    fn hedge_after(&self) -> Duration {
+        Swarm::hedge_after(self)
+    }
+
+    fn stall_timeout(&self) -> Duration {
+        Swarm::stall_timeout(self)
+    }
+
+    fn has_peers(&self) -> bool {
+        Swarm::has_peers(self)
+    }
+
+    fn piece_plan(
+        &self,
+        digest: &Digest,
+        piece: u64,
+        full: bool,
+        failed: &HashSet<PeerId>,
+    ) -> Vec<PieceSource> {
+        Swarm::piece_plan(self, digest, piece, full, failed)
+    }
+
+    fn find_holders<'a>(
+        &'a self,
+        digest: &'a Digest,
+        timeout: Duration,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(Swarm::find_holders(self, digest, timeout))
+    }
+
+    fn open_piece<'a>(
+        &'a self,
+        req: PieceRequest<'a>,
+    ) -> futures_util::future::BoxFuture<'a, Result<PeerResponse, PeerError>> {
+        Box::pin(Swarm::open_piece(self, req))
+    }
+
+    fn distrust(&self, peer: &PeerId, why: &str) {
+        Swarm::distrust(self, peer, why)
+    }
+
+    fn announce_want(&self, digest: &Digest, registry: &str, repo: &str) {
+        Swarm::announce_want(self, digest, registry, repo)
+    }
+
+    fn blob_committed(&self, digest: &Digest, size: u64) {
+        Swarm::blob_committed(self, digest, size)
+    }
+
+    fn throttle_in(&self, n: u64) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(Swarm::throttle_in(self, n))
+    }
+
+    fn bytes_in_counter(&self, peer: &PeerId) -> prometheus::IntCounter {
+        self.peer_counter(peer, "in")
     }
 }
 

@@ -26,15 +26,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{
-    parse_content_range_full, write_and_hash, BlobHasher, Download, DownloadJob, FetchError,
-    Fetcher, PendingWrite, WRITE_BATCH,
-};
-use crate::origin::{self, Upstream};
+use super::{write_and_hash, BlobHasher, DownloadJob, PendingWrite};
+use crate::fetch::{parse_content_range_full, Download, FetchError, Fetcher, Pull, WRITE_BATCH};
 
 /// The first wait before a broken part is asked again; it doubles with each
 /// break of the same part, up to the download's cap.
@@ -149,9 +146,7 @@ struct Part {
 struct PartCtx {
     fetcher: Fetcher,
     dl: Arc<Download>,
-    up: Upstream,
-    repo: String,
-    client_auth: Option<HeaderValue>,
+    pull: Pull,
     size: u64,
 }
 
@@ -171,9 +166,7 @@ pub(super) async fn parallel(
     let ctx = Arc::new(PartCtx {
         fetcher: job.fetcher.clone(),
         dl: job.dl.clone(),
-        up: job.up.clone(),
-        repo: job.repo.clone(),
-        client_auth: job.client_auth.clone(),
+        pull: job.pull.clone(),
         size,
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -238,10 +231,7 @@ pub(super) async fn parallel(
             m = rx.recv() => m,
             // A part task that panicked sends nothing more.
             Some(Err(e)) = tasks.join_next() => {
-                return Err(FetchError::Io {
-                    what: "origin range task".into(),
-                    source: std::io::Error::other(e),
-                });
+                return Err(FetchError::Join { task: "origin range", source: e });
             }
         };
         while let Some(m) = msg.take() {
@@ -361,13 +351,8 @@ async fn request(ctx: &PartCtx, from: u64, end: u64) -> Result<reqwest::Response
         what: digest.to_string(),
         reason,
     };
-    let req = origin::Request::blob_get(
-        &ctx.repo,
-        digest,
-        Some((from, Some(end))),
-        ctx.client_auth.as_ref(),
-    );
-    let resp = ctx.fetcher.inner.origin.send(&ctx.up, &req).await?;
+    let req = ctx.pull.blob_get(digest, Some((from, Some(end))));
+    let resp = ctx.fetcher.inner.origin.send(&ctx.pull.up, &req).await?;
     if resp.status() != StatusCode::PARTIAL_CONTENT {
         return Err(bad(format!(
             "answered {} to a range after answering 206 to the first",

@@ -1,0 +1,209 @@
+//! The seam between the fetch engine and the network of peers.
+//!
+//! [`PeerNet`] is everything the piece engine ([`crate::fetch::pieces`])
+//! asks of the swarm: which sources a piece should come from, one piece
+//! request to one peer, who holds a blob, and the verdicts it reports back
+//! (a blob committed, a peer distrusted). [`super::Swarm`] is the real one,
+//! over libp2p and the TLS data plane; [`super::memory::MemorySwarm`] is an
+//! in-memory fake with scripted peers, so that the engine's schedule
+//! (owners, holders, hedging, stalls, corrupt peers, the repair path) can be
+//! unit-tested under paused time, without sockets.
+//!
+//! Both plan pieces with the same function, [`plan_piece`], over a
+//! [`PlanView`] of the members: the fake runs the daemon's own schedule,
+//! not a copy of it.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use libp2p::PeerId;
+
+use super::rendezvous;
+use crate::oci::Digest;
+
+/// A peer to ask for bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRef {
+    pub id: PeerId,
+    pub addr: SocketAddr,
+}
+
+/// Where a piece may come from, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceSource {
+    Peer(PeerRef),
+    Origin,
+}
+
+/// One piece request: bytes `start..=end_incl` of `digest`, from `peer`.
+#[derive(Debug, Clone)]
+pub struct PieceRequest<'a> {
+    pub peer: &'a PeerRef,
+    pub digest: &'a Digest,
+    pub start: u64,
+    pub end_incl: u64,
+    /// The blob's size, when this node knows it: a peer that does not hold
+    /// the blob lays out its own download with it.
+    pub size: Option<u64>,
+    /// Where the blob lives (the registry as containerd names it, and the
+    /// repository), should the peer have to fetch it from its origin.
+    pub registry: &'a str,
+    pub repo: &'a str,
+}
+
+/// A peer's answer to a piece request, before its body.
+pub struct PeerResponse {
+    pub start: u64,
+    pub total: u64,
+    /// Checksums of each [`crate::store::SUM_CHUNK`] from `start`, when the
+    /// peer holds the whole verified blob.
+    pub sums: Option<Vec<u64>>,
+    /// The media type the peer recorded (manifests).
+    pub content_type: Option<String>,
+    pub body: BoxStream<'static, io::Result<Bytes>>,
+}
+
+/// A failed piece request to one peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The request did not get an answer (refused, reset, TLS, timeout).
+    #[error("request to {addr} failed: {reason}")]
+    Request { addr: SocketAddr, reason: String },
+    #[error("{addr} answered {status}")]
+    Status {
+        addr: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("{addr} answered without a usable Content-Range")]
+    NoRange { addr: SocketAddr },
+}
+
+/// What the fetch engine needs from the swarm. Object safe: the engine
+/// holds an `Arc<dyn PeerNet>`.
+pub trait PeerNet: Send + Sync + 'static {
+    /// `swarm.piece_size`.
+    fn piece_size(&self) -> u64;
+    /// `swarm.max_piece_transfers`: pieces in flight per download.
+    fn max_piece_transfers(&self) -> usize;
+    /// `swarm.hedge_after`.
+    fn hedge_after(&self) -> Duration;
+    /// `swarm.stall_timeout`.
+    fn stall_timeout(&self) -> Duration;
+
+    /// Whether any other member that serves data is alive (else downloads
+    /// go straight to the origin, sequentially).
+    fn has_peers(&self) -> bool;
+
+    /// Where piece `piece` of `digest` should come from, best first, always
+    /// ending with the origin (see [`plan_piece`]).
+    fn piece_plan(
+        &self,
+        digest: &Digest,
+        piece: u64,
+        full: bool,
+        failed: &HashSet<PeerId>,
+    ) -> Vec<PieceSource>;
+
+    /// Looks up who holds `digest`, for at most `timeout`, and remembers
+    /// the answer for [`PeerNet::piece_plan`].
+    fn find_holders<'a>(&'a self, digest: &'a Digest, timeout: Duration) -> BoxFuture<'a, ()>;
+
+    /// Asks a peer for a piece.
+    fn open_piece<'a>(
+        &'a self,
+        req: PieceRequest<'a>,
+    ) -> BoxFuture<'a, Result<PeerResponse, PeerError>>;
+
+    /// Stops asking `peer` for anything, for the life of this process.
+    fn distrust(&self, peer: &PeerId, why: &str);
+
+    /// Tells the cluster this node starts pulling `digest` (seeds follow).
+    fn announce_want(&self, digest: &Digest, registry: &str, repo: &str);
+
+    /// Tells the cluster this node holds the whole verified blob.
+    fn blob_committed(&self, digest: &Digest, size: u64);
+
+    /// Waits as the download limit asks, for `n` bytes from peers.
+    fn throttle_in(&self, n: u64) -> BoxFuture<'_, ()>;
+
+    /// The counter of bytes received from `peer` (looked up once per
+    /// transfer: its label is the peer id in base58).
+    fn bytes_in_counter(&self, peer: &PeerId) -> prometheus::IntCounter;
+}
+
+/// What [`plan_piece`] plans over: the members as this node sees them.
+pub struct PlanView<'a> {
+    pub local: PeerId,
+    /// Members that serve data, with their data-plane address.
+    pub members: &'a [(PeerId, SocketAddr)],
+    /// Peers known to hold the whole blob.
+    pub holders: &'a HashSet<PeerId>,
+    pub distrusted: &'a HashSet<PeerId>,
+}
+
+/// Where piece `piece` of `digest` should come from, best first, always
+/// ending with the origin: [`rendezvous::plan`] over the live members that
+/// are not distrusted and have not `failed`. Holders of the whole blob,
+/// spread by rendezvous; for a node pulling the whole blob (`full`), the
+/// piece's owner too: first when it holds nothing yet (it fetches the piece
+/// once and passes it on), none when it is this node (this node fetches
+/// it). A serving download (`full == false`) never asks non-holders, so
+/// requests cannot loop.
+pub fn plan_piece(
+    view: &PlanView<'_>,
+    digest: &Digest,
+    piece: u64,
+    full: bool,
+    failed: &HashSet<PeerId>,
+) -> Vec<PieceSource> {
+    let addr_of = |id: &PeerId| {
+        view.members
+            .iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, addr)| *addr)
+    };
+    let usable = |id: &PeerId| {
+        addr_of(id).is_some() && !view.distrusted.contains(id) && !failed.contains(id)
+    };
+    let key = digest.to_string();
+    let holder_bytes: Vec<(Vec<u8>, PeerId)> = view
+        .holders
+        .iter()
+        .filter(|id| **id != view.local && usable(id))
+        .map(|id| (id.to_bytes(), *id))
+        .collect();
+    let all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
+        view.members
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| **id != view.local && !view.distrusted.contains(id))
+            .map(|id| (id.to_bytes(), Some(*id)))
+            .chain(std::iter::once((view.local.to_bytes(), None)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let holder_refs: Vec<(&[u8], PeerId)> = holder_bytes
+        .iter()
+        .map(|(b, id)| (b.as_slice(), *id))
+        .collect();
+    let member_refs: Vec<(&[u8], Option<PeerId>)> =
+        all.iter().map(|(b, id)| (b.as_slice(), *id)).collect();
+    // Only the first owner that has not failed: asking the next one as a
+    // hedge would make it fetch the piece from the origin too. The next one
+    // is asked once this one failed.
+    let mut out: Vec<PieceSource> =
+        rendezvous::plan(&key, piece, &holder_refs, &member_refs, |id| {
+            failed.contains(id)
+        })
+        .into_iter()
+        .filter_map(|id| addr_of(&id).map(|addr| PieceSource::Peer(PeerRef { id, addr })))
+        .collect();
+    out.push(PieceSource::Origin);
+    out
+}
