@@ -89,9 +89,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         swarm.spawn_watchers(move |a| {
             if let crate::swarm::control::Announce::Want { digest, ns, repo } = &a.what {
                 if seed {
-                    if let Ok(d) = digest.parse() {
-                        follower.follow(&d, ns, repo);
-                    }
+                    follower.follow(digest, ns, repo);
                 }
             }
         });

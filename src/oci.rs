@@ -9,7 +9,7 @@ pub use image::{valid_host, Descriptor, ImageRef, Platform, RawManifest, Referen
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Longest repository name the distribution spec allows (total length).
 const MAX_NAME_LEN: usize = 255;
@@ -90,6 +90,16 @@ impl fmt::Debug for Digest {
 impl Serialize for Digest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// The string form, as [`Serialize`] writes it, so messages that carried a
+/// digest as a plain string decode unchanged; anything [`FromStr`] rejects
+/// fails the whole message.
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -274,7 +284,15 @@ mod tests {
             &format!("sha256:../{}", &HEX[3..]),
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad:?} parsed");
+            let json = serde_json::to_string(bad).unwrap();
+            assert!(
+                serde_json::from_str::<Digest>(&json).is_err(),
+                "{bad:?} decoded"
+            );
         }
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"sha256:{HEX}\""));
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
     }
 
     #[test]

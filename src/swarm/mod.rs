@@ -259,7 +259,7 @@ impl Swarm {
                 match ann.recv().await {
                     Ok(a) => {
                         if let control::Announce::Have { digest, .. } = &a.what {
-                            me.add_holder(digest, a.from);
+                            me.add_holder(&digest.to_string(), a.from);
                         }
                         on_announce(a);
                     }
@@ -327,7 +327,7 @@ impl Swarm {
     /// remembers the answer for [`Swarm::piece_plan`].
     pub async fn find_holders(&self, digest: &Digest, timeout: Duration) {
         let key = digest.to_string();
-        let found = self.inner.control.providers(&key, timeout).await;
+        let found = self.inner.control.providers(digest, timeout).await;
         for p in found {
             self.add_holder(&key, p);
         }
@@ -336,7 +336,7 @@ impl Swarm {
     /// Tells the cluster this node starts pulling `digest` (seeds follow).
     pub fn announce_want(&self, digest: &Digest, ns: &str, repo: &str) {
         self.inner.control.announce(control::Announce::Want {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             ns: ns.to_owned(),
             repo: repo.to_owned(),
         });
@@ -344,22 +344,22 @@ impl Swarm {
 
     /// Tells the cluster this node holds the whole verified blob.
     pub fn blob_committed(&self, digest: &Digest, size: u64) {
-        let key = digest.to_string();
-        self.inner.control.provide(&key);
-        self.inner
-            .control
-            .announce(control::Announce::Have { digest: key, size });
+        self.inner.control.provide(digest);
+        self.inner.control.announce(control::Announce::Have {
+            digest: digest.clone(),
+            size,
+        });
     }
 
     /// Makes this node findable as a holder of `digest` (Kademlia only; no
     /// announcement, for blobs held since before the swarm started).
     pub fn provide(&self, digest: &Digest) {
-        self.inner.control.provide(&digest.to_string());
+        self.inner.control.provide(digest);
     }
 
     /// The blob is gone from the store (evicted or removed).
     pub fn blob_removed(&self, digest: &Digest) {
-        self.inner.control.unprovide(&digest.to_string());
+        self.inner.control.unprovide(digest);
     }
 
     /// Where piece `piece` of `digest` should come from, best first, always

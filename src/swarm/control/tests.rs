@@ -1,0 +1,435 @@
+use std::net::SocketAddr;
+
+use super::members::Heartbeat;
+use super::*;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "damselfly-control-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PSK: [u8; 32] = [7; 32];
+
+fn info(n: u16) -> MemberInfo {
+    MemberInfo {
+        data_addr: SocketAddr::from(([127, 0, 0, 1], 5000 + n)),
+        fingerprint: format!("{n:064x}"),
+        role: if n == 0 { Role::Seed } else { Role::Node },
+    }
+}
+
+fn config(
+    dir: &TempDir,
+    n: u16,
+    psk: Option<[u8; 32]>,
+    bootstrap: Vec<Bootstrap>,
+) -> ControlConfig {
+    ControlConfig {
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        bootstrap,
+        psk,
+        mdns: false,
+        identity_file: Some(dir.0.join(format!("node{n}")).join("identity.key")),
+        dns_refresh: Duration::from_secs(30),
+        heartbeat: Duration::from_millis(250),
+        member_ttl: Duration::from_millis(1500),
+        info: info(n),
+    }
+}
+
+fn boot(c: &Control) -> Vec<Bootstrap> {
+    vec![Bootstrap::Addr(c.listen_addrs()[0].clone())]
+}
+
+async fn wait_for(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sees(c: &Control, others: &[(&Control, u16)]) -> bool {
+    let m = c.members().borrow().clone();
+    m.len() == others.len()
+        && others.iter().all(|(o, n)| {
+            m.get(&o.local_peer_id())
+                .is_some_and(|m| m.info == info(*n))
+        })
+}
+
+async fn chain(dir: &TempDir) -> (Control, Control, Control) {
+    let a = Control::start(config(dir, 0, Some(PSK), vec![]))
+        .await
+        .unwrap();
+    let b = Control::start(config(dir, 1, Some(PSK), boot(&a)))
+        .await
+        .unwrap();
+    let c = Control::start(config(dir, 2, Some(PSK), boot(&b)))
+        .await
+        .unwrap();
+    (a, b, c)
+}
+
+#[tokio::test]
+async fn three_nodes_form_a_cluster() {
+    let dir = TempDir::new("cluster");
+    let (a, b, c) = chain(&dir).await;
+    let ok = wait_for(Duration::from_secs(5), || {
+        sees(&a, &[(&b, 1), (&c, 2)])
+            && sees(&b, &[(&a, 0), (&c, 2)])
+            && sees(&c, &[(&a, 0), (&b, 1)])
+    })
+    .await;
+    assert!(
+        ok,
+        "members: a={:?} b={:?} c={:?}",
+        a.members().borrow(),
+        b.members().borrow(),
+        c.members().borrow()
+    );
+    assert!(a.connected_peers() >= 1);
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn other_key_or_no_key_never_joins() {
+    let dir = TempDir::new("psk");
+    let a = Control::start(config(&dir, 0, Some(PSK), vec![]))
+        .await
+        .unwrap();
+    let x = Control::start(config(&dir, 1, Some([9; 32]), boot(&a)))
+        .await
+        .unwrap();
+    let y = Control::start(config(&dir, 2, None, boot(&a)))
+        .await
+        .unwrap();
+    let stayed_apart = !wait_for(Duration::from_secs(3), || {
+        !a.members().borrow().is_empty()
+            || !x.members().borrow().is_empty()
+            || !y.members().borrow().is_empty()
+            || a.connected_peers() > 0
+            || x.connected_peers() > 0
+            || y.connected_peers() > 0
+    })
+    .await;
+    assert!(stayed_apart, "a node without the cluster key got in");
+    for n in [&a, &x, &y] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn provider_found_two_hops_away() {
+    let dir = TempDir::new("kad");
+    let (a, b, c) = chain(&dir).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&c, &[(&a, 0), (&b, 1)])).await,
+        "cluster did not form"
+    );
+    let digest: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+    a.provide(&digest);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut found = Vec::new();
+    while Instant::now() < deadline {
+        found = c.providers(&digest, Duration::from_secs(1)).await;
+        if found.contains(&a.local_peer_id()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found.contains(&a.local_peer_id()), "providers: {found:?}");
+    assert!(!found.contains(&c.local_peer_id()));
+    let other: Digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
+    assert!(c.providers(&other, Duration::from_secs(2)).await.is_empty());
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn announcements_reach_others_not_self() {
+    let dir = TempDir::new("ann");
+    let a = Control::start(config(&dir, 0, Some(PSK), vec![]))
+        .await
+        .unwrap();
+    let b = Control::start(config(&dir, 1, Some(PSK), boot(&a)))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
+            && sees(&b, &[(&a, 0)]))
+        .await
+    );
+    let mut a_rx = a.announcements();
+    let mut b_rx = b.announcements();
+    let what = Announce::Have {
+        digest: format!("sha256:{}", "01".repeat(32)).parse().unwrap(),
+        size: 1234,
+    };
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            a.announce(what.clone());
+            match tokio::time::timeout(Duration::from_millis(500), b_rx.recv()).await {
+                Ok(Ok(got)) => return got,
+                Ok(Err(e)) => panic!("broadcast: {e}"),
+                Err(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("B never got A's announcement");
+    assert_eq!(got.from, a.local_peer_id());
+    assert_eq!(got.what, what);
+    assert!(a_rx.try_recv().is_err(), "A received its own announcement");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn stopped_member_is_dropped() {
+    let dir = TempDir::new("drop");
+    let (a, b, c) = chain(&dir).await;
+    assert!(wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1), (&c, 2)])).await);
+    let c_id = c.local_peer_id();
+    c.shutdown().await;
+    let stopped = Instant::now();
+    let ttl = Duration::from_millis(1500);
+    assert!(
+        wait_for(ttl + Duration::from_secs(1), || !a
+            .members()
+            .borrow()
+            .contains_key(&c_id))
+        .await,
+        "C still a member of A after {:?}",
+        stopped.elapsed()
+    );
+    assert!(a.members().borrow().contains_key(&b.local_peer_id()));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn dns_bootstrap_joins_and_skips_self() {
+    let dir = TempDir::new("dns");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dns = vec![Bootstrap::Dns {
+        host: "localhost".into(),
+        port,
+    }];
+    let mut cfg_a = config(&dir, 0, Some(PSK), dns.clone());
+    cfg_a.listen = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    cfg_a.dns_refresh = Duration::from_secs(1);
+    let a = Control::start(cfg_a).await.unwrap();
+    let mut cfg_b = config(&dir, 1, Some(PSK), dns);
+    cfg_b.dns_refresh = Duration::from_secs(1);
+    let b = Control::start(cfg_b).await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
+            && sees(&b, &[(&a, 0)]))
+        .await,
+        "a={:?} b={:?}",
+        a.members().borrow(),
+        b.members().borrow()
+    );
+    // Across a couple of refreshes A must not have connected to itself.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(a.connected_peers(), 1);
+    assert!(!a.members().borrow().contains_key(&a.local_peer_id()));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn identity_persists_and_corruption_is_reported() {
+    let dir = TempDir::new("id");
+    let cfg = config(&dir, 0, Some(PSK), vec![]);
+    let path = cfg.identity_file.clone().unwrap();
+    let first = Control::start(cfg.clone()).await.unwrap();
+    let id = first.local_peer_id();
+    first.shutdown().await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let second = Control::start(cfg.clone()).await.unwrap();
+    assert_eq!(second.local_peer_id(), id);
+    second.shutdown().await;
+
+    std::fs::write(&path, b"not a key").unwrap();
+    let err = Control::start(cfg.clone())
+        .await
+        .err()
+        .expect("garbage identity accepted");
+    assert!(matches!(err, ControlError::IdentityCorrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn listen_failure_is_an_error() {
+    let dir = TempDir::new("listen");
+    let a = Control::start(config(&dir, 0, None, vec![])).await.unwrap();
+    let mut cfg = config(&dir, 1, None, vec![]);
+    cfg.listen = a.listen_addrs()[0].clone();
+    let err = Control::start(cfg)
+        .await
+        .err()
+        .expect("second bind on the same port");
+    assert!(matches!(err, ControlError::Listen { .. }), "{err}");
+    a.shutdown().await;
+}
+
+#[test]
+fn psk_formats() {
+    let dir = TempDir::new("psk-file");
+    let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let mut want = [0u8; 32];
+    hex::decode_to_slice(hex, &mut want).unwrap();
+
+    let swarm_key = dir.0.join("swarm.key");
+    std::fs::write(
+        &swarm_key,
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n"),
+    )
+    .unwrap();
+    assert_eq!(load_psk(&swarm_key).unwrap(), want);
+
+    let bare = dir.0.join("bare");
+    std::fs::write(&bare, format!("  {}\n\n", hex.to_uppercase())).unwrap();
+    assert_eq!(load_psk(&bare).unwrap(), want);
+
+    for (name, content) in [
+        ("short", &hex[..60]),
+        (
+            "nonhex",
+            "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        ),
+        ("b64", "/key/swarm/psk/1.0.0/\n/base64/\nABCD"),
+        ("empty", ""),
+    ] {
+        let p = dir.0.join(name);
+        std::fs::write(&p, content).unwrap();
+        let err = load_psk(&p).unwrap_err().to_string();
+        assert!(err.contains(&p.display().to_string()), "{err}");
+        assert!(!err.contains("112233"), "error echoes the key: {err}");
+    }
+    let missing = dir.0.join("missing");
+    assert!(load_psk(&missing)
+        .unwrap_err()
+        .to_string()
+        .contains("missing"));
+}
+
+#[test]
+fn bootstrap_parsing() {
+    assert_eq!(
+        "dns:damselfly.kube-system.svc:4003"
+            .parse::<Bootstrap>()
+            .unwrap(),
+        Bootstrap::Dns {
+            host: "damselfly.kube-system.svc".into(),
+            port: 4003
+        }
+    );
+    let b: Bootstrap = "/ip4/10.0.0.5/tcp/4003".parse().unwrap();
+    assert_eq!(b.to_string(), "/ip4/10.0.0.5/tcp/4003");
+    for bad in [
+        "dns:host",
+        "dns::4003",
+        "dns:host:99999",
+        "10.0.0.5:4003",
+        "/ip4/10.0.0.5/udp/4003",
+        "/ip4/nope",
+    ] {
+        let err = bad.parse::<Bootstrap>().unwrap_err();
+        assert!(err.to_string().contains(bad), "{err}");
+    }
+}
+
+#[test]
+fn wire_formats() {
+    let hb = serde_json::to_value(Heartbeat { info: info(1) }).unwrap();
+    assert_eq!(hb["info"]["role"], "node");
+    let a = Announce::Want {
+        digest: format!("sha256:{}", "00".repeat(32)).parse().unwrap(),
+        ns: "docker.io".into(),
+        repo: "library/alpine".into(),
+    };
+    let s = serde_json::to_string(&a).unwrap();
+    assert_eq!(serde_json::from_str::<Announce>(&s).unwrap(), a);
+    assert!(serde_json::from_slice::<Heartbeat>(b"{\"info\":42}").is_err());
+}
+
+/// What a node that still carried digests as strings put on the content
+/// topic, byte for byte: it must decode, and encode back the same.
+#[test]
+fn announcements_from_string_digests() {
+    let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let digest: Digest = format!("sha256:{hex}").parse().unwrap();
+    let have = format!(r#"{{"type":"have","digest":"sha256:{hex}","size":1234}}"#);
+    let want = format!(
+        r#"{{"type":"want","digest":"sha256:{hex}","ns":"docker.io","repo":"library/alpine"}}"#
+    );
+    let decoded: Announce = serde_json::from_str(&have).unwrap();
+    assert_eq!(
+        decoded,
+        Announce::Have {
+            digest: digest.clone(),
+            size: 1234
+        }
+    );
+    assert_eq!(serde_json::to_string(&decoded).unwrap(), have);
+    let decoded: Announce = serde_json::from_str(&want).unwrap();
+    assert_eq!(
+        decoded,
+        Announce::Want {
+            digest,
+            ns: "docker.io".into(),
+            repo: "library/alpine".into()
+        }
+    );
+    assert_eq!(serde_json::to_string(&decoded).unwrap(), want);
+    // A string that was never a digest the node could serve is now refused
+    // at the edge, where before it was carried and matched nothing.
+    for bad in [
+        r#"{"type":"have","digest":"sha256:00","size":1}"#,
+        r#"{"type":"have","digest":"md5:00","size":1}"#,
+        r#"{"type":"want","digest":42,"ns":"docker.io","repo":"a"}"#,
+    ] {
+        assert!(serde_json::from_str::<Announce>(bad).is_err(), "{bad}");
+    }
+}

@@ -1,0 +1,178 @@
+//! How the control plane reaches peers: TCP (with DNS for `/dns`
+//! multiaddrs), the cluster key's pnet beneath noise and yamux, and the
+//! libp2p behaviours that run over it (identify, ping, gossipsub, Kademlia,
+//! mDNS).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::io::{AsyncRead, AsyncWrite};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Transport,
+};
+use tracing::warn;
+
+use super::{ControlConfig, ControlError};
+
+const IDENTIFY_PROTOCOL: &str = "/damselfly/id/1.0.0";
+pub(super) const KAD_PROTOCOL: &str = "/damselfly/kad/1.0.0";
+
+/// Bound on TCP connect + pnet + noise + yamux, so a black-holed address does
+/// not hold a dial slot for the OS's SYN timeout.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Image caches easily hold more blobs than MemoryStore's default of 1024
+/// provider keys; past the limit start_providing fails.
+const MAX_PROVIDER_KEYS: usize = 1 << 16;
+
+pub(super) fn build_transport(
+    key: &Keypair,
+    psk: Option<[u8; 32]>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, ControlError> {
+    let tcp_cfg = tcp::Config::default().nodelay(true);
+    // DNS only matters for /dns4|dns6 multiaddrs in the bootstrap list; a
+    // host without a usable resolv.conf still works with IP addresses.
+    match libp2p::dns::tokio::Transport::system(tcp::tokio::Transport::new(tcp_cfg.clone())) {
+        Ok(dns) => secure(dns, key, psk),
+        Err(e) => {
+            warn!(error = %e, "no system DNS config; /dns multiaddrs will not resolve");
+            secure(tcp::tokio::Transport::new(tcp_cfg), key, psk)
+        }
+    }
+}
+
+/// pnet has to wrap the raw TCP stream, beneath noise: a peer with another
+/// key then fails the noise handshake on garbled bytes, before any protocol
+/// runs.
+fn secure<T>(
+    base: T,
+    key: &Keypair,
+    psk: Option<[u8; 32]>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, ControlError>
+where
+    T: Transport + Send + Unpin + 'static,
+    T::Output: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
+    let noise = noise::Config::new(key).map_err(|e| ControlError::Transport(e.to_string()))?;
+    Ok(match psk {
+        Some(psk) => {
+            let pnet = PnetConfig::new(PreSharedKey::new(psk));
+            base.and_then(move |socket, _| pnet.handshake(socket))
+                .upgrade(Version::V1)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .timeout(UPGRADE_TIMEOUT)
+                .boxed()
+        }
+        None => base
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(UPGRADE_TIMEOUT)
+            .boxed(),
+    })
+}
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    pub(super) gossipsub: gossipsub::Behaviour,
+    pub(super) kad: kad::Behaviour<MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+pub(super) fn build_behaviour(
+    key: &Keypair,
+    cfg: &ControlConfig,
+) -> Result<Behaviour, ControlError> {
+    let peer_id = key.public().to_peer_id();
+    let gossip_err = |reason: String| ControlError::Behaviour {
+        what: "gossipsub",
+        reason,
+    };
+
+    // Mesh repair and gossip run on gossipsub's own heartbeat; keeping it
+    // at or below the membership heartbeat lets a relayed member show up
+    // within about one membership period.
+    let gossip_heartbeat = cfg
+        .heartbeat
+        .clamp(Duration::from_millis(100), Duration::from_millis(500));
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(gossip_heartbeat)
+        .validation_mode(ValidationMode::Strict)
+        .flood_publish(true)
+        .build()
+        .map_err(|e| gossip_err(e.to_string()))?;
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_cfg)
+        .map_err(|e| gossip_err(e.to_string()))?;
+
+    let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_cfg.set_query_timeout(Duration::from_secs(30));
+    let store = MemoryStore::with_config(
+        peer_id,
+        MemoryStoreConfig {
+            max_provided_keys: MAX_PROVIDER_KEYS,
+            ..Default::default()
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
+    // Default mode is client until an external address is confirmed, which
+    // never happens without AutoNAT; nodes on a cluster network all serve.
+    // The sidecar holds nothing, so it takes no provider records either.
+    kad.set_mode(Some(if cfg.info.role.serves_data() {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+
+    let mdns = if cfg.mdns {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
+                ControlError::Behaviour {
+                    what: "mDNS",
+                    reason: e.to_string(),
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+
+    Ok(Behaviour {
+        identify: identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                .with_agent_version(format!("damselfly/{}", env!("CARGO_PKG_VERSION"))),
+        ),
+        ping: ping::Behaviour::new(ping::Config::new()),
+        gossipsub,
+        kad,
+        mdns: Toggle::from(mdns),
+    })
+}
+
+pub(super) fn tcp_socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
+    let mut ip = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+            Protocol::Tcp(port) => return ip.map(|ip| SocketAddr::new(ip, port)),
+            _ => {}
+        }
+    }
+    None
+}
