@@ -37,7 +37,7 @@ use sha2::Digest as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{parse_content_range, Download, FetchError, Fetcher};
+use super::{Download, FetchError, Fetcher};
 use crate::oci::Digest;
 use crate::origin::{self, Upstream};
 use crate::store::{Provenance, SUM_CHUNK};
@@ -758,7 +758,8 @@ async fn origin_piece(ctx: &Arc<Ctx>, k: usize, have: &mut u64) -> Result<(), Fe
                 .headers()
                 .get(http::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range)
+                .and_then(crate::http::parse_content_range)
+                .map(|r| (r.first, r.size))
                 .ok_or_else(|| bad("206 without a usable Content-Range".into()))?,
             StatusCode::OK => (
                 0,
