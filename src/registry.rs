@@ -470,8 +470,7 @@ pub async fn serve(
         let mirror = mirror.clone();
         async move {
             let _ = stream.set_nodelay(true);
-            let conn =
-                http1::serve_connection(stream, mirror, max_head, HEADER_READ_TIMEOUT, stop);
+            let conn = http1::serve_connection(stream, mirror, max_head, HEADER_READ_TIMEOUT, stop);
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "mirror connection ended with an error");
             }

@@ -31,8 +31,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{
-    write_and_hash, BlobHasher, Download, DownloadJob, FetchError,
-    Fetcher, PendingWrite, WRITE_BATCH,
+    write_and_hash, BlobHasher, Download, DownloadJob, FetchError, Fetcher, PendingWrite,
+    WRITE_BATCH,
 };
 use crate::origin::{self, Upstream};
 

@@ -131,4 +131,3 @@ fn error_responses_are_oci_json() {
         "registry/2.0"
     );
 }
-

@@ -63,7 +63,10 @@ fn mirror_range_edges() {
             end: MAX
         }
     );
-    assert_eq!(r("bytes=18446744073709551615-", MAX), RangeSpec::Unsatisfiable);
+    assert_eq!(
+        r("bytes=18446744073709551615-", MAX),
+        RangeSpec::Unsatisfiable
+    );
     assert_eq!(r("bytes=-18446744073709551616", 10), RangeSpec::Full);
     assert_eq!(r("bytes=0-18446744073709551616", 10), RangeSpec::Full);
     // Nothing to select from an empty blob, but a suffix is the whole of it.
@@ -97,7 +100,14 @@ fn range_errors_say_why() {
     assert_eq!(parse_range("items=0-1"), Err(RangeError::Unit));
     assert_eq!(parse_range("bytes=0-1, 3-4"), Err(RangeError::Multiple));
     assert_eq!(parse_range("bytes=5-2"), Err(RangeError::Reversed));
-    for bad in ["bytes=", "bytes=-", "bytes=5", "bytes=a-1", "bytes=+-1", "bytes=1-2-3"] {
+    for bad in [
+        "bytes=",
+        "bytes=-",
+        "bytes=5",
+        "bytes=a-1",
+        "bytes=+-1",
+        "bytes=1-2-3",
+    ] {
         assert_eq!(parse_range(bad), Err(RangeError::Malformed), "{bad}");
     }
     assert_eq!(
