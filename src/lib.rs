@@ -17,6 +17,7 @@
 //! - [`oci`]: the distribution spec's vocabulary: digests, repository names,
 //!   tags, image references and manifest descriptors ([`oci::image`]), and
 //!   the error codes that the mirror answers with.
+//! - [`http`](crate::http): byte ranges; the one accept loop of all four listeners.
 //! - [`registry`]: the mirror's HTTP surface (`/v2/...`). It parses and
 //!   validates requests, picks the upstream from containerd's `?ns=`, and maps
 //!   every error to OCI error JSON in one place.
@@ -59,7 +60,7 @@
 //! - [`bench`]: `damselfly bench pull`: a pull through the mirror as
 //!   containerd does it, timed, with bytes by source and a warm verdict.
 //!
-//! Imports point down: `config` and `oci` at the bottom; `store`, `origin`,
+//! Imports point down: `config`, `oci` and `http` at the bottom; `store`, `origin`,
 //! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
 //! the fetch engine; `node` beside it; `sidecar` on `prewarm`'s wire types
 //! and the swarm; `admin`, `cli`, `bench` and `daemon` on top. Known exceptions, still to untangle: `config` validates with
@@ -75,6 +76,7 @@ pub mod cri;
 pub mod daemon;
 pub mod fetch;
 pub mod gpu;
+pub mod http;
 pub mod node;
 pub mod oci;
 pub mod origin;

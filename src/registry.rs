@@ -11,16 +11,18 @@
 //! happens. Every failure becomes an [`ApiError`], and [`ApiError::response`]
 //! is the one place that turns errors into OCI error JSON.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fetch::{FetchError, Fetcher, Manifest};
+use crate::http::{range_spec, unsatisfied_content_range, ContentRange, RangeSpec};
 use crate::oci::{self, Digest, ErrorCode, Reference};
 use crate::origin::{OriginError, Upstream};
 use crate::telemetry::Metrics;
@@ -210,61 +212,6 @@ fn parse_ns(query: Option<&str>) -> Result<Option<String>, ApiError> {
     Ok(ns)
 }
 
-/// A single byte range, resolved against the blob size.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RangeSpec {
-    Full,
-    Partial { start: u64, end: u64 },
-    Unsatisfiable,
-}
-
-/// Parses a `Range` header for a blob of `size` bytes. Multiple ranges are
-/// not supported; like many servers we then send the whole blob, which
-/// RFC 9110 allows.
-pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> RangeSpec {
-    let Some(v) = value.and_then(|v| v.to_str().ok()) else {
-        return RangeSpec::Full;
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return RangeSpec::Full;
-    };
-    if spec.contains(',') {
-        return RangeSpec::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeSpec::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let parsed = match (a.is_empty(), b.is_empty()) {
-        // bytes=-N: the last N bytes.
-        (true, false) => b.parse::<u64>().ok().map(|n| {
-            if n == 0 {
-                None
-            } else {
-                Some((size.saturating_sub(n), size))
-            }
-        }),
-        (false, true) => a
-            .parse::<u64>()
-            .ok()
-            .map(|s| (s < size).then_some((s, size))),
-        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => {
-                Some((s < size).then(|| (s, e.saturating_add(1).min(size))))
-            }
-            _ => None,
-        },
-        (true, true) => None,
-    };
-    match parsed {
-        // A syntactically invalid range is ignored (RFC 9110 14.2).
-        None => RangeSpec::Full,
-        Some(None) => RangeSpec::Unsatisfiable,
-        Some(Some((start, end))) if start == 0 && end == size => RangeSpec::Full,
-        Some(Some((start, end))) => RangeSpec::Partial { start, end },
-    }
-}
-
 fn empty() -> Body {
     Body::Empty
 }
@@ -417,13 +364,15 @@ impl Mirror {
                     .await
                     .map_err(|e| ApiError::from(&e))?;
                 let size = blob.size;
-                let (status, start, end) = match parse_range(headers.get(http::header::RANGE), size)
-                {
+                let range = headers
+                    .get(http::header::RANGE)
+                    .and_then(|v| v.to_str().ok());
+                let (status, start, end) = match range_spec(range, size) {
                     RangeSpec::Full => (StatusCode::OK, 0, size),
                     RangeSpec::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
                     RangeSpec::Unsatisfiable => {
                         return Err(ApiError {
-                            content_range: Some(format!("bytes */{size}")),
+                            content_range: Some(unsatisfied_content_range(size)),
                             ..ApiError::new(
                                 StatusCode::RANGE_NOT_SATISFIABLE,
                                 ErrorCode::RangeInvalid,
@@ -442,10 +391,12 @@ impl Mirror {
                     .header("Docker-Distribution-API-Version", "registry/2.0")
                     .header("X-Damselfly-Source", blob.source.as_str());
                 if status == StatusCode::PARTIAL_CONTENT {
-                    b = b.header(
-                        http::header::CONTENT_RANGE,
-                        format!("bytes {start}-{}/{size}", end - 1),
-                    );
+                    let range = ContentRange {
+                        first: start,
+                        last: end - 1,
+                        size,
+                    };
+                    b = b.header(http::header::CONTENT_RANGE, range.to_string());
                 }
                 let body = if head_only {
                     empty()
@@ -514,45 +465,18 @@ pub async fn serve(
     let max_head = (mirror.inner.cfg.mirror.max_header_size as usize)
         .saturating_mul(4)
         .saturating_add(64 << 10);
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: back off rather
-                    // than spin.
-                    tracing::warn!(error = %e, "mirror accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let conn = http1::serve_connection(
-            stream,
-            mirror.clone(),
-            max_head,
-            HEADER_READ_TIMEOUT,
-            shutdown.clone(),
-        );
-        conns.spawn(async move {
+    // Idle connections close at once; those serving a response finish it.
+    let handle = move |stream: TcpStream, peer: SocketAddr, stop: CancellationToken| {
+        let mirror = mirror.clone();
+        async move {
+            let _ = stream.set_nodelay(true);
+            let conn = http1::serve_connection(stream, mirror, max_head, HEADER_READ_TIMEOUT, stop);
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "mirror connection ended with an error");
             }
-        });
-    }
-    drop(listener);
-    tracing::info!(drain_s = drain.as_secs_f64(), "mirror draining");
-    // Idle connections close at once; those serving a response finish it.
-    let drained =
-        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!("drain timeout passed; cutting remaining connections");
-        conns.abort_all();
-    }
+        }
+    };
+    crate::http::serve("mirror", listener, handle, shutdown, drain).await
 }
 
 mod http1;

@@ -17,7 +17,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -438,6 +438,9 @@ pub const READY_PATH: &str = "/readyz";
 /// `/v1/status`): the answer for a path, or `None` for a 404.
 pub type Routes = Arc<dyn Fn(&str) -> Option<Response<Full<Bytes>>> + Send + Sync>;
 
+/// A scrape or a probe in flight at shutdown may finish for this long.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -456,35 +459,21 @@ pub async fn serve_with(
     routes: Routes,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: back off as the
-                    // other listeners do, rather than spin and flood the log.
-                    tracing::warn!(error = %e, "telemetry accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let handle = move |stream: TcpStream, _: SocketAddr, stop: CancellationToken| {
         let registry = registry.clone();
         let health = health.clone();
         let routes = routes.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r =
                     routes(req.uri().path()).unwrap_or_else(|| answer(&req, &registry, &health));
                 async move { Ok::<_, Infallible>(r) }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+            let builder = hyper::server::conn::http1::Builder::new();
+            let _ = crate::http::serve_hyper(stream, svc, &builder, &stop).await;
+        }
+    };
+    crate::http::serve("telemetry", listener, handle, shutdown, DRAIN).await
 }
 
 fn answer(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {

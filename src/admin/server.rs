@@ -25,7 +25,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::UnixListener;
+use tokio::net::unix::SocketAddr as UnixAddr;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::api::{self, path, ErrorBody, GcRequest, TargetRequest, VerifyEvent, VerifyRequest};
@@ -105,47 +106,44 @@ impl AdminListener {
     }
 }
 
+/// A command in flight at shutdown (a verify's stream, a GC) may finish
+/// for this long.
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// Serves `node` until `shutdown` fires, then removes the socket file.
 pub async fn serve(admin: AdminListener, node: Arc<Node>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = admin.listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        match stream.peer_cred() {
-            Ok(c) if c.uid() == 0 || c.uid() == admin.owner => {}
-            Ok(c) => {
-                tracing::warn!(
-                    uid = c.uid(),
-                    "admin connection refused: not root or the daemon's user"
-                );
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "admin connection refused: no peer credentials");
-                continue;
-            }
-        }
+    let AdminListener {
+        listener,
+        path,
+        owner,
+    } = admin;
+    let handle = move |stream: UnixStream, _: UnixAddr, stop: CancellationToken| {
         let node = node.clone();
-        tokio::spawn(async move {
+        async move {
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == owner => {}
+                Ok(c) => {
+                    tracing::warn!(
+                        uid = c.uid(),
+                        "admin connection refused: not root or the daemon's user"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin connection refused: no peer credentials");
+                    return;
+                }
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let node = node.clone();
                 async move { Ok::<_, Infallible>(route(req, node).await) }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
-    let _ = std::fs::remove_file(&admin.path);
+            let builder = hyper::server::conn::http1::Builder::new();
+            let _ = crate::http::serve_hyper(stream, svc, &builder, &stop).await;
+        }
+    };
+    crate::http::serve("admin", listener, handle, shutdown, DRAIN).await;
+    let _ = std::fs::remove_file(&path);
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {

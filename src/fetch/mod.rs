@@ -658,21 +658,6 @@ enum Starter {
     Peer { piece: usize, size: Option<u64> },
 }
 
-/// Parses `bytes <start>-<end>/<size>` into the start and the size.
-pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64)> {
-    parse_content_range_full(v).map(|(start, _, size)| (start, size))
-}
-
-/// Parses `bytes <start>-<end>/<size>` (`end` inclusive).
-pub(crate) fn parse_content_range_full(v: &str) -> Option<(u64, u64, u64)> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, size) = rest.split_once('/')?;
-    let (start, end) = range.split_once('-')?;
-    let (start, end, size): (u64, u64, u64) =
-        (start.parse().ok()?, end.parse().ok()?, size.parse().ok()?);
-    (start <= end && end < size).then_some((start, end, size))
-}
-
 #[cfg(test)]
 mod tests {
     use super::sequential::ChunkSums;
@@ -691,15 +676,5 @@ mod tests {
             assert_eq!(s.finish(), whole, "cut every {cut} bytes");
         }
         assert!(ChunkSums::default().finish().is_empty());
-    }
-
-    #[test]
-    fn content_range() {
-        assert_eq!(parse_content_range("bytes 10-19/20"), Some((10, 20)));
-        assert_eq!(parse_content_range("bytes 0-0/1"), Some((0, 1)));
-        assert_eq!(parse_content_range("bytes 10-9/20"), None);
-        assert_eq!(parse_content_range("bytes 10-20/20"), None);
-        assert_eq!(parse_content_range("bytes */20"), None);
-        assert_eq!(parse_content_range("items 0-1/2"), None);
     }
 }

@@ -18,7 +18,7 @@ mod ranges;
 use super::download::is_disk_full;
 use super::Pull;
 use super::{
-    parse_content_range_full, Download, FetchError, Fetcher, Source, RESUME_BACKOFF_CAP,
+    Download, FetchError, Fetcher, Source, RESUME_BACKOFF_CAP,
     RESUME_BACKOFF_START, WRITE_BATCH,
 };
 use crate::oci::Digest;
@@ -187,8 +187,8 @@ impl DownloadJob {
                 .headers()
                 .get(http::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range_full)
-                .map(|(s, e, size)| (s, e + 1, size))
+                .and_then(crate::http::parse_content_range)
+                .map(|r| (r.first, r.last + 1, r.size))
                 .ok_or_else(|| bad("206 without a usable Content-Range".into()))?,
             StatusCode::OK => {
                 let len = resp

@@ -131,34 +131,3 @@ fn error_responses_are_oci_json() {
         "registry/2.0"
     );
 }
-
-#[test]
-fn ranges() {
-    let h = |s: &str| HeaderValue::from_str(s).unwrap();
-    let r = |s: &str, size| parse_range(Some(&h(s)), size);
-    assert_eq!(parse_range(None, 10), RangeSpec::Full);
-    assert_eq!(r("bytes=0-4", 10), RangeSpec::Partial { start: 0, end: 5 });
-    assert_eq!(r("bytes=5-", 10), RangeSpec::Partial { start: 5, end: 10 });
-    assert_eq!(r("bytes=-3", 10), RangeSpec::Partial { start: 7, end: 10 });
-    assert_eq!(r("bytes=-30", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=0-", 10), RangeSpec::Full);
-    assert_eq!(
-        r("bytes=8-100", 10),
-        RangeSpec::Partial { start: 8, end: 10 }
-    );
-    assert_eq!(r("bytes=10-", 10), RangeSpec::Unsatisfiable);
-    assert_eq!(r("bytes=10-20", 10), RangeSpec::Unsatisfiable);
-    assert_eq!(r("bytes=-0", 10), RangeSpec::Unsatisfiable);
-    assert_eq!(r("bytes=0-1,3-4", 10), RangeSpec::Full);
-    // An end at u64::MAX must not overflow.
-    assert_eq!(
-        r("bytes=5-18446744073709551615", 10),
-        RangeSpec::Partial { start: 5, end: 10 }
-    );
-    assert_eq!(r("bytes=0-18446744073709551615", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=99999999999999999999-", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=5-2", 10), RangeSpec::Full);
-    assert_eq!(r("items=0-1", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=x-y", 10), RangeSpec::Full);
-    assert_eq!(r("bytes=0-0", 0), RangeSpec::Unsatisfiable);
-}

@@ -20,7 +20,7 @@ use futures_util::TryStreamExt;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A TLS handshake that takes longer is dropped (and counted as refused).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A piece in flight at shutdown may finish for this long.
+const DRAIN: Duration = Duration::from_secs(5);
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -146,26 +149,14 @@ pub async fn serve(
 ) {
     let uploads = Arc::new(Semaphore::new(swarm.max_uploads()));
     let Listener { tcp, tls, metrics } = listener;
-    loop {
-        let (stream, remote) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = tcp.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "data plane accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let handle = move |stream: TcpStream, remote: SocketAddr, stop: CancellationToken| {
         let _ = stream.set_nodelay(true);
         let blobs = blobs.clone();
         let swarm = swarm.clone();
         let uploads = uploads.clone();
         let tls = tls.clone();
         let metrics = metrics.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
+        async move {
             match tls {
                 Some(acceptor) => {
                     let accepted =
@@ -198,8 +189,9 @@ pub async fn serve(
                     serve_conn(stream, remote, peer, blobs, swarm, uploads, stop).await;
                 }
             }
-        });
-    }
+        }
+    };
+    crate::http::serve("data plane", tcp, handle, shutdown, DRAIN).await
 }
 
 async fn serve_conn<S>(
@@ -219,16 +211,13 @@ async fn serve_conn<S>(
             (blobs.clone(), swarm.clone(), uploads.clone(), label.clone());
         async move { Ok::<_, Infallible>(handle(req, blobs, swarm, uploads, label).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(IDLE_TIMEOUT)
-        .max_buf_size(64 << 10)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::debug!(remote = %remote, error = %e, "data plane connection ended with an error");
-        },
-        _ = stop.cancelled() => {}
+        .max_buf_size(64 << 10);
+    if let Err(e) = crate::http::serve_hyper(stream, svc, &builder, &stop).await {
+        tracing::debug!(remote = %remote, error = %e, "data plane connection ended with an error");
     }
 }
 
@@ -240,14 +229,6 @@ fn plain(status: StatusCode, msg: &str) -> Response<Body> {
     );
     *r.status_mut() = status;
     r
-}
-
-/// `bytes=<a>-<b>`, both given: the only form peers send.
-fn parse_piece_range(v: Option<&HeaderValue>) -> Option<(u64, u64)> {
-    let s = v?.to_str().ok()?.strip_prefix("bytes=")?;
-    let (a, b) = s.split_once('-')?;
-    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-    (a <= b).then_some((a, b))
 }
 
 async fn handle(
@@ -268,7 +249,10 @@ async fn handle(
     else {
         return plain(StatusCode::NOT_FOUND, "only /v1/blobs/sha256:<hex>");
     };
-    let Some((start, end_incl)) = parse_piece_range(req.headers().get(http::header::RANGE)) else {
+    let range = req.headers().get(http::header::RANGE);
+    let range = range.and_then(|v| crate::http::parse_range(v.to_str().ok()?).ok());
+    // `bytes=<a>-<b>`, both given: the only form peers send.
+    let Some((start, end_incl)) = range.and_then(crate::http::ByteRange::bounded) else {
         return plain(
             StatusCode::BAD_REQUEST,
             "Range: bytes=<start>-<end> is required",
@@ -400,18 +384,6 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn piece_ranges() {
-        let h = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(parse_piece_range(Some(&h("bytes=0-99"))), Some((0, 99)));
-        assert_eq!(parse_piece_range(Some(&h("bytes=5-5"))), Some((5, 5)));
-        assert_eq!(parse_piece_range(Some(&h("bytes=9-5"))), None);
-        assert_eq!(parse_piece_range(Some(&h("bytes=5-"))), None);
-        assert_eq!(parse_piece_range(Some(&h("bytes=-5"))), None);
-        assert_eq!(parse_piece_range(Some(&h("items=0-1"))), None);
-        assert_eq!(parse_piece_range(None), None);
-    }
 
     #[test]
     fn sums_header() {

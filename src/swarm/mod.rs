@@ -441,7 +441,8 @@ impl Swarm {
             .headers()
             .get(http::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::fetch::parse_content_range)
+            .and_then(crate::http::parse_content_range)
+            .map(|r| (r.first, r.size))
             .ok_or(PeerError::NoRange { addr })?;
         let sums = resp
             .headers()

@@ -9,7 +9,7 @@ use http::StatusCode;
 
 use super::peer::write_at;
 use super::Ctx;
-use crate::fetch::{parse_content_range, FetchError};
+use crate::fetch::FetchError;
 
 /// Fetches the rest of piece `k` (from `have`) from the origin, resuming
 /// with `Range` when the body breaks.
@@ -40,7 +40,8 @@ pub(super) async fn origin_piece(
                 .headers()
                 .get(http::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range)
+                .and_then(crate::http::parse_content_range)
+                .map(|r| (r.first, r.size))
                 .ok_or_else(|| bad("206 without a usable Content-Range".into()))?,
             StatusCode::OK => (
                 0,

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{write_and_hash, BlobHasher, DownloadJob, PendingWrite};
-use crate::fetch::{parse_content_range_full, Download, FetchError, Fetcher, Pull, WRITE_BATCH};
+use crate::fetch::{Download, FetchError, Fetcher, Pull, WRITE_BATCH};
 
 /// The first wait before a broken part is asked again; it doubles with each
 /// break of the same part, up to the download's cap.
@@ -359,11 +359,12 @@ async fn request(ctx: &PartCtx, from: u64, end: u64) -> Result<reqwest::Response
             resp.status()
         )));
     }
-    let (start, _, size) = resp
+    let (start, size) = resp
         .headers()
         .get(http::header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_content_range_full)
+        .and_then(crate::http::parse_content_range)
+        .map(|r| (r.first, r.size))
         .ok_or_else(|| bad("206 without a usable Content-Range".into()))?;
     if size != ctx.size {
         return Err(bad(format!(
