@@ -555,7 +555,7 @@ pub async fn serve(
     }
 }
 
-mod http1;
+pub(crate) mod http1;
 
 #[cfg(test)]
 mod tests;

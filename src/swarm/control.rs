@@ -240,9 +240,11 @@ pub struct Announcement {
     pub what: Announce,
 }
 
+/// What each member publishes on the members topic. `pub(crate)` for the
+/// fuzz target ([`crate::fuzzing`]).
 #[derive(Serialize, Deserialize)]
-struct Heartbeat {
-    info: MemberInfo,
+pub(crate) struct Heartbeat {
+    pub(crate) info: MemberInfo,
 }
 
 type MemberMap = Arc<BTreeMap<PeerId, Member>>;

@@ -194,7 +194,7 @@ fn plain(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 /// `bytes=<a>-<b>`, both given: the only form peers send.
-fn parse_piece_range(v: Option<&HeaderValue>) -> Option<(u64, u64)> {
+pub(crate) fn parse_piece_range(v: Option<&HeaderValue>) -> Option<(u64, u64)> {
     let s = v?.to_str().ok()?.strip_prefix("bytes=")?;
     let (a, b) = s.split_once('-')?;
     let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
