@@ -18,9 +18,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::oci::{self, Digest, ImageRef, Platform, RawManifest};
 use crate::registry::{self, RangeSpec, Route};
 
+/// A target's body: any bytes in, a panic when a property fails.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/` call it.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("ranges", ranges),
     ("oci_names", oci_names),
     ("registry_route", registry_route),
