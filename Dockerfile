@@ -2,7 +2,8 @@
 # for every container of the DaemonSet. Where no Docker engine runs (CI,
 # this repository's lab), daemonset/image/build.sh builds the same image
 # with umoci, and tests/daemonset.rs builds it and runs its binaries.
-FROM rust:1.89-bookworm AS build
+# The toolchain of rust-toolchain.toml (rustup would fetch it otherwise).
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p damselfly -p hostsd

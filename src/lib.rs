@@ -59,6 +59,9 @@
 //!   of the admin API, its tables and its JSON.
 //! - [`bench`]: `damselfly bench pull`: a pull through the mirror as
 //!   containerd does it, timed, with bytes by source and a warm verdict.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets, one per parser of
+//!   outside input, shared by `fuzz/` and `tests/fuzz_corpus.rs`
+//!   (docs/fuzzing.md).
 //!
 //! Imports point down: `config`, `oci` and `http` at the bottom; `store`, `origin`,
 //! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
@@ -75,6 +78,8 @@ pub mod config;
 pub mod cri;
 pub mod daemon;
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gpu;
 pub mod http;
 pub mod node;

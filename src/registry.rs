@@ -479,7 +479,7 @@ pub async fn serve(
     crate::http::serve("mirror", listener, handle, shutdown, drain).await
 }
 
-mod http1;
+pub(crate) mod http1;
 
 #[cfg(test)]
 mod tests;

@@ -36,13 +36,13 @@ use crate::fetch::FileSpan;
 const MAX_HEADERS: usize = 100;
 
 /// What a connection's next step is after a response.
-enum After {
+pub(crate) enum After {
     KeepAlive,
     Close,
 }
 
 /// Why a request head could not be read.
-enum HeadError {
+pub(crate) enum HeadError {
     /// The peer closed, timed out, or the daemon is shutting down: close
     /// without an answer.
     Gone,
@@ -133,7 +133,7 @@ async fn read_head(
 
 /// A complete request head at the start of `buf`, consumed; `None` when
 /// more bytes are needed.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<(Request<()>, After)>, HeadError> {
+pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<(Request<()>, After)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {

@@ -14,9 +14,11 @@ use tracing::{debug, info};
 use super::task::Task;
 use super::{Member, MemberInfo};
 
+/// What each member publishes on the members topic. `pub(crate)` for the
+/// fuzz target ([`crate::fuzzing`]).
 #[derive(Serialize, Deserialize)]
-pub(super) struct Heartbeat {
-    pub(super) info: MemberInfo,
+pub(crate) struct Heartbeat {
+    pub(crate) info: MemberInfo,
 }
 
 pub(super) type MemberMap = Arc<BTreeMap<PeerId, Member>>;

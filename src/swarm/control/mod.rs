@@ -50,7 +50,8 @@ use super::{MemberInfo, Role};
 use crate::oci::Digest;
 use bootstrap::resolve_loop;
 use keys::load_or_create_identity;
-use members::{Heartbeat, MemberMap};
+pub(crate) use members::Heartbeat;
+use members::MemberMap;
 use task::{Command, Task};
 use transport::{build_behaviour, build_transport, tcp_socket_addr};
 
