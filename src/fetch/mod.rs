@@ -661,7 +661,6 @@ enum Starter {
 #[cfg(test)]
 mod tests {
     use super::sequential::ChunkSums;
-    use super::*;
 
     #[test]
     fn chunk_sums_do_not_depend_on_how_the_stream_is_cut() {
