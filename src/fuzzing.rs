@@ -15,8 +15,8 @@ use std::str::from_utf8;
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::oci::{self, Digest, ImageRef, Platform, RawManifest};
 use crate::http::{ByteRange, RangeSpec};
+use crate::oci::{self, Digest, ImageRef, Platform, RawManifest};
 use crate::registry::{self, Route};
 
 /// A target's body: any bytes in, a panic when a property fails.

@@ -18,8 +18,7 @@ mod ranges;
 use super::download::is_disk_full;
 use super::Pull;
 use super::{
-    Download, FetchError, Fetcher, Source, RESUME_BACKOFF_CAP,
-    RESUME_BACKOFF_START, WRITE_BATCH,
+    Download, FetchError, Fetcher, Source, RESUME_BACKOFF_CAP, RESUME_BACKOFF_START, WRITE_BATCH,
 };
 use crate::oci::Digest;
 use crate::origin::OriginError;
