@@ -12,11 +12,9 @@
 //!   read, handed out as [`TopicMessage`]s (warm intents and their acks).
 
 use std::collections::{btree_map, BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +43,8 @@ use tracing::{debug, info, warn};
 
 use super::intents::{TopicMessage, TOPICS as EXTRA_TOPICS};
 use super::{MemberInfo, Role};
+pub use crate::config::{load_psk, Bootstrap};
+use crate::config::{warn_if_readable_by_others, BootstrapError, ClusterKeyError};
 
 /// How long a provider lookup goes on collecting after its first answer.
 pub const PROVIDERS_GRACE: Duration = Duration::from_millis(15);
@@ -69,73 +69,6 @@ const ANNOUNCEMENT_BUFFER: usize = 1024;
 /// Image caches easily hold more blobs than MemoryStore's default of 1024
 /// provider keys; past the limit start_providing fails.
 const MAX_PROVIDER_KEYS: usize = 1 << 16;
-
-/// Where to find the rest of the cluster at start.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bootstrap {
-    /// A libp2p multiaddr, e.g. `/ip4/10.0.0.5/tcp/4003` (a trailing
-    /// `/p2p/<peer id>` is allowed and then checked).
-    Addr(Multiaddr),
-    /// A DNS name re-resolved every `dns_refresh` (e.g. a Kubernetes headless
-    /// Service); every address it resolves to is dialed on `port`.
-    Dns { host: String, port: u16 },
-}
-
-impl FromStr for Bootstrap {
-    type Err = ControlError;
-
-    /// Accepts a multiaddr (`/ip4/10.0.0.5/tcp/4003`, `/dns4/seed/tcp/4003`)
-    /// or `dns:host:port`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let bad = |reason: &str| ControlError::Bootstrap {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        if let Some(rest) = s.strip_prefix("dns:") {
-            let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-                bad("expected dns:host:port, e.g. dns:damselfly.kube-system.svc:4003")
-            })?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty() {
-                return Err(bad("the host is empty; expected dns:host:port"));
-            }
-            let port: u16 = port
-                .parse()
-                .map_err(|_| bad("the port is not a number in 1-65535"))?;
-            if port == 0 {
-                return Err(bad("port 0 cannot be dialed"));
-            }
-            return Ok(Bootstrap::Dns {
-                host: host.to_string(),
-                port,
-            });
-        }
-        if !s.starts_with('/') {
-            return Err(bad(
-                "expected a multiaddr such as /ip4/10.0.0.5/tcp/4003 or dns:host:port",
-            ));
-        }
-        let addr: Multiaddr = s
-            .parse()
-            .map_err(|e: libp2p::multiaddr::Error| bad(&format!("not a valid multiaddr: {e}")))?;
-        if !addr.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
-            return Err(bad(
-                "the multiaddr has no /tcp/<port>; the control plane only speaks TCP",
-            ));
-        }
-        Ok(Bootstrap::Addr(addr))
-    }
-}
-
-impl fmt::Display for Bootstrap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Bootstrap::Addr(a) => write!(f, "{a}"),
-            Bootstrap::Dns { host, port } => write!(f, "dns:{host}:{port}"),
-        }
-    }
-}
 
 /// Everything the control plane needs to start.
 #[derive(Clone, Debug)]
@@ -173,20 +106,10 @@ pub enum ControlError {
          move it aside to generate a new identity (this node's PeerId will change)"
     )]
     IdentityCorrupt { path: PathBuf, reason: String },
-    #[error("cluster key file {path}: {source}")]
-    PskIo {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "cluster key file {path}: {reason}; expected the swarm.key format \
-         (\"/key/swarm/psk/1.0.0/\", \"/base16/\", then 64 hex characters, one per line) \
-         or a file holding just 64 hex characters"
-    )]
-    PskFormat { path: PathBuf, reason: &'static str },
-    #[error("invalid bootstrap entry {input:?}: {reason}")]
-    Bootstrap { input: String, reason: String },
+    #[error(transparent)]
+    ClusterKey(#[from] ClusterKeyError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
     #[error("invalid control-plane config: {0}")]
     Config(String),
     #[error("cannot set up the libp2p transport: {0}")]
@@ -508,42 +431,6 @@ impl Control {
     }
 }
 
-/// Reads a cluster key: the libp2p/IPFS `swarm.key` format or 64 bare hex
-/// characters. Errors name the file but never echo its content.
-pub fn load_psk(path: &Path) -> Result<[u8; 32], ControlError> {
-    let bytes = std::fs::read(path).map_err(|source| ControlError::PskIo {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    warn_if_readable_by_others(path, "cluster key");
-    let bad = |reason| ControlError::PskFormat {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("the file is not text"))?;
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let hex_line = match lines.as_slice() {
-        [hex] => *hex,
-        ["/key/swarm/psk/1.0.0/", "/base16/", hex] => *hex,
-        ["/key/swarm/psk/1.0.0/", _, _] => {
-            return Err(bad("only the /base16/ encoding is supported"))
-        }
-        [] => return Err(bad("the file is empty")),
-        _ => return Err(bad("unrecognised layout")),
-    };
-    if hex_line.len() != 64 {
-        return Err(bad("the key is not exactly 64 hex characters"));
-    }
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex_line, &mut key)
-        .map_err(|_| bad("the key contains characters other than 0-9, a-f"))?;
-    Ok(key)
-}
-
 fn validate(cfg: &ControlConfig) -> Result<(), ControlError> {
     if cfg.heartbeat.is_zero() {
         return Err(ControlError::Config(
@@ -629,20 +516,6 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-fn warn_if_readable_by_others(path: &Path, what: &str) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.permissions().mode() & 0o077 != 0 {
-                warn!(path = %path.display(), "{what} file is accessible to group/others; chmod 600 it");
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (path, what);
 }
 
 fn build_transport(
@@ -1726,73 +1599,6 @@ mod tests {
             .expect("second bind on the same port");
         assert!(matches!(err, ControlError::Listen { .. }), "{err}");
         a.shutdown().await;
-    }
-
-    #[test]
-    fn psk_formats() {
-        let dir = TempDir::new("psk-file");
-        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-        let mut want = [0u8; 32];
-        hex::decode_to_slice(hex, &mut want).unwrap();
-
-        let swarm_key = dir.0.join("swarm.key");
-        std::fs::write(
-            &swarm_key,
-            format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n"),
-        )
-        .unwrap();
-        assert_eq!(load_psk(&swarm_key).unwrap(), want);
-
-        let bare = dir.0.join("bare");
-        std::fs::write(&bare, format!("  {}\n\n", hex.to_uppercase())).unwrap();
-        assert_eq!(load_psk(&bare).unwrap(), want);
-
-        for (name, content) in [
-            ("short", &hex[..60]),
-            (
-                "nonhex",
-                "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-            ),
-            ("b64", "/key/swarm/psk/1.0.0/\n/base64/\nABCD"),
-            ("empty", ""),
-        ] {
-            let p = dir.0.join(name);
-            std::fs::write(&p, content).unwrap();
-            let err = load_psk(&p).unwrap_err().to_string();
-            assert!(err.contains(&p.display().to_string()), "{err}");
-            assert!(!err.contains("112233"), "error echoes the key: {err}");
-        }
-        let missing = dir.0.join("missing");
-        assert!(load_psk(&missing)
-            .unwrap_err()
-            .to_string()
-            .contains("missing"));
-    }
-
-    #[test]
-    fn bootstrap_parsing() {
-        assert_eq!(
-            "dns:damselfly.kube-system.svc:4003"
-                .parse::<Bootstrap>()
-                .unwrap(),
-            Bootstrap::Dns {
-                host: "damselfly.kube-system.svc".into(),
-                port: 4003
-            }
-        );
-        let b: Bootstrap = "/ip4/10.0.0.5/tcp/4003".parse().unwrap();
-        assert_eq!(b.to_string(), "/ip4/10.0.0.5/tcp/4003");
-        for bad in [
-            "dns:host",
-            "dns::4003",
-            "dns:host:99999",
-            "10.0.0.5:4003",
-            "/ip4/10.0.0.5/udp/4003",
-            "/ip4/nope",
-        ] {
-            let err = bad.parse::<Bootstrap>().unwrap_err();
-            assert!(err.to_string().contains(bad), "{err}");
-        }
     }
 
     #[test]
