@@ -66,9 +66,11 @@
 //! Imports point down: `config`, `oci` and `http` at the bottom; `store`, `origin`,
 //! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
 //! the fetch engine; `node` beside it; `sidecar` on `prewarm`'s wire types
-//! and the swarm; `admin`, `cli`, `bench` and `daemon` on top. Known exceptions, still to untangle: `config` validates with
-//! `swarm` and `origin::ecr` helpers, and `fetch` and `swarm` call each
-//! other.
+//! and the swarm; `admin`, `cli`, `bench` and `daemon` on top. `config`
+//! imports only `oci`: what it validates for the swarm (`Role`, bootstrap
+//! addresses, the cluster key) and for ECR (host names) is defined in
+//! `config`, and `swarm` and `origin::ecr` re-export it. Known exception,
+//! still to untangle: `fetch` and `swarm` call each other.
 #![forbid(unsafe_code)]
 
 pub mod admin;

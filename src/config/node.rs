@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::validate::parse_string_list;
 use super::Validator;
 
 /// When and how the daemon removes its startup taint from its own Node.
@@ -144,26 +145,27 @@ fn valid_label_value(v: &str) -> Result<(), String> {
     }
 }
 
-pub const DEFAULT_TAINT: &str = "damselfly.io/not-ready:NoSchedule";
-pub const KARPENTER_UNREGISTERED: &str = "karpenter.sh/unregistered";
-
 impl Validator {
     pub(super) fn node(&mut self, t: &Table) -> NodeConfig {
         const S: &str = "node";
-        let taint = match self.opt_string(t, S, "taint") {
-            None => DEFAULT_TAINT.parse(),
-            Some(s) => s.parse(),
-        }
-        .unwrap_or_else(|e: String| {
-            self.issue("node.taint", &e);
-            TaintSpec {
-                key: "damselfly.io/not-ready".into(),
+        let written = self.opt_string(t, S, "taint").and_then(|s| {
+            s.parse()
+                .map_err(|e: String| self.issue("node.taint", &e))
+                .ok()
+        });
+        // A bad taint was reported; the default stands in for it so that
+        // the checks below still run.
+        let taint = written
+            .or_else(|| self.keys_default(S, "taint", str::parse::<TaintSpec>))
+            .unwrap_or(TaintSpec {
+                key: String::new(),
                 value: None,
                 effect: TaintEffect::NoSchedule,
-            }
-        });
+            });
         let wait_for_taints = match t.get("wait_for_taints") {
-            None => vec![KARPENTER_UNREGISTERED.to_owned()],
+            None => self
+                .keys_default(S, "wait_for_taints", parse_string_list)
+                .unwrap_or_default(),
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
@@ -207,18 +209,18 @@ impl Validator {
                 self.issue("node.name", &format!("{n:?} is not a Node name"));
             }
         }
-        let poll_interval = self.duration(t, S, "poll_interval", "2s");
+        let poll_interval = self.duration(t, S, "poll_interval");
         if poll_interval < Duration::from_millis(10) {
             self.issue("node.poll_interval", "must be at least 10ms");
         }
         NodeConfig {
-            gate: self.bool(t, S, "gate", false),
+            gate: self.bool(t, S, "gate"),
             name,
             taint,
             wait_for_taints,
-            deadline: self.duration(t, S, "deadline", "10m"),
-            wait_for_ready: self.bool(t, S, "wait_for_ready", true),
-            check_hosts: self.bool(t, S, "check_hosts", true),
+            deadline: self.duration(t, S, "deadline"),
+            wait_for_ready: self.bool(t, S, "wait_for_ready"),
+            check_hosts: self.bool(t, S, "check_hosts"),
             poll_interval,
             kubeconfig: self.opt_path(t, S, "kubeconfig"),
         }

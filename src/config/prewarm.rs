@@ -5,8 +5,8 @@
 //! the settings are `[prewarm]` and the rules `[[prewarm.rule]]`, each with
 //! an optional `[prewarm.rule.gpu]` selector.
 //!
-//! Defaults are read from [`KEYS`](super::KEYS) (see [`default_of`]), so
-//! each is written once.
+//! Defaults are read from [`KEYS`](super::KEYS) by the `Validator`'s
+//! readers, so each is written once.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -15,7 +15,8 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobMatcher};
 use toml::{Table, Value};
 
-use super::{default_of, Validator};
+use super::validate::parse_size;
+use super::Validator;
 use crate::oci::{ImageRef, Platform};
 
 /// Where the GPU inventory comes from (see `gpu`).
@@ -144,15 +145,14 @@ pub fn parse_compute_capability(s: &str) -> Option<(u32, u32)> {
 impl Validator {
     pub(super) fn gpu(&mut self, t: &Table) -> GpuConfig {
         const S: &str = "gpu";
-        let source = match self.opt_string(t, S, "source").as_deref() {
-            None => GpuSource::Auto,
-            Some("auto") => GpuSource::Auto,
-            Some("nvml") => GpuSource::Nvml,
-            Some("labels") => GpuSource::Labels,
-            Some("node") => GpuSource::Node,
-            Some("static") => GpuSource::Static,
-            Some("none") => GpuSource::None,
-            Some(other) => {
+        let source = match self.string(t, S, "source").as_str() {
+            "auto" => GpuSource::Auto,
+            "nvml" => GpuSource::Nvml,
+            "labels" => GpuSource::Labels,
+            "node" => GpuSource::Node,
+            "static" => GpuSource::Static,
+            "none" => GpuSource::None,
+            other => {
                 self.issue(
                     "gpu.source",
                     &format!(
@@ -162,9 +162,7 @@ impl Validator {
                 GpuSource::Auto
             }
         };
-        let nvml_library = self
-            .opt_string(t, S, "nvml_library")
-            .unwrap_or_else(|| default_of("gpu.nvml_library").to_owned());
+        let nvml_library = self.string(t, S, "nvml_library");
         if nvml_library.is_empty() {
             self.issue("gpu.nvml_library", "must not be empty");
         }
@@ -214,11 +212,14 @@ impl Validator {
 
     fn assumed(&mut self, a: &Table) -> AssumedGpus {
         const S: &str = "gpu.assume";
-        let count = self.integer(a, S, "count", 1, 0..=1024) as u32;
-        let product = self
-            .opt_string(a, S, "product")
-            .unwrap_or_else(|| default_of("gpu.assume.product").to_owned());
-        let memory = self.size_or_gib(a, S, "memory").unwrap_or(0);
+        let count = self.integer(a, S, "count", 0..=1024) as u32;
+        let product = self.string(a, S, "product");
+        let memory = match self.size_or_gib(a, S, "memory") {
+            Some(m) => m,
+            None => self
+                .keys_default(S, "memory", parse_size)
+                .unwrap_or_default(),
+        };
         let compute_capability = self.opt_string(a, S, "compute_capability");
         if let Some(cc) = compute_capability.as_deref() {
             if parse_compute_capability(cc).is_none() {
@@ -228,7 +229,7 @@ impl Validator {
                 );
             }
         }
-        let mig = a.contains_key("mig").then(|| self.bool(a, S, "mig", false));
+        let mig = self.opt_bool(a, S, "mig");
         AssumedGpus {
             count,
             product,
@@ -244,7 +245,7 @@ impl Validator {
     fn size_or_gib(&mut self, t: &Table, section: &str, key: &str) -> Option<u64> {
         match t.get(key)? {
             Value::Integer(n) if *n >= 0 => Some((*n as u64).saturating_mul(1 << 30)),
-            Value::String(_) => Some(self.size(t, section, key, "0")),
+            Value::String(_) => self.opt_size(t, section, key),
             other => {
                 self.issue(
                     &format!("{section}.{key}"),
@@ -260,14 +261,9 @@ impl Validator {
 
     pub(super) fn prewarm(&mut self, t: &Table) -> PrewarmConfig {
         const S: &str = "prewarm";
-        let d = |k: &str| default_of(&format!("prewarm.{k}"));
-        let into_containerd = self.bool(t, S, "into_containerd", d("into_containerd") == "true");
-        let containerd_socket = self
-            .opt_path(t, S, "containerd_socket")
-            .unwrap_or_else(|| PathBuf::from(d("containerd_socket")));
-        let containerd_namespace = self
-            .opt_string(t, S, "containerd_namespace")
-            .unwrap_or_else(|| d("containerd_namespace").to_owned());
+        let into_containerd = self.bool(t, S, "into_containerd");
+        let containerd_socket = self.path(t, S, "containerd_socket");
+        let containerd_namespace = self.string(t, S, "containerd_namespace");
         if containerd_namespace.is_empty()
             || !containerd_namespace
                 .bytes()
@@ -278,25 +274,20 @@ impl Validator {
                 &format!("{containerd_namespace:?} is not a containerd namespace name"),
             );
         }
-        let int = |v: &mut Validator, key: &str, max: i64| {
-            let def = d(key).parse().unwrap_or(1);
-            v.integer(t, S, key, def, 1..=max) as usize
-        };
-        let concurrency = int(self, "concurrency", 16);
-        let blob_concurrency = int(self, "blob_concurrency", 32);
-        let pin_in_containerd =
-            self.bool(t, S, "pin_in_containerd", d("pin_in_containerd") == "true");
-        let refresh = self.duration(t, S, "refresh", d("refresh"));
+        let concurrency = self.integer(t, S, "concurrency", 1..=16) as usize;
+        let blob_concurrency = self.integer(t, S, "blob_concurrency", 1..=32) as usize;
+        let pin_in_containerd = self.bool(t, S, "pin_in_containerd");
+        let refresh = self.duration(t, S, "refresh");
         if !refresh.is_zero() && refresh < Duration::from_secs(1) {
             self.issue("prewarm.refresh", "must be 0s (never) or at least 1s");
         }
-        let retry_max = self.duration(t, S, "retry_max", d("retry_max"));
+        let retry_max = self.duration(t, S, "retry_max");
         if retry_max < Duration::from_secs(1) {
             self.issue("prewarm.retry_max", "must be at least 1s");
         }
-        let gate_readiness = self.bool(t, S, "gate_readiness", d("gate_readiness") == "true");
-        let ready_deadline = self.duration(t, S, "ready_deadline", d("ready_deadline"));
-        let swarm_wait = self.duration(t, S, "swarm_wait", d("swarm_wait"));
+        let gate_readiness = self.bool(t, S, "gate_readiness");
+        let ready_deadline = self.duration(t, S, "ready_deadline");
+        let swarm_wait = self.duration(t, S, "swarm_wait");
         let rules = self.rules(t);
         PrewarmConfig {
             into_containerd,
@@ -357,10 +348,10 @@ impl Validator {
                     .map_err(|e| self.issue(&format!("{at}.platform"), &e))
                     .ok()
             });
-            let nodes = match self.opt_string(r, &at, "nodes").as_deref() {
-                None | Some("gpu") => RuleNodes::Gpu,
-                Some("all") => RuleNodes::All,
-                Some(other) => {
+            let nodes = match self.string(r, &at, "nodes").as_str() {
+                "gpu" => RuleNodes::Gpu,
+                "all" => RuleNodes::All,
+                other => {
                     self.issue(
                         &format!("{at}.nodes"),
                         &format!("must be \"gpu\" or \"all\", not {other:?}"),
@@ -369,13 +360,8 @@ impl Validator {
                 }
             };
             let gpu = match r.get("gpu") {
-                None => GpuSelector {
-                    product: None,
-                    min_memory: None,
-                    min_count: 1,
-                    mig: None,
-                    min_compute_capability: None,
-                },
+                // No selector: any GPU, with the selector keys' defaults.
+                None => self.selector(&Table::new(), &format!("{at}.gpu")),
                 Some(Value::Table(g)) => {
                     let gat = format!("{at}.gpu");
                     self.check_keys(g, "prewarm.rule[].gpu", &gat);
@@ -458,10 +444,8 @@ impl Validator {
                 .ok()
         });
         let min_memory = self.size_or_gib(g, at, "min_memory");
-        let min_count = self.integer(g, at, "min_count", 1, 1..=1024) as u32;
-        let mig = g
-            .contains_key("mig")
-            .then(|| self.bool(g, at, "mig", false));
+        let min_count = self.integer(g, at, "min_count", 1..=1024) as u32;
+        let mig = self.opt_bool(g, at, "mig");
         let min_compute_capability =
             self.opt_string(g, at, "min_compute_capability")
                 .and_then(|s| match parse_compute_capability(&s) {
@@ -487,7 +471,7 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ConfigError};
+    use crate::config::{default_of, Config, ConfigError};
 
     fn issues(text: &str) -> Vec<(String, String)> {
         match Config::parse(text, std::path::Path::new("/etc/damselfly/t.toml")) {

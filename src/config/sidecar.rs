@@ -6,7 +6,7 @@
 //!
 //! Without a `[sidecar]` table [`Config::sidecar`](super::Config) is `None`
 //! and `damselfly sidecar` refuses to start, naming the key. Defaults are
-//! read from [`KEYS`](super::KEYS) (see [`default_of`]).
+//! read from [`KEYS`](super::KEYS) by the `Validator`'s readers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 use url::Url;
 
-use super::{default_of, GpuSelector, Validator};
+use super::{GpuSelector, Validator};
 use crate::oci::ImageRef;
 
 /// Where the signal comes from.
@@ -67,7 +67,6 @@ pub struct SidecarConfig {
 impl Validator {
     pub(super) fn sidecar(&mut self, t: &Table, swarm_enabled: bool) -> Option<SidecarConfig> {
         const S: &str = "sidecar";
-        let d = |k: &str| default_of(&format!("sidecar.{k}"));
         let workload = match self.opt_string(t, S, "workload") {
             Some(w) if valid_workload_id(&w) => w,
             Some(w) => {
@@ -117,13 +116,10 @@ impl Validator {
         };
         let activation_threshold = self
             .number(t, S, "activation_threshold")
-            .unwrap_or_else(|| d("activation_threshold").parse().unwrap_or(0.0));
-        let int = |v: &mut Validator, key: &str| {
-            let def = d(key).parse().unwrap_or(0);
-            v.integer(t, S, key, def, 0..=100_000) as u32
-        };
-        let min_replicas = int(self, "min_replicas");
-        let max_replicas = int(self, "max_replicas");
+            .or_else(|| self.keys_default(S, "activation_threshold", str::parse::<f64>))
+            .unwrap_or_default();
+        let min_replicas = self.integer(t, S, "min_replicas", 0..=100_000) as u32;
+        let max_replicas = self.integer(t, S, "max_replicas", 0..=100_000) as u32;
         if max_replicas == 0 {
             self.issue("sidecar.max_replicas", "must be at least 1");
         } else if min_replicas > max_replicas {
@@ -132,11 +128,11 @@ impl Validator {
                 &format!("{min_replicas} is more than sidecar.max_replicas ({max_replicas})"),
             );
         }
-        let poll_interval = self.duration(t, S, "poll_interval", d("poll_interval"));
-        let query_timeout = self.duration(t, S, "query_timeout", d("query_timeout"));
-        let cooldown = self.duration(t, S, "cooldown", d("cooldown"));
-        let intent_ttl = self.duration(t, S, "intent_ttl", d("intent_ttl"));
-        let republish = self.duration(t, S, "republish", d("republish"));
+        let poll_interval = self.duration(t, S, "poll_interval");
+        let query_timeout = self.duration(t, S, "query_timeout");
+        let cooldown = self.duration(t, S, "cooldown");
+        let intent_ttl = self.duration(t, S, "intent_ttl");
+        let republish = self.duration(t, S, "republish");
         for (key, v) in [
             ("poll_interval", poll_interval),
             ("query_timeout", query_timeout),
@@ -161,7 +157,7 @@ impl Validator {
                 "must be at least twice sidecar.poll_interval, or a live intent can expire between two polls",
             );
         }
-        let listen = self.addr(t, S, "listen", d("listen"));
+        let listen = self.addr(t, S, "listen");
         let gpu = match t.get("gpu") {
             None => None,
             Some(Value::Table(g)) => {
@@ -414,7 +410,7 @@ fn valid_label_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ConfigError};
+    use crate::config::{default_of, Config, ConfigError};
 
     /// A key file the swarm check can read.
     fn with_key(body: &str) -> (tempfile::TempDir, String) {

@@ -1,4 +1,5 @@
 use super::*;
+use toml::Value;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new("/etc/damselfly/test.toml"))
@@ -487,5 +488,202 @@ fn store_integrity_keys() {
             "store.scrub_every"
         ],
         "{err:?}"
+    );
+}
+
+/// A value as the loaded config holds it, to compare with the default that
+/// KEYS writes for its key.
+#[derive(Debug, PartialEq)]
+enum Loaded {
+    Dur(Duration),
+    /// Sizes in bytes and integers.
+    Num(u64),
+    Flag(bool),
+    Text(String),
+    Addr(std::net::SocketAddr),
+    List(Vec<String>),
+}
+
+impl Loaded {
+    /// The default of `path` in KEYS, parsed as the same kind as `self`.
+    fn from_keys(&self, path: &str) -> Loaded {
+        let d = default_of(path);
+        assert!(!d.is_empty(), "{path} is not in KEYS");
+        fn bad<T>(path: &str, d: &str, e: &dyn std::fmt::Display) -> T {
+            panic!("{path}: KEYS default {d:?}: {e}")
+        }
+        match self {
+            Loaded::Dur(_) => {
+                Loaded::Dur(validate::parse_duration(d).unwrap_or_else(|e| bad(path, d, &e)))
+            }
+            Loaded::Num(_) => Loaded::Num(
+                d.parse::<u64>()
+                    .or_else(|_| validate::parse_size(d))
+                    .unwrap_or_else(|e| bad(path, d, &e)),
+            ),
+            Loaded::Flag(_) => Loaded::Flag(d.parse().unwrap_or_else(|e| bad(path, d, &e))),
+            Loaded::Text(_) => Loaded::Text(d.to_owned()),
+            Loaded::Addr(_) => Loaded::Addr(d.parse().unwrap_or_else(|e| bad(path, d, &e))),
+            Loaded::List(_) => {
+                Loaded::List(validate::parse_string_list(d).unwrap_or_else(|e| bad(path, d, &e)))
+            }
+        }
+    }
+}
+
+/// KEYS is the one place a default is written: the loader reads it from
+/// there. This compares what an empty file loads to with what KEYS says,
+/// key by key, so a default written in the loader that drifts from the
+/// reference (or a key read from the wrong path) fails here.
+#[test]
+fn loaded_defaults_are_the_keys_defaults() {
+    use Loaded::*;
+    let c = parse(
+        "[gpu.assume]\n[[prewarm.rule]]\nimages = [\"a.example.com/x:1\"]\n",
+    )
+    .unwrap();
+    let d = |v: Duration| Dur(v);
+    let n = |v: u64| Num(v);
+    let text = |v: &str| Text(v.to_owned());
+    let rule = &c.prewarm.rules[0];
+    let assume = c.gpu.assume.as_ref().unwrap();
+    let checked: Vec<(&str, Loaded)> = vec![
+        ("mirror.listen", Addr(c.mirror.listen)),
+        ("mirror.tag_stale_for", d(c.mirror.tag_stale_for)),
+        ("mirror.max_header_size", n(c.mirror.max_header_size)),
+        ("mirror.drain_timeout", d(c.mirror.drain_timeout)),
+        ("store.max_size", n(c.store.max_size)),
+        ("store.verify_reads", Flag(c.store.verify_reads)),
+        ("store.scrub_rate", n(c.store.scrub_rate)),
+        ("store.scrub_every", d(c.store.scrub_every)),
+        ("telemetry.listen", Addr(c.telemetry.listen)),
+        (
+            "telemetry.log_format",
+            text(match c.telemetry.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }),
+        ),
+        ("telemetry.log_level", text(&c.telemetry.log_level)),
+        ("origin.connect_timeout", d(c.origin.connect_timeout)),
+        ("origin.read_timeout", d(c.origin.read_timeout)),
+        ("origin.retries", n(c.origin.retries.into())),
+        ("origin.parallel_ranges", n(c.origin.parallel_ranges as u64)),
+        ("origin.range_size", n(c.origin.range_size)),
+        (
+            "containerd.configure_hosts",
+            Flag(c.containerd.configure_hosts),
+        ),
+        (
+            "containerd.config",
+            text(&c.containerd.config.display().to_string()),
+        ),
+        ("containerd.dial_timeout", text(&c.containerd.dial_timeout)),
+        ("containerd.patch_config", Flag(c.containerd.patch_config)),
+        ("swarm.listen", text(&c.swarm.listen)),
+        ("swarm.data_listen", Addr(c.swarm.data_listen)),
+        ("swarm.bootstrap", List(c.swarm.bootstrap.clone())),
+        ("swarm.dns_refresh", d(c.swarm.dns_refresh)),
+        (
+            "swarm.insecure_no_cluster_key",
+            Flag(c.swarm.enabled && c.swarm.cluster_key_file.is_none()),
+        ),
+        ("swarm.data_tls", Flag(c.swarm.data_tls)),
+        ("swarm.mdns", Flag(c.swarm.mdns)),
+        ("swarm.role", text(c.swarm.role.as_str())),
+        ("swarm.piece_size", n(c.swarm.piece_size)),
+        ("swarm.upload_limit", n(c.swarm.upload_limit)),
+        ("swarm.download_limit", n(c.swarm.download_limit)),
+        (
+            "swarm.max_piece_transfers",
+            n(c.swarm.max_piece_transfers as u64),
+        ),
+        ("swarm.max_uploads", n(c.swarm.max_uploads as u64)),
+        ("swarm.hedge_after", d(c.swarm.hedge_after)),
+        ("swarm.stall_timeout", d(c.swarm.stall_timeout)),
+        ("swarm.heartbeat", d(c.swarm.heartbeat)),
+        ("node.gate", Flag(c.node.gate)),
+        ("node.taint", text(&c.node.taint.to_string())),
+        ("node.wait_for_taints", List(c.node.wait_for_taints.clone())),
+        ("node.deadline", d(c.node.deadline)),
+        ("node.wait_for_ready", Flag(c.node.wait_for_ready)),
+        ("node.check_hosts", Flag(c.node.check_hosts)),
+        ("node.poll_interval", d(c.node.poll_interval)),
+        ("gpu.nvml_library", text(&c.gpu.nvml_library)),
+        ("gpu.assume.count", n(assume.count.into())),
+        ("gpu.assume.product", text(&assume.product)),
+        ("gpu.assume.memory", n(assume.memory)),
+        ("prewarm.into_containerd", Flag(c.prewarm.into_containerd)),
+        (
+            "prewarm.containerd_socket",
+            text(&c.prewarm.containerd_socket.display().to_string()),
+        ),
+        (
+            "prewarm.containerd_namespace",
+            text(&c.prewarm.containerd_namespace),
+        ),
+        ("prewarm.pin_in_containerd", Flag(c.prewarm.pin_in_containerd)),
+        ("prewarm.concurrency", n(c.prewarm.concurrency as u64)),
+        (
+            "prewarm.blob_concurrency",
+            n(c.prewarm.blob_concurrency as u64),
+        ),
+        ("prewarm.refresh", d(c.prewarm.refresh)),
+        ("prewarm.retry_max", d(c.prewarm.retry_max)),
+        ("prewarm.gate_readiness", Flag(c.prewarm.gate_readiness)),
+        ("prewarm.ready_deadline", d(c.prewarm.ready_deadline)),
+        ("prewarm.swarm_wait", d(c.prewarm.swarm_wait)),
+        (
+            "prewarm.rule[].nodes",
+            text(match rule.nodes {
+                RuleNodes::Gpu => "gpu",
+                RuleNodes::All => "all",
+            }),
+        ),
+        ("prewarm.rule[].gpu.min_count", n(rule.gpu.min_count.into())),
+    ];
+    for (path, loaded) in &checked {
+        assert_eq!(*loaded, loaded.from_keys(path), "{path}");
+    }
+    // gpu.source: `[gpu.assume]` turns "auto" into "static", so without it.
+    let plain = Config::defaults().unwrap();
+    assert_eq!(
+        text(&format!("{:?}", plain.gpu.source).to_lowercase()),
+        text("").from_keys("gpu.source")
+    );
+    // Every key with a default of a checkable kind is either above, in
+    // `[sidecar]` (checked in sidecar.rs), or documented in words.
+    let in_words = |d: &str| d.starts_with('(') || d.contains(' ') || d.contains('<');
+    let missed: Vec<&str> = KEYS
+        .iter()
+        .filter(|k| !checked.iter().any(|(p, _)| *p == k.path))
+        .filter(|k| k.path != "gpu.source" && !k.path.starts_with("sidecar."))
+        .filter(|k| !in_words(k.default) && !k.path.starts_with("prewarm.rule[].name"))
+        .map(|k| k.path)
+        .collect();
+    assert!(missed.is_empty(), "defaults not compared with KEYS: {missed:?}");
+}
+
+/// A KEYS default that does not parse fails the load with the key's path,
+/// not a silent zero.
+#[test]
+fn a_broken_keys_default_is_reported_not_zeroed() {
+    let mut v = validate::Validator::new(PathBuf::from("."));
+    let t = Table::new();
+    assert_eq!(v.duration(&t, "store", "no_such_key"), Duration::ZERO);
+    assert_eq!(v.issues.len(), 1);
+    assert_eq!(v.issues[0].path, "store.no_such_key");
+    assert!(v.issues[0].message.contains("not in the KEYS table"));
+    // `store.dir`'s default is prose, not a size.
+    assert_eq!(v.size(&t, "store", "dir"), 0);
+    assert_eq!(v.issues[1].path, "store.dir");
+    assert!(
+        v.issues[1].message.contains("is not a valid path"),
+        "{:?}",
+        v.issues[1]
+    );
+    assert_eq!(
+        validate::schema_path("prewarm.rule[12].gpu", "min_count"),
+        "prewarm.rule[].gpu.min_count"
     );
 }

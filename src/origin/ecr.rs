@@ -47,51 +47,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_ATTEMPTS: u32 = 3;
 
-/// The parts of `<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EcrHost {
-    pub account: String,
-    pub region: String,
-    pub fips: bool,
-}
-
-/// Parses an ECR private registry host name; `None` for any other host.
-pub fn parse_host(host: &str) -> Option<EcrHost> {
-    let labels: Vec<&str> = host.split('.').collect();
-    let (account, dkr, ecr, region, rest) = match labels.as_slice() {
-        [a, d, e, r, rest @ ..] => (*a, *d, *e, *r, rest),
-        _ => return None,
-    };
-    let fips = match ecr {
-        "ecr" => false,
-        "ecr-fips" => true,
-        _ => return None,
-    };
-    let suffix_ok = matches!(rest, ["amazonaws", "com"] | ["amazonaws", "com", "cn"]);
-    (is_account(account) && dkr == "dkr" && valid_region(region) && suffix_ok).then(|| EcrHost {
-        account: account.to_owned(),
-        region: region.to_owned(),
-        fips,
-    })
-}
-
-/// An AWS account id: twelve digits.
-pub fn is_account(s: &str) -> bool {
-    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// An AWS region name such as `us-east-1`, `us-gov-west-1` or `cn-north-1`.
-pub fn valid_region(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() >= 3
-        && parts[0].len() == 2
-        && parts[..parts.len() - 1]
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
-        && parts[parts.len() - 1]
-            .parse::<u8>()
-            .is_ok_and(|n| n > 0 && parts[parts.len() - 1].len() <= 2)
-}
+/// The ECR host-name grammar lives in config, which picks ECR auth by it.
+pub use crate::config::{
+    is_aws_account as is_account, parse_ecr_host as parse_host, valid_aws_region as valid_region,
+    EcrHost,
+};
 
 /// A readable name for an ECR cache key, for logs and errors.
 pub fn describe(key: &EcrAuth) -> String {

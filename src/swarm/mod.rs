@@ -32,37 +32,8 @@ pub mod tls;
 
 pub use net::{PeerError, PeerNet, PeerRef, PeerResponse, PieceRequest, PieceSource};
 
-/// What a node is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Pulls what its containerd asks for, and serves peers.
-    #[default]
-    Node,
-    /// Also keeps full copies of what it sees the cluster pull, so the cache
-    /// survives when every other node has scaled away.
-    Seed,
-    /// The scaling sidecar (`damselfly sidecar`): publishes warm intents,
-    /// stores and serves nothing. Daemons before this role existed cannot
-    /// decode its heartbeat and so never count it as a member.
-    Sidecar,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Node => "node",
-            Role::Seed => "seed",
-            Role::Sidecar => "sidecar",
-        }
-    }
-
-    /// Whether members of this role hold blobs and answer piece requests:
-    /// only those are piece owners, holders, or peers to ask.
-    pub fn serves_data(self) -> bool {
-        !matches!(self, Role::Sidecar)
-    }
-}
+/// What a node is for (defined in config, which validates `swarm.role`).
+pub use crate::config::Role;
 
 /// What each member announces about itself in its heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -646,7 +617,7 @@ pub(crate) fn control_config(
     info: MemberInfo,
 ) -> Result<control::ControlConfig, SwarmError> {
     let psk = match &cfg.cluster_key_file {
-        Some(path) => Some(control::load_psk(path)?),
+        Some(path) => Some(control::load_psk(path).map_err(control::ControlError::from)?),
         None => {
             tracing::warn!("swarm running without a cluster key (swarm.insecure_no_cluster_key): any node that reaches the port can join");
             None

@@ -2,9 +2,7 @@
 //! DNS names re-resolved in the background), and the swarm task's redial of
 //! those that are not connected, skipping addresses that are this node.
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
@@ -22,72 +20,8 @@ pub(super) const REDIAL_EVERY: Duration = Duration::from_secs(3);
 
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where to find the rest of the cluster at start.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bootstrap {
-    /// A libp2p multiaddr, e.g. `/ip4/10.0.0.5/tcp/4003` (a trailing
-    /// `/p2p/<peer id>` is allowed and then checked).
-    Addr(Multiaddr),
-    /// A DNS name re-resolved every `dns_refresh` (e.g. a Kubernetes headless
-    /// Service); every address it resolves to is dialed on `port`.
-    Dns { host: String, port: u16 },
-}
-
-impl FromStr for Bootstrap {
-    type Err = ControlError;
-
-    /// Accepts a multiaddr (`/ip4/10.0.0.5/tcp/4003`, `/dns4/seed/tcp/4003`)
-    /// or `dns:host:port`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let bad = |reason: &str| ControlError::Bootstrap {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        if let Some(rest) = s.strip_prefix("dns:") {
-            let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-                bad("expected dns:host:port, e.g. dns:damselfly.kube-system.svc:4003")
-            })?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty() {
-                return Err(bad("the host is empty; expected dns:host:port"));
-            }
-            let port: u16 = port
-                .parse()
-                .map_err(|_| bad("the port is not a number in 1-65535"))?;
-            if port == 0 {
-                return Err(bad("port 0 cannot be dialed"));
-            }
-            return Ok(Bootstrap::Dns {
-                host: host.to_string(),
-                port,
-            });
-        }
-        if !s.starts_with('/') {
-            return Err(bad(
-                "expected a multiaddr such as /ip4/10.0.0.5/tcp/4003 or dns:host:port",
-            ));
-        }
-        let addr: Multiaddr = s
-            .parse()
-            .map_err(|e: libp2p::multiaddr::Error| bad(&format!("not a valid multiaddr: {e}")))?;
-        if !addr.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
-            return Err(bad(
-                "the multiaddr has no /tcp/<port>; the control plane only speaks TCP",
-            ));
-        }
-        Ok(Bootstrap::Addr(addr))
-    }
-}
-
-impl fmt::Display for Bootstrap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Bootstrap::Addr(a) => write!(f, "{a}"),
-            Bootstrap::Dns { host, port } => write!(f, "dns:{host}:{port}"),
-        }
-    }
-}
+/// The grammar of a bootstrap entry is config's, which validates it.
+pub use crate::config::Bootstrap;
 
 pub(super) async fn resolve_loop(
     names: Vec<(String, u16)>,

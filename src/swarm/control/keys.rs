@@ -10,41 +10,9 @@ use tracing::{info, warn};
 
 use super::ControlError;
 
-/// Reads a cluster key: the libp2p/IPFS `swarm.key` format or 64 bare hex
-/// characters. Errors name the file but never echo its content.
-pub fn load_psk(path: &Path) -> Result<[u8; 32], ControlError> {
-    let bytes = std::fs::read(path).map_err(|source| ControlError::PskIo {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    warn_if_readable_by_others(path, "cluster key");
-    let bad = |reason| ControlError::PskFormat {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("the file is not text"))?;
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let hex_line = match lines.as_slice() {
-        [hex] => *hex,
-        ["/key/swarm/psk/1.0.0/", "/base16/", hex] => *hex,
-        ["/key/swarm/psk/1.0.0/", _, _] => {
-            return Err(bad("only the /base16/ encoding is supported"))
-        }
-        [] => return Err(bad("the file is empty")),
-        _ => return Err(bad("unrecognised layout")),
-    };
-    if hex_line.len() != 64 {
-        return Err(bad("the key is not exactly 64 hex characters"));
-    }
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex_line, &mut key)
-        .map_err(|_| bad("the key contains characters other than 0-9, a-f"))?;
-    Ok(key)
-}
+/// The cluster key's format is config's, which checks the file at load.
+pub use crate::config::load_psk;
+use crate::config::warn_if_readable_by_others;
 
 pub(super) fn load_or_create_identity(path: &Path) -> Result<Keypair, ControlError> {
     let io_err = |source| ControlError::IdentityIo {
@@ -105,18 +73,4 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-fn warn_if_readable_by_others(path: &Path, what: &str) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.permissions().mode() & 0o077 != 0 {
-                warn!(path = %path.display(), "{what} file is accessible to group/others; chmod 600 it");
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (path, what);
 }

@@ -101,20 +101,10 @@ pub enum ControlError {
          move it aside to generate a new identity (this node's PeerId will change)"
     )]
     IdentityCorrupt { path: PathBuf, reason: String },
-    #[error("cluster key file {path}: {source}")]
-    PskIo {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "cluster key file {path}: {reason}; expected the swarm.key format \
-         (\"/key/swarm/psk/1.0.0/\", \"/base16/\", then 64 hex characters, one per line) \
-         or a file holding just 64 hex characters"
-    )]
-    PskFormat { path: PathBuf, reason: &'static str },
-    #[error("invalid bootstrap entry {input:?}: {reason}")]
-    Bootstrap { input: String, reason: String },
+    #[error(transparent)]
+    ClusterKey(#[from] crate::config::ClusterKeyError),
+    #[error(transparent)]
+    Bootstrap(#[from] crate::config::BootstrapError),
     #[error("invalid control-plane config: {0}")]
     Config(String),
     #[error("cannot set up the libp2p transport: {0}")]
