@@ -17,7 +17,8 @@
 //! - [`oci`]: the distribution spec's vocabulary: digests, repository names,
 //!   tags, image references and manifest descriptors ([`oci::image`]), and
 //!   the error codes that the mirror answers with.
-//! - [`http`](crate::http): byte ranges; the one accept loop of all four listeners.
+//! - [`http`](crate::http): the `Range` and `Content-Range` parsers, and
+//!   the one accept loop (drain, accept backoff) of all four listeners.
 //! - [`registry`]: the mirror's HTTP surface (`/v2/...`). It parses and
 //!   validates requests, picks the upstream from containerd's `?ns=`, and maps
 //!   every error to OCI error JSON in one place.
@@ -63,14 +64,24 @@
 //!   outside input, shared by `fuzz/` and `tests/fuzz_corpus.rs`
 //!   (docs/fuzzing.md).
 //!
-//! Imports point down: `config`, `oci` and `http` at the bottom; `store`, `origin`,
-//! `swarm`, `gpu` and `cri` above them; `fetch` above those; `prewarm` on
-//! the fetch engine; `node` beside it; `sidecar` on `prewarm`'s wire types
-//! and the swarm; `admin`, `cli`, `bench` and `daemon` on top. `config`
-//! imports only `oci`: what it validates for the swarm (`Role`, bootstrap
-//! addresses, the cluster key) and for ECR (host names) is defined in
-//! `config`, and `swarm` and `origin::ecr` re-export it. Known exception,
-//! still to untangle: `fetch` and `swarm` call each other.
+//! Imports point down. `oci` and `http` sit at the bottom and import
+//! nothing of the crate; `config` imports only `oci`; `telemetry` imports
+//! `config` and `http`; `store`, `origin`, `swarm`, `gpu` and `cri` sit
+//! above them; `fetch` above those; `registry` (the mirror) on `fetch`;
+//! `prewarm` on the fetch engine; `node` beside it; `sidecar` on `prewarm`'s
+//! wire types and the swarm; `admin`, `cli`, `bench` and `daemon` on top.
+//!
+//! The fetch engine and the swarm meet at two seam traits, so neither names
+//! the other's types and each is tested alone:
+//! - the piece engine asks the swarm through [`swarm::PeerNet`] (plan a
+//!   piece, find holders, open a piece from a peer, distrust, announce),
+//!   and its unit tests run on the in-memory [`swarm::memory::MemorySwarm`];
+//! - the data plane asks the engine through [`swarm::data::PeerBlobs`]
+//!   (bytes of a blob for a peer), which [`fetch::Fetcher`] implements.
+//!
+//! What `config` validates for the swarm (`Role`, bootstrap addresses, the
+//! cluster key) and for ECR (host names) is defined in `config`; `swarm` and
+//! `origin::ecr` re-export it.
 #![forbid(unsafe_code)]
 
 pub mod admin;
