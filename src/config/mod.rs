@@ -42,8 +42,8 @@ pub use prewarm::{
     PrewarmRule, ProductGlob, RuleNodes,
 };
 pub use registries::{
-    default_endpoint, is_aws_account, parse_ecr_host, valid_aws_region, Auth, Credentials,
-    EcrAuth, EcrHost, RegistryConfig,
+    default_endpoint, is_aws_account, parse_ecr_host, valid_aws_region, Auth, Credentials, EcrAuth,
+    EcrHost, RegistryConfig,
 };
 pub use sidecar::{valid_workload_id, Scaling, SidecarConfig, SignalSource, WORKLOAD_ID_GRAMMAR};
 pub use swarm::{

@@ -104,7 +104,6 @@ pub fn default_endpoint(host: &str) -> Option<Url> {
     Url::parse(&format!("https://{real}")).ok()
 }
 
-
 /// The parts of `<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EcrHost {

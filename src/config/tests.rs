@@ -506,7 +506,7 @@ enum Loaded {
 
 impl Loaded {
     /// The default of `path` in KEYS, parsed as the same kind as `self`.
-    fn from_keys(&self, path: &str) -> Loaded {
+    fn keys_default(&self, path: &str) -> Loaded {
         let d = default_of(path);
         assert!(!d.is_empty(), "{path} is not in KEYS");
         fn bad<T>(path: &str, d: &str, e: &dyn std::fmt::Display) -> T {
@@ -538,10 +538,7 @@ impl Loaded {
 #[test]
 fn loaded_defaults_are_the_keys_defaults() {
     use Loaded::*;
-    let c = parse(
-        "[gpu.assume]\n[[prewarm.rule]]\nimages = [\"a.example.com/x:1\"]\n",
-    )
-    .unwrap();
+    let c = parse("[gpu.assume]\n[[prewarm.rule]]\nimages = [\"a.example.com/x:1\"]\n").unwrap();
     let d = |v: Duration| Dur(v);
     let n = |v: u64| Num(v);
     let text = |v: &str| Text(v.to_owned());
@@ -622,7 +619,10 @@ fn loaded_defaults_are_the_keys_defaults() {
             "prewarm.containerd_namespace",
             text(&c.prewarm.containerd_namespace),
         ),
-        ("prewarm.pin_in_containerd", Flag(c.prewarm.pin_in_containerd)),
+        (
+            "prewarm.pin_in_containerd",
+            Flag(c.prewarm.pin_in_containerd),
+        ),
         ("prewarm.concurrency", n(c.prewarm.concurrency as u64)),
         (
             "prewarm.blob_concurrency",
@@ -643,13 +643,13 @@ fn loaded_defaults_are_the_keys_defaults() {
         ("prewarm.rule[].gpu.min_count", n(rule.gpu.min_count.into())),
     ];
     for (path, loaded) in &checked {
-        assert_eq!(*loaded, loaded.from_keys(path), "{path}");
+        assert_eq!(*loaded, loaded.keys_default(path), "{path}");
     }
     // gpu.source: `[gpu.assume]` turns "auto" into "static", so without it.
     let plain = Config::defaults().unwrap();
     assert_eq!(
         text(&format!("{:?}", plain.gpu.source).to_lowercase()),
-        text("").from_keys("gpu.source")
+        text("").keys_default("gpu.source")
     );
     // Every key with a default of a checkable kind is either above, in
     // `[sidecar]` (checked in sidecar.rs), or documented in words.
@@ -661,7 +661,10 @@ fn loaded_defaults_are_the_keys_defaults() {
         .filter(|k| !in_words(k.default) && !k.path.starts_with("prewarm.rule[].name"))
         .map(|k| k.path)
         .collect();
-    assert!(missed.is_empty(), "defaults not compared with KEYS: {missed:?}");
+    assert!(
+        missed.is_empty(),
+        "defaults not compared with KEYS: {missed:?}"
+    );
 }
 
 /// A KEYS default that does not parse fails the load with the key's path,

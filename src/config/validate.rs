@@ -257,8 +257,10 @@ impl Validator {
 
     /// Bytes.
     pub(super) fn size(&mut self, t: &Table, section: &str, key: &str) -> u64 {
-        self.opt_size(t, section, key)
-            .unwrap_or_else(|| self.keys_default(section, key, parse_size).unwrap_or_default())
+        self.opt_size(t, section, key).unwrap_or_else(|| {
+            self.keys_default(section, key, parse_size)
+                .unwrap_or_default()
+        })
     }
 
     pub(super) fn opt_bool(&mut self, t: &Table, section: &str, key: &str) -> Option<bool> {

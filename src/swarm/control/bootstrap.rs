@@ -13,7 +13,6 @@ use tracing::{debug, warn};
 
 use super::task::Task;
 use super::transport::tcp_socket_addr;
-use super::ControlError;
 
 /// How often static bootstrap addresses that are not connected are redialed.
 pub(super) const REDIAL_EVERY: Duration = Duration::from_secs(3);

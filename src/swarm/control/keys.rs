@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use libp2p::identity::Keypair;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::ControlError;
 
