@@ -335,7 +335,13 @@ impl Fetcher {
         if crate::oci::validate_repository(repo).is_err() {
             return;
         }
-        match self.join_or_start(&up, repo, digest, None, false, Priority::Background) {
+        match self.join_or_start(
+            &up,
+            repo,
+            digest,
+            None,
+            Ask::local(Priority::Background, false),
+        ) {
             Ok(Some((_, true))) => {
                 tracing::info!(digest = %digest, registry = ns, repo, "seed: keeping a copy of a blob the cluster pulls");
             }
@@ -392,7 +398,13 @@ impl Fetcher {
                 }
             }
             attempt += 1;
-            match self.join_or_start(up, repo, digest, client_auth, attempt > 1, Priority::Live)? {
+            match self.join_or_start(
+                up,
+                repo,
+                digest,
+                client_auth,
+                Ask::local(Priority::Live, attempt > 1),
+            )? {
                 Some(found) => break found,
                 None => continue,
             }
@@ -414,37 +426,21 @@ impl Fetcher {
         })
     }
 
+    /// Joins the download of `digest` in flight, or starts one; `None`
+    /// when the blob is already in the store (unless `ask.last_try`).
     fn join_or_start(
         &self,
         up: &Upstream,
         repo: &str,
         digest: &Digest,
         client_auth: Option<&HeaderValue>,
-        last_try: bool,
-        priority: Priority,
+        ask: Ask,
     ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
-        self.join_or_start_as(
-            up,
-            repo,
-            digest,
-            client_auth,
-            last_try,
-            Starter::Local,
+        let Ask {
+            starter,
             priority,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn join_or_start_as(
-        &self,
-        up: &Upstream,
-        repo: &str,
-        digest: &Digest,
-        client_auth: Option<&HeaderValue>,
-        last_try: bool,
-        starter: Starter,
-        priority: Priority,
-    ) -> Result<Option<(Arc<Download>, bool)>, FetchError> {
+            last_try,
+        } = ask;
         let mut inflight = self
             .inner
             .inflight
@@ -573,7 +569,7 @@ impl Fetcher {
                 });
             }
             attempt += 1;
-            match self.join_or_start(up, repo, digest, None, attempt > 1, priority)? {
+            match self.join_or_start(up, repo, digest, None, Ask::local(priority, attempt > 1))? {
                 Some((dl, _)) => break dl,
                 None => continue,
             }
@@ -646,6 +642,27 @@ impl Pull {
         range: Option<(u64, Option<u64>)>,
     ) -> origin::Request<'a> {
         origin::Request::blob_get(&self.repo, digest, range, self.auth.as_ref())
+    }
+}
+
+/// How a download is joined or started ([`Fetcher::join_or_start`]).
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    starter: Starter,
+    priority: Priority,
+    /// A retry after the store's copy could not be opened: start a
+    /// download even though the store lists the blob.
+    last_try: bool,
+}
+
+impl Ask {
+    /// For a reader on this node.
+    fn local(priority: Priority, last_try: bool) -> Self {
+        Ask {
+            starter: Starter::Local,
+            priority,
+            last_try,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use futures_util::future::BoxFuture;
 
-use super::{pieces, verify, Blob, BlobBody, FetchError, Fetcher, Priority, Source, Starter};
+use super::{pieces, verify, Ask, Blob, BlobBody, FetchError, Fetcher, Priority, Source, Starter};
 use crate::oci::Digest;
 use crate::origin::Upstream;
 use crate::swarm::data::{PeerAsk, PeerBlobs, PeerBody, PeerRead, ServeError};
@@ -55,17 +55,14 @@ impl Fetcher {
                 dl
             }
             (None, Some((up, repo))) => {
-                match self.join_or_start_as(
-                    &up,
-                    &repo,
-                    digest,
-                    None,
-                    false,
-                    Starter::Peer { piece, size },
+                let ask = Ask {
+                    starter: Starter::Peer { piece, size },
                     // Priority is this node's: a peer's request only adds
                     // pieces, which go first whatever the priority.
-                    Priority::Background,
-                )? {
+                    priority: Priority::Background,
+                    last_try: false,
+                };
+                match self.join_or_start(&up, &repo, digest, None, ask)? {
                     Some((dl, _)) => dl,
                     None => return Box::pin(self.blob_for_peer(digest, start, size, None)).await,
                 }

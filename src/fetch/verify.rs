@@ -377,7 +377,7 @@ impl Fetcher {
             FoundBy::Mirror => super::Priority::Live,
             FoundBy::Peer | FoundBy::Scrub => super::Priority::Background,
         };
-        match self.join_or_start(&up, &repo, digest, None, false, priority) {
+        match self.join_or_start(&up, &repo, digest, None, super::Ask::local(priority, false)) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(digest = %digest, error = %e, "cannot fetch a quarantined blob again");
