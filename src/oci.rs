@@ -184,6 +184,30 @@ pub fn validate_tag(tag: &str) -> Result<(), String> {
     }
 }
 
+/// What a registry serves: the two kinds of object a pull fetches. Errors
+/// and metric labels name one of these, never a free string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Object {
+    Blob,
+    Manifest,
+}
+
+impl Object {
+    /// `blob` or `manifest`, as metric labels and messages say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Object::Blob => "blob",
+            Object::Manifest => "manifest",
+        }
+    }
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a manifest request names: a mutable tag or an immutable digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reference {

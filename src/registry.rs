@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::fetch::{FetchError, Fetcher, Manifest};
 use crate::http::{range_spec, unsatisfied_content_range, ContentRange, RangeSpec};
-use crate::oci::{self, Digest, ErrorCode, Reference};
+use crate::oci::{self, Digest, ErrorCode, Object, Reference};
 use crate::origin::{OriginError, Upstream};
 use crate::telemetry::Metrics;
 
@@ -118,10 +118,9 @@ impl From<&FetchError> for ApiError {
                 },
                 OriginError::Denied { .. } => ApiError::new(S::FORBIDDEN, ErrorCode::Denied, msg),
                 OriginError::NotFound { what, .. } => {
-                    let code = if *what == "blob" {
-                        ErrorCode::BlobUnknown
-                    } else {
-                        ErrorCode::ManifestUnknown
+                    let code = match what {
+                        Object::Blob => ErrorCode::BlobUnknown,
+                        Object::Manifest => ErrorCode::ManifestUnknown,
                     };
                     ApiError::new(S::NOT_FOUND, code, msg)
                 }

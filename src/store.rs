@@ -63,7 +63,7 @@ pub enum StoreError {
     )]
     Mismatch {
         digest: Digest,
-        actual: String,
+        actual: Digest,
         expected_size: u64,
         actual_size: u64,
     },
@@ -486,7 +486,7 @@ impl Store {
             remove_any(tmp);
             return Err(StoreError::Mismatch {
                 digest: d.clone(),
-                actual: verified.to_string(),
+                actual: verified.clone(),
                 expected_size: expected_size.unwrap_or(size),
                 actual_size: size,
             });

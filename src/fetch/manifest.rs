@@ -164,7 +164,7 @@ impl Fetcher {
             scope: origin::pull_scope(repo),
             headers,
             client_auth,
-            kind: "manifest",
+            kind: crate::oci::Object::Manifest,
         };
         let resp = self.inner.origin.send(up, &req).await?;
         if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {
@@ -199,7 +199,7 @@ impl Fetcher {
                 self.inner.metrics.digest_mismatches.inc();
                 return Err(FetchError::DigestMismatch {
                     expected: expected.clone(),
-                    actual: actual.to_string(),
+                    actual,
                 });
             }
         }

@@ -65,7 +65,7 @@ pub enum FetchError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("content from the origin does not match {expected}: got {actual}")]
-    DigestMismatch { expected: Digest, actual: String },
+    DigestMismatch { expected: Digest, actual: Digest },
     #[error("origin sent {got} bytes for {digest}, more than the {expected} it announced")]
     Oversized {
         digest: Digest,

@@ -102,7 +102,7 @@ mod tests {
     fn not_found() -> Arc<FetchError> {
         Arc::new(FetchError::Origin(OriginError::NotFound {
             host: "reg".into(),
-            what: "blob",
+            what: crate::oci::Object::Blob,
         }))
     }
 

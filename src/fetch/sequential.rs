@@ -145,7 +145,7 @@ impl DownloadJob {
             let _ = std::fs::remove_file(&path);
             return Err(FetchError::DigestMismatch {
                 expected: digest.clone(),
-                actual: actual.to_string(),
+                actual,
             });
         }
         let prov = Provenance::origin(self.pull.up.host(), &self.pull.repo);

@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use sha2::Digest as _;
 
 use crate::config::{Auth, Config, Credentials, EcrAuth, OriginConfig, RegistryConfig};
-use crate::oci::Digest;
+use crate::oci::{Digest, Object};
 use crate::telemetry::Metrics;
 
 mod auth;
@@ -65,7 +65,7 @@ pub enum OriginError {
         cause: Option<CredentialError>,
     },
     #[error("origin {host} has no such {what}")]
-    NotFound { host: String, what: &'static str },
+    NotFound { host: String, what: Object },
     #[error("origin {host} is rate limiting")]
     TooManyRequests { host: String },
     #[error("origin {host} answered {status}")]
@@ -218,7 +218,7 @@ pub struct Request<'a> {
     /// The puller's own `Authorization`, if containerd sent one.
     pub client_auth: Option<&'a HeaderValue>,
     /// Label for metrics: `manifest` or `blob`.
-    pub kind: &'static str,
+    pub kind: Object,
 }
 
 impl<'a> Request<'a> {
@@ -248,7 +248,7 @@ impl<'a> Request<'a> {
             scope: pull_scope(repo),
             headers,
             client_auth,
-            kind: "blob",
+            kind: Object::Blob,
         }
     }
 }
@@ -336,7 +336,7 @@ impl Origin {
 
     /// Sends `req`, handling auth challenges and retries. Any status other
     /// than 2xx becomes an error, so the caller sees only usable responses.
-    #[tracing::instrument(skip_all, fields(host = %up.host(), kind = req.kind, path = %req.path))]
+    #[tracing::instrument(skip_all, fields(host = %up.host(), kind = %req.kind, path = %req.path))]
     pub async fn send(
         &self,
         up: &Upstream,
@@ -442,7 +442,7 @@ impl Origin {
             self.inner
                 .metrics
                 .origin_requests
-                .with_label_values(&[req.kind, &label])
+                .with_label_values(&[req.kind.as_str(), &label])
                 .inc();
             if !retryable || attempt >= retries {
                 return result.map_err(|source| OriginError::Unreachable {

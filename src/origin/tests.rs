@@ -121,7 +121,7 @@ fn blob_request(client_auth: Option<&HeaderValue>) -> Request<'_> {
         scope: pull_scope("a"),
         headers: HeaderMap::new(),
         client_auth,
-        kind: "blob",
+        kind: Object::Blob,
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn resolve(origin: &Origin, image: &ImageRef) -> Result<Digest, Resolv
         scope: origin::pull_scope(&image.repository),
         headers,
         client_auth: None,
-        kind: "manifest",
+        kind: crate::oci::Object::Manifest,
     };
     let mut resp = origin.send(&up, &req).await?;
     if resp.content_length().is_some_and(|n| n > MAX_MANIFEST) {

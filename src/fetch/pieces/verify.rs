@@ -150,7 +150,7 @@ pub(super) async fn repair(
     if again != digest {
         return Err(FetchError::DigestMismatch {
             expected: digest,
-            actual: again.to_string(),
+            actual: again,
         });
     }
     tracing::info!(digest = %digest, bad_pieces = bad, "blob repaired from the origin");
