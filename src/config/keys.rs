@@ -197,7 +197,7 @@ pub const KEYS: &[Key] = &[
         path: "swarm.cluster_key_file",
         kind: "path",
         default: "(required when enabled)",
-        doc: "The pre-shared cluster key (64 hex characters, or the libp2p `swarm.key` format). Only nodes with the same key can connect (libp2p pnet), and only connected members reach the data plane.",
+        doc: "The pre-shared cluster key (64 hex characters, or the libp2p `swarm.key` format). Only nodes with the same key can connect (libp2p pnet), and only connected members reach the data plane. A regular file of at most 4 KiB.",
     },
     Key {
         path: "swarm.insecure_no_cluster_key",
@@ -665,7 +665,7 @@ pub const KEYS: &[Key] = &[
         path: "registry[].password_file",
         kind: "path",
         default: "(none)",
-        doc: "File holding the password (trailing newline ignored). Read once at start-up.",
+        doc: "File holding the password (trailing newline ignored): a regular file of at most 64 KiB. Read once at start-up.",
     },
     Key {
         path: "registry[].ca_file",

@@ -316,19 +316,25 @@ impl Validator {
             let username = self.opt_string(t, &at, "username");
             let password_file = self.opt_path(t, &at, "password_file");
             let credentials = match (username, password_file) {
-                (Some(username), Some(file)) => match std::fs::read_to_string(&file) {
-                    Ok(p) => Some(Credentials {
-                        username,
-                        password: p.trim_end_matches(['\r', '\n']).to_owned(),
-                    }),
-                    Err(e) => {
-                        self.issue(
-                            &format!("{at}.password_file"),
-                            &format!("cannot read {}: {e}", file.display()),
-                        );
-                        None
+                (Some(username), Some(file)) => {
+                    match super::read_secret(&file, 64 << 10).and_then(|b| {
+                        String::from_utf8(b).map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                        })
+                    }) {
+                        Ok(p) => Some(Credentials {
+                            username,
+                            password: p.trim_end_matches(['\r', '\n']).to_owned(),
+                        }),
+                        Err(e) => {
+                            self.issue(
+                                &format!("{at}.password_file"),
+                                &format!("cannot read {}: {e}", file.display()),
+                            );
+                            None
+                        }
                     }
-                },
+                }
                 (Some(_), None) => {
                     self.issue(&format!("{at}.password_file"), "is required with username");
                     None

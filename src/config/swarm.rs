@@ -145,7 +145,8 @@ pub enum ClusterKeyError {
 /// Reads a cluster key: the libp2p/IPFS `swarm.key` format or 64 bare hex
 /// characters. Errors name the file but never echo its content.
 pub fn load_psk(path: &Path) -> Result<[u8; 32], ClusterKeyError> {
-    let bytes = std::fs::read(path).map_err(|source| ClusterKeyError::Io {
+    // The swarm.key format is 87 bytes; room for whitespace, no more.
+    let bytes = super::read_secret(path, 4096).map_err(|source| ClusterKeyError::Io {
         path: path.to_path_buf(),
         source,
     })?;

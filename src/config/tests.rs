@@ -313,6 +313,54 @@ fn swarm_needs_a_key_or_an_explicit_opt_out() {
     assert!(!cfg.swarm.enabled);
 }
 
+/// A secret file that is a device, a FIFO, a directory or too large fails
+/// the load with the key's path, and never hangs it (a FIFO without a
+/// writer would block an open; `/dev/zero` would fill memory).
+#[test]
+fn secret_files_must_be_small_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'a'; 100 << 10]).unwrap();
+    let cases: Vec<PathBuf> = vec![fifo, big, dir.path().to_owned(), PathBuf::from("/dev/null")];
+    for file in cases {
+        let password = format!(
+            "[[registry]]\nhost = \"origin.test\"\nusername = \"u\"\npassword_file = \"{}\"\n",
+            file.display()
+        );
+        let key = format!(
+            "[swarm]\nenabled = true\ncluster_key_file = \"{}\"\n",
+            file.display()
+        );
+        for (text, at) in [
+            (password, "registry[0].password_file"),
+            (key, "swarm.cluster_key_file"),
+        ] {
+            // On a thread: a regression that blocks fails here, not hangs.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(parse(&text));
+            });
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("loading {} as {at} hung", file.display()));
+            let Err(ConfigError::Invalid { issues, .. }) = got else {
+                panic!("{} as {at}: expected an issue, got {got:?}", file.display());
+            };
+            assert!(
+                issues.iter().any(|i| i.path == at),
+                "{}: {issues:?}",
+                file.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn swarm_key_file_is_checked() {
     let dir = tempfile::tempdir().unwrap();
