@@ -61,10 +61,6 @@
 //! `info,damselfly::fetch::pieces=debug` to see why pieces went to the
 //! origin), `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod netlab;
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
@@ -74,6 +70,8 @@ use common::{
     build_image, push_image, write_direct_hosts_toml, write_hosts_toml, Containerd, ImageSpec,
     LayerSpec, PushedImage,
 };
+use damselfly_lab as common;
+use damselfly_lab::netlab;
 use netlab::*;
 
 // ---------------------------------------------------------------------------

@@ -45,15 +45,13 @@
 //! latecomer then takes the blob from: before `e2f06a6` that path did not
 //! announce the blob, and the latecomer took about half from the origin.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod netlab;
-
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{push_blob, BlobSource};
+use damselfly_lab as common;
+use damselfly_lab::netlab;
 use futures_util::StreamExt;
 use netlab::*;
 use sha2::{Digest as _, Sha256};

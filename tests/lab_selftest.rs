@@ -3,12 +3,11 @@
 //! flow, image build and push, containerd pulls directly and through a
 //! counting relay, large blob push, and the fault proxy.
 
-mod common;
-
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
+use damselfly_lab as common;
 use futures_util::StreamExt as _;
 
 const MIB: u64 = 1 << 20;

@@ -2,7 +2,6 @@
 //! benches: its own store, config and free ports on 127.0.0.1 (or on another
 //! loopback address, [`Options::ip`], so that several daemons can form a
 //! swarm on one machine).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,9 +10,43 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The binary under test, built once by cargo for every test target.
+use crate::util::keep_dirs;
+
+/// The binary under test: `DAMSELFLY_BIN` if set, else `damselfly` in the
+/// profile directory of the running test or bench. Cargo puts a test
+/// executable in `target/<profile>/deps/` and builds the root package's
+/// binaries into `target/<profile>/` before it runs the root package's
+/// integration tests and benches; `CARGO_BIN_EXE_damselfly` would only
+/// exist when compiling those targets, not this library.
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let (bin, whence) = match std::env::var_os("DAMSELFLY_BIN") {
+            Some(path) => (PathBuf::from(path), "DAMSELFLY_BIN".to_owned()),
+            None => {
+                let exe = std::env::current_exe().expect("current_exe");
+                let profile_dir = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or_else(|| panic!("{} has no grandparent dir", exe.display()));
+                (
+                    profile_dir.join("damselfly"),
+                    format!(
+                        "the profile dir of {} (set DAMSELFLY_BIN to choose another)",
+                        exe.display()
+                    ),
+                )
+            }
+        };
+        assert!(
+            bin.is_file(),
+            "no damselfly binary at {}, from {whence}: build it first \
+             (`cargo build --bin damselfly`, with `--release` for benches)",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
 }
 
 /// A free TCP port on `ip` (binds `ip:0`, reads the port, releases it).
@@ -30,10 +63,6 @@ pub fn free_addrs_on<const N: usize>(ip: Ipv4Addr) -> [SocketAddr; N] {
         std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
     });
     listeners.map(|l| l.local_addr().expect("local addr"))
-}
-
-fn free_addr() -> SocketAddr {
-    free_addr_on(Ipv4Addr::LOCALHOST)
 }
 
 /// What a daemon's `[swarm]` section says, apart from its own addresses
@@ -446,7 +475,7 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(bytes) = std::fs::read(self.blob_path(digest)) {
-                if crate::common::util::sha256_digest(&bytes) == digest {
+                if crate::util::sha256_digest(&bytes) == digest {
                     return Ok(());
                 }
             }
@@ -628,10 +657,6 @@ impl Drop for Daemon {
     }
 }
 
-fn keep_dirs() -> bool {
-    std::env::var_os("DAMSELFLY_LAB_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// `{a="b",c="d"}`'s inside as a map (Prometheus escapes `\\`, `\"`, `\n`).
 fn parse_labels(text: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
@@ -732,7 +757,7 @@ mod plain_http {
         let (host, path) = rest
             .split_once('/')
             .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-        crate::common::http_get(host, &path)
+        crate::http_get(host, &path)
     }
 
     pub fn blocking_get(url: &str) -> std::io::Result<u16> {

@@ -6,7 +6,6 @@
 //! on drop, also when a bench panics; names start with `dfb` and the bench's
 //! pid. Children die with the bench (`PR_SET_PDEATHSIG`); after a kill, the
 //! next run removes the namespaces and bridge left behind.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -16,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{http_get, parse_access_log_line};
+use crate::{http_get, parse_access_log_line};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: f64 = (1u64 << 30) as f64;
@@ -24,10 +23,6 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 pub const ORIGIN_PORT: u16 = 5000;
 /// How long a cluster may take to see all its members.
 pub const JOIN: Duration = Duration::from_secs(60);
-
-pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
-}
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -608,7 +603,7 @@ impl Node {
             ),
         )
         .expect("node config");
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(crate::daemon::binary());
         cmd.env_remove("RUST_LOG")
             .arg("daemon")
             .arg("--config")

@@ -3,25 +3,13 @@
 //! containerd whose hosts.toml points at that node's mirror, one shared
 //! cluster key, and node 0 as everyone's bootstrap peer unless a
 //! [`NodeSpec`] says otherwise.
-//!
-//! Used by `tests/swarm.rs` as a sibling of `common` and `daemon`:
-//!
-//! ```ignore
-//! mod common;
-//! mod daemon;
-//! #[path = "daemon/cluster.rs"]
-//! mod cluster;
-//! ```
-#![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{
-    sha256_hex, write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir,
-};
 use crate::daemon::{Daemon, Options, SwarmOptions};
+use crate::{sha256_hex, write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir};
 
 /// The loopback address of node `index`: 127.0.0.(2+index).
 pub fn node_ip(index: usize) -> Ipv4Addr {
