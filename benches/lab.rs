@@ -467,13 +467,13 @@ impl Ctx<'_> {
             })
             .collect();
         let mut run = self.measure(Route::Damselfly, image, &pullers, None);
-        let sum = |name: &str, labels: &[&str]| {
+        let sum = |name: &str, labels: &[(&str, &str)]| {
             nodes
                 .iter()
                 .map(|d| d.metric(name, labels))
                 .fold(0.0, |a, b| a + b)
         };
-        run.from_peers = Some(sum("damselfly_fetched_bytes_total", &["source=\"peer\""]));
+        run.from_peers = Some(sum("damselfly_fetched_bytes_total", &[("source", "peer")]));
         run.served = Some(sum("damselfly_bytes_served_total", &[]) as u64);
         run.hedges = sum("damselfly_hedges_total", &[]);
         check_logs(&nodes.iter().collect::<Vec<_>>());
