@@ -3,7 +3,7 @@
 //! (image bytes over the node's bandwidth).
 //!
 //! Nodes are network namespaces with `tc tbf` links (the lab in
-//! `benches/netlab`), each with its own real containerd and a release
+//! `damselfly_lab::netlab`), each with its own real containerd and a release
 //! daemon whose static GPU inventory matches one `[[prewarm.rule]]`. The
 //! origin is a docker-registry in its own shaped namespace. Scenarios:
 //!

@@ -1,7 +1,8 @@
-//! Proves that each piece of the test lab (`tests/common`) works against the
-//! real programs: registry auth modes and log-based counting, the token
-//! flow, image build and push, containerd pulls directly and through a
-//! counting relay, large blob push, and the fault proxy.
+//! Proves that each piece of the test lab (the `damselfly-lab` crate in
+//! `lab/`) works against the real programs: registry auth modes and
+//! log-based counting, the token flow, image build and push, containerd
+//! pulls directly and through a counting relay, large blob push, and the
+//! fault proxy.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

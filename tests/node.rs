@@ -1,5 +1,5 @@
 //! The node gate (src/node.rs) against a stand-in of the API server's node
-//! endpoints (tests/common/apiserver.rs), through the real kube client; and
+//! endpoints (lab/src/apiserver.rs), through the real kube client; and
 //! the daemon itself un-tainting its node once hostsd has wired containerd.
 
 use std::time::{Duration, Instant};

@@ -54,6 +54,9 @@
 //!   into errors).
 //! - Set `DAMSELFLY_LAB_KEEP=1` to keep every temp dir (logs, configs,
 //!   storage) for debugging; their paths are printed.
+//! - [`netlab`] is the exception to the first rule: it needs root, fixed
+//!   ports inside its own namespaces and names derived from the bench's
+//!   pid, and the benches that use it run one scenario at a time.
 //!
 //! # Sharing one image between tests
 //!
