@@ -61,10 +61,6 @@
 //! `info,damselfly::fetch::pieces=debug` to see why pieces went to the
 //! origin), `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod netlab;
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
@@ -74,6 +70,8 @@ use common::{
     build_image, push_image, write_direct_hosts_toml, write_hosts_toml, Containerd, ImageSpec,
     LayerSpec, PushedImage,
 };
+use damselfly_lab as common;
+use damselfly_lab::netlab;
 use netlab::*;
 
 // ---------------------------------------------------------------------------
@@ -469,13 +467,13 @@ impl Ctx<'_> {
             })
             .collect();
         let mut run = self.measure(Route::Damselfly, image, &pullers, None);
-        let sum = |name: &str, labels: &[&str]| {
+        let sum = |name: &str, labels: &[(&str, &str)]| {
             nodes
                 .iter()
                 .map(|d| d.metric(name, labels))
                 .fold(0.0, |a, b| a + b)
         };
-        run.from_peers = Some(sum("damselfly_fetched_bytes_total", &["source=\"peer\""]));
+        run.from_peers = Some(sum("damselfly_fetched_bytes_total", &[("source", "peer")]));
         run.served = Some(sum("damselfly_bytes_served_total", &[]) as u64);
         run.hedges = sum("damselfly_hedges_total", &[]);
         check_logs(&nodes.iter().collect::<Vec<_>>());

@@ -29,16 +29,12 @@
 //! for the baseline and for damselfly. Everything runs on loopback, on the
 //! same cores, so the figures compare software, not networks.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/daemon/mod.rs"]
-mod daemon;
-mod netlab;
-
 use std::time::{Duration, Instant};
 
 use common::{push_blob, BlobSource, FaultProxy, Registry, RegistryAuth};
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::{daemon, netlab};
 use futures_util::StreamExt;
 use netlab::median;
 

@@ -3,7 +3,7 @@
 //! (image bytes over the node's bandwidth).
 //!
 //! Nodes are network namespaces with `tc tbf` links (the lab in
-//! `benches/netlab`), each with its own real containerd and a release
+//! `damselfly_lab::netlab`), each with its own real containerd and a release
 //! daemon whose static GPU inventory matches one `[[prewarm.rule]]`. The
 //! origin is a docker-registry in its own shaped namespace. Scenarios:
 //!
@@ -26,14 +26,12 @@
 //! default 400), `DAMSELFLY_BENCH_QUICK=1`. `cargo test` runs the quick
 //! mode on the debug build.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod netlab;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{build_image, push_image, write_direct_hosts_toml, Containerd, ImageSpec, LayerSpec};
+use damselfly_lab as common;
+use damselfly_lab::netlab;
 use netlab::*;
 
 const WARM_TIMEOUT: Duration = Duration::from_secs(180);
@@ -137,7 +135,7 @@ fn start_node(
 
 /// `damselfly prewarm status -o json` of a node.
 fn status(socket: &Path) -> Option<serde_json::Value> {
-    let out = std::process::Command::new(binary())
+    let out = std::process::Command::new(damselfly_lab::daemon::binary())
         .args(["prewarm", "status", "-o", "json", "--socket"])
         .arg(socket)
         .output()

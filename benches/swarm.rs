@@ -45,15 +45,13 @@
 //! latecomer then takes the blob from: before `e2f06a6` that path did not
 //! announce the blob, and the latecomer took about half from the origin.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod netlab;
-
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{push_blob, BlobSource};
+use damselfly_lab as common;
+use damselfly_lab::netlab;
 use futures_util::StreamExt;
 use netlab::*;
 use sha2::{Digest as _, Sha256};
@@ -262,7 +260,7 @@ fn burst(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str, n: 
         .sum();
     let peer_in: f64 = nodes
         .iter()
-        .map(|d| d.metric("damselfly_fetched_bytes_total", &["source=\"peer\""]))
+        .map(|d| d.metric("damselfly_fetched_bytes_total", &[("source", "peer")]))
         .sum();
     eprintln!(
         "  N={n} swarm: slowest {:.2} s, origin {:.3}x in {swarm_origin_gets} GETs",
@@ -285,7 +283,7 @@ fn burst(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str, n: 
         true,
     );
     let (warm_origin, _) = origin.blob_bytes_since(mark, digest);
-    let warm_peer_in = fresh.metric("damselfly_fetched_bytes_total", &["source=\"peer\""]);
+    let warm_peer_in = fresh.metric("damselfly_fetched_bytes_total", &[("source", "peer")]);
     eprintln!(
         "  N={n} warm node: TTFB {:.1} ms, {:.2} s",
         warm.ttfb * 1000.0,
@@ -359,7 +357,7 @@ fn one_peer(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str) 
             size,
             false,
         );
-        let from_peer = b.metric("damselfly_fetched_bytes_total", &["source=\"peer\""]);
+        let from_peer = b.metric("damselfly_fetched_bytes_total", &[("source", "peer")]);
         let (from_origin, _) = origin.blob_bytes_since(mark, digest);
         eprintln!(
             "  B after a holder that pulled alone: {:.0} MiB/s, {:.0} MiB from A, {:.0} MiB from the origin",
@@ -420,7 +418,7 @@ fn one_peer(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str) 
         row.cpu_a.push((a1 - a0) / gib);
         row.cpu_b.push((b1 - b0) / gib);
         row.from_peer
-            .push(b.metric("damselfly_fetched_bytes_total", &["source=\"peer\""]));
+            .push(b.metric("damselfly_fetched_bytes_total", &[("source", "peer")]));
         row.from_origin
             .push(origin.blob_bytes_since(mark, digest).0);
         row.hedges.push(b.metric("damselfly_hedges_total", &[]));

@@ -2,15 +2,14 @@
 //! `docker-registry`, the image built with umoci and pushed with skopeo, and
 //! a real containerd for the CRI timing.
 
-mod common;
-mod daemon;
-
 use std::process::Command;
 
 use common::{
     build_image_cached, push_image, write_hosts_toml, Containerd, ImageSpec, Registry, RegistryAuth,
 };
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 struct Run {
     code: i32,

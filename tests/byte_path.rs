@@ -10,15 +10,14 @@
 //! being resumed, the window not bounding the parts in flight, and memory
 //! growing with the number of readers.
 
-mod common;
-mod daemon;
-
 use std::io::{Read, Write};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{get_hashed, random_bytes, Fault, FaultProxy, Registry, RegistryAuth};
 use daemon::{Daemon, Options};
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 const MIB: u64 = 1 << 20;
 

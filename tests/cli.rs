@@ -7,9 +7,6 @@
 //! Set `DAMSELFLY_CLI_DOCS=<dir>` to keep each command's real output there
 //! (docs/cli.md quotes it).
 
-mod common;
-mod daemon;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -18,6 +15,8 @@ use common::{
     build_image_cached, push_image, write_hosts_toml, Containerd, ImageSpec, Registry, RegistryAuth,
 };
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 use serde_json::Value;
 
 struct Run {

@@ -5,9 +5,6 @@
 //! (`<account>-auth-token`), and a real containerd that pulls through the
 //! mirror without any credentials of its own.
 
-mod common;
-mod daemon;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -17,6 +14,8 @@ use common::{
     PushedImage, Registry, RegistryAuth, TestDir,
 };
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 /// A `moto_server` on 127.0.0.1. Its account decides the password in the
 /// ECR tokens it hands out: `MOTO_ACCOUNT_ID` when set, else the caller's

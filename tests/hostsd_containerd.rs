@@ -3,9 +3,6 @@
 //! `PullImage`, then goes through the mirror. With the daemon stopped, the
 //! same files make containerd fall back to the origin.
 
-mod common;
-mod daemon;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,6 +11,8 @@ use common::{
     Registry, RegistryAuth,
 };
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 fn wait_for_file(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;

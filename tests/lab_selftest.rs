@@ -1,14 +1,14 @@
-//! Proves that each piece of the test lab (`tests/common`) works against the
-//! real programs: registry auth modes and log-based counting, the token
-//! flow, image build and push, containerd pulls directly and through a
-//! counting relay, large blob push, and the fault proxy.
-
-mod common;
+//! Proves that each piece of the test lab (the `damselfly-lab` crate in
+//! `lab/`) works against the real programs: registry auth modes and
+//! log-based counting, the token flow, image build and push, containerd
+//! pulls directly and through a counting relay, large blob push, and the
+//! fault proxy.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
+use damselfly_lab as common;
 use futures_util::StreamExt as _;
 
 const MIB: u64 = 1 << 20;

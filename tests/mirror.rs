@@ -2,9 +2,6 @@
 //! real `docker-registry`, with no auth, basic auth and token auth, and the
 //! origin's own access log counts what reached it.
 
-mod common;
-mod daemon;
-
 use std::sync::OnceLock;
 
 use common::{
@@ -12,6 +9,8 @@ use common::{
     RegistryAuth, TokenServer,
 };
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 /// One no-auth origin shared by the tests of this binary.
 fn origin() -> &'static Registry {

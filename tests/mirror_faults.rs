@@ -3,15 +3,14 @@
 //! needed): single flight, ranges on growing blobs, resumption, corrupt
 //! bytes, `kill -9`, and bad input.
 
-mod common;
-mod daemon;
-
 use std::io::{Read, Write};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{get_hashed, random_bytes, Fault, FaultProxy, Registry, RegistryAuth, ALWAYS};
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,15 +1,14 @@
 //! The node gate (src/node.rs) against a stand-in of the API server's node
-//! endpoints (tests/common/apiserver.rs), through the real kube client; and
+//! endpoints (lab/src/apiserver.rs), through the real kube client; and
 //! the daemon itself un-tainting its node once hostsd has wired containerd.
-
-mod common;
-mod daemon;
 
 use std::time::{Duration, Instant};
 
 use common::ApiServer;
 use damselfly::config::{Config, NodeConfig};
 use damselfly::node::{gate, Condition, NodeApi, NodeError, Outcome, Removal};
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -4,9 +4,6 @@
 //! trust that CA; without it the daemon must refuse the origin; a `ca_file`
 //! that holds no certificate must stop the daemon at start-up.
 
-mod common;
-mod daemon;
-
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -15,6 +12,8 @@ use common::{
     Containerd, ImageSpec, Registry, RegistryOptions, TestDir, TlsFiles,
 };
 use daemon::{Daemon, Options};
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 /// One HTTPS origin shared by the tests of this binary; each test uses its
 /// own repository.

@@ -7,11 +7,6 @@
 //! Origin bytes are counted at the registry, from its access log. Nothing
 //! here asserts a time; waits have generous deadlines.
 
-#[path = "daemon/cluster.rs"]
-mod cluster;
-mod common;
-mod daemon;
-
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,6 +17,8 @@ use common::{
     FaultProxy, ImageSpec, LayerSpec, PushedImage, Registry, RegistryAuth, ALWAYS,
 };
 use daemon::{Daemon, Options};
+use damselfly_lab as common;
+use damselfly_lab::{cluster, daemon};
 
 const MIB: u64 = 1 << 20;
 /// A prewarm of a few MiB on a loaded 2-core box, containerd unpack

@@ -7,11 +7,6 @@
 //!
 //! Times are reported, never asserted: waits have generous deadlines.
 
-#[path = "daemon/cluster.rs"]
-mod cluster;
-mod common;
-mod daemon;
-
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +16,8 @@ use common::{
     Registry, RegistryAuth,
 };
 use daemon::{Daemon, Options, SwarmOptions};
+use damselfly_lab as common;
+use damselfly_lab::{cluster, daemon};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;

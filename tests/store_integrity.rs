@@ -11,14 +11,13 @@
 //!   also corrupt is fetched again within the same request);
 //! - the background scrub finds rot that no request read.
 
-mod common;
-mod daemon;
-
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{flip_bytes_at, get_hashed, random_bytes, Registry, RegistryAuth};
 use daemon::Daemon;
+use damselfly_lab as common;
+use damselfly_lab::daemon;
 
 const MIB: u64 = 1 << 20;
 

@@ -10,11 +10,6 @@
 //! clusters compete for the two cores; deadlines are generous and nothing
 //! asserts on speed.
 
-#[path = "daemon/cluster.rs"]
-mod cluster;
-mod common;
-mod daemon;
-
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -23,6 +18,8 @@ use std::time::{Duration, Instant};
 use cluster::{wait_members_of, Cluster, Key, Node, NodeSpec};
 use common::{push_raw_image, BlobSource, OriginRequest, PushedImage, Registry, RegistryAuth};
 use daemon::{Daemon, Options, SwarmOptions};
+use damselfly_lab as common;
+use damselfly_lab::{cluster, daemon};
 
 const MIB: u64 = 1 << 20;
 

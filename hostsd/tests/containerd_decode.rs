@@ -10,8 +10,6 @@
 //! Needs root and the `containerd` and `ctr` binaries; skipped otherwise,
 //! unless HOSTSD_REQUIRE_CONTAINERD=1 makes that a failure.
 
-#[path = "../../tests/common/cri.rs"]
-mod cri;
 mod support;
 
 use std::fs;
@@ -20,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cri::cri_pull;
+use damselfly_lab::cri_pull;
 use hostsd::{check, reconcile, remove, Action, ReconcileOptions, RegistrySpec};
 use support::{Response, Server};
 

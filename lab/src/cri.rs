@@ -1,7 +1,6 @@
 //! The kubelet's `PullImage` for tests, over containerd's socket, with the
-//! daemon's own CRI client (`damselfly::cri`). Shared by the damselfly
-//! tests (`mod common`) and hostsd's
-//! (`#[path = "../../tests/common/cri.rs"]`).
+//! daemon's own CRI client (`damselfly::cri`), for damselfly's tests and
+//! hostsd's.
 
 use std::path::Path;
 use std::time::Duration;

@@ -19,7 +19,8 @@ use super::util::{self, log_tail, ChildGuard, TestDir};
 
 pub struct Prometheus {
     server: Option<ChildGuard>,
-    gateway: ChildGuard,
+    // Held for its Drop, which stops the pushgateway.
+    _gateway: ChildGuard,
     /// `127.0.0.1:PORT` of Prometheus.
     pub addr: String,
     /// `127.0.0.1:PORT` of the pushgateway.
@@ -58,7 +59,7 @@ impl Prometheus {
         )?;
         let mut p = Prometheus {
             server: None,
-            gateway,
+            _gateway: gateway,
             addr: format!("127.0.0.1:{}", util::free_port()?),
             gateway_addr,
             dir,

@@ -80,7 +80,8 @@ pub struct TokenServer {
     server: ServerThread,
     state: Arc<TokenState>,
     cert_bundle: PathBuf,
-    dir: TestDir,
+    // Held for its Drop: the key and certificate live in it.
+    _dir: TestDir,
 }
 
 #[derive(Serialize)]
@@ -155,7 +156,7 @@ impl TokenServer {
             server,
             state,
             cert_bundle,
-            dir,
+            _dir: dir,
         })
     }
 

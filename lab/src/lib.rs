@@ -1,10 +1,12 @@
-//! The integration-test lab: real components on loopback.
+//! The integration-test lab: real components on loopback, and the network
+//! lab of the multi-node benches.
 //!
-//! Integration tests use it with `mod common;`, benches with
-//! `#[path = "../tests/common/mod.rs"] mod common;`. Everything here runs the
-//! real programs (`docker-registry` from distribution 2.8, `containerd` 1.6
-//! with `ctr`, `umoci`, `skopeo`, `htpasswd`, `openssl`) and binds only
-//! 127.0.0.1.
+//! damselfly's integration tests and benches, and hostsd's tests, take it as
+//! a dev-dependency (`use damselfly_lab as common;`, `use
+//! damselfly_lab::{daemon, cluster};`). Everything here runs the real
+//! programs (`docker-registry` from distribution 2.8, `containerd` 1.6 with
+//! `ctr`, `umoci`, `skopeo`, `htpasswd`, `openssl`, the damselfly binary) and
+//! binds only 127.0.0.x, except [`netlab`], which builds network namespaces.
 //!
 //! | piece | what it is |
 //! |---|---|
@@ -18,6 +20,23 @@
 //! | [`ApiServer`] | a stand-in for the Kubernetes API server's node endpoints (GET, JSON-patch PATCH, 403/409/422), for the node gate |
 //! | [`FaultProxy`] | a streaming HTTP/1.1 reverse proxy that counts requests and injects faults |
 //! | [`Prometheus`] | a `prometheus` server scraping a `prometheus-pushgateway` that the test pushes to; can be stopped and started again |
+//! | [`cri_pull`] | the kubelet's CRI `PullImage`, with the daemon's own CRI client |
+//! | [`daemon::Daemon`] | a damselfly daemon (or sidecar) as a real process, with its own store, config and free ports; admin socket, metrics, log |
+//! | [`cluster::Cluster`] | N daemons on 127.0.0.2, .3, ... forming one swarm, each with its own containerd |
+//! | [`netlab::Lab`] | network namespaces on one bridge, `tc tbf` shaping, an origin and daemons inside them, for the multi-node benches |
+//!
+//! One daemon harness: [`daemon::DaemonConfig`] writes every daemon's config
+//! (on loopback or in a namespace), [`daemon::parse_samples`] reads every
+//! metric and [`daemon::write_cluster_key`] makes every cluster key.
+//!
+//! # Finding the daemon binary
+//!
+//! `env!("CARGO_BIN_EXE_damselfly")` exists only in the root package's own
+//! tests and benches, so [`daemon::binary`] looks at run time:
+//! `DAMSELFLY_BIN` if set, else `damselfly` in the profile directory above
+//! the running test executable (`target/<profile>/deps/<test>-<hash>`).
+//! Cargo builds that binary before it runs the root package's integration
+//! tests and benches.
 //!
 //! # Rules the lab keeps
 //!
@@ -35,6 +54,9 @@
 //!   into errors).
 //! - Set `DAMSELFLY_LAB_KEEP=1` to keep every temp dir (logs, configs,
 //!   storage) for debugging; their paths are printed.
+//! - [`netlab`] is the exception to the first rule: it needs root, fixed
+//!   ports inside its own namespaces and names derived from the bench's
+//!   pid, and the benches that use it run one scenario at a time.
 //!
 //! # Sharing one image between tests
 //!
@@ -49,13 +71,15 @@
 //!     })
 //! }
 //! ```
-#![allow(dead_code)]
 
 pub mod apiserver;
 pub mod blob;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
+pub mod daemon;
 pub mod image;
+pub mod netlab;
 pub mod prometheus;
 pub mod proxy;
 pub mod random;
@@ -64,38 +88,26 @@ mod server;
 pub mod token;
 pub mod util;
 
-// Each test binary uses a different subset of these re-exports.
-#[allow(unused_imports)]
 pub use apiserver::{ApiRequest, ApiServer};
-#[allow(unused_imports)]
 pub use blob::{
     fetch_manifest, flip_bytes_at, get_blob, get_hashed, push_blob, push_blob_async,
     push_random_blob, verify_blob, BlobSource, Endpoint, FetchedManifest, RandomBlob,
     RegistryClient,
 };
-#[allow(unused_imports)]
 pub use containerd::{write_direct_hosts_toml, write_hosts_file, write_hosts_toml, Containerd};
-#[allow(unused_imports)]
 pub use cri::cri_pull;
-#[allow(unused_imports)]
 pub use image::{
     build_image, build_image_cached, push_image, push_raw_image, ImageSpec, LayerSpec, OciLayout,
     PushedImage,
 };
-#[allow(unused_imports)]
 pub use prometheus::Prometheus;
-#[allow(unused_imports)]
 pub use proxy::{Fault, FaultProxy, ProxyRequest, ALWAYS};
-#[allow(unused_imports)]
 pub use random::{random_bytes, random_digest, RandomReader};
-#[allow(unused_imports)]
 pub use registry::{
     parse_access_log_line, OriginRequest, Registry, RegistryAuth, RegistryOptions, TlsFiles,
     TokenAuth,
 };
-#[allow(unused_imports)]
 pub use token::{TokenServer, TokenServerOptions};
-#[allow(unused_imports)]
 pub use util::{
     block_on, free_port, http_get, missing_tools, require_tools, run_command, sha256_hex,
     wait_for_http, CmdOutput, TestDir,

@@ -107,7 +107,7 @@ pub fn in_netns(cmd: &mut Command, ns: &str) -> io::Result<()> {
 /// Asks the kernel for a free TCP port on 127.0.0.1 (binds port 0, reads the
 /// port, releases it). Another process may take it before it is used again:
 /// callers that cannot bind it themselves retry on "address in use"
-/// ([`crate::common::Registry`] does).
+/// ([`crate::Registry`] does).
 pub fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
@@ -307,7 +307,8 @@ impl Drop for TestDir {
     }
 }
 
-fn keep_dirs() -> bool {
+/// Whether `DAMSELFLY_LAB_KEEP` asks to keep every temp dir.
+pub(crate) fn keep_dirs() -> bool {
     std::env::var_os("DAMSELFLY_LAB_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
 }
 

@@ -39,8 +39,8 @@ pub struct Containerd {
     /// The network namespace it and its `ctr` commands run in (`ctr`
     /// fetches in its own process), or the caller's.
     netns: Option<String>,
-    // Last: removed after the child is killed.
-    dir: TestDir,
+    // Held for its Drop; last, so removed after the child is killed.
+    _dir: TestDir,
 }
 
 impl std::fmt::Debug for Containerd {
@@ -177,7 +177,7 @@ disabled_plugins = [
             log,
             config,
             netns: netns.map(str::to_owned),
-            dir,
+            _dir: dir,
         })
     }
 

@@ -2,7 +2,6 @@
 //! benches: its own store, config and free ports on 127.0.0.1 (or on another
 //! loopback address, [`Options::ip`], so that several daemons can form a
 //! swarm on one machine).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,9 +10,43 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The binary under test, built once by cargo for every test target.
+use crate::util::keep_dirs;
+
+/// The binary under test: `DAMSELFLY_BIN` if set, else `damselfly` in the
+/// profile directory of the running test or bench. Cargo puts a test
+/// executable in `target/<profile>/deps/` and builds the root package's
+/// binaries into `target/<profile>/` before it runs the root package's
+/// integration tests and benches; `CARGO_BIN_EXE_damselfly` would only
+/// exist when compiling those targets, not this library.
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let (bin, whence) = match std::env::var_os("DAMSELFLY_BIN") {
+            Some(path) => (PathBuf::from(path), "DAMSELFLY_BIN".to_owned()),
+            None => {
+                let exe = std::env::current_exe().expect("current_exe");
+                let profile_dir = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or_else(|| panic!("{} has no grandparent dir", exe.display()));
+                (
+                    profile_dir.join("damselfly"),
+                    format!(
+                        "the profile dir of {} (set DAMSELFLY_BIN to choose another)",
+                        exe.display()
+                    ),
+                )
+            }
+        };
+        assert!(
+            bin.is_file(),
+            "no damselfly binary at {}, from {whence}: build it first \
+             (`cargo build --bin damselfly`, with `--release` for benches)",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
 }
 
 /// A free TCP port on `ip` (binds `ip:0`, reads the port, releases it).
@@ -30,10 +63,6 @@ pub fn free_addrs_on<const N: usize>(ip: Ipv4Addr) -> [SocketAddr; N] {
         std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
     });
     listeners.map(|l| l.local_addr().expect("local addr"))
-}
-
-fn free_addr() -> SocketAddr {
-    free_addr_on(Ipv4Addr::LOCALHOST)
 }
 
 /// What a daemon's `[swarm]` section says, apart from its own addresses
@@ -84,6 +113,155 @@ pub fn multiaddr(addr: SocketAddr) -> String {
         IpAddr::V4(ip) => format!("/ip4/{ip}/tcp/{}", addr.port()),
         IpAddr::V6(ip) => format!("/ip6/{ip}/tcp/{}", addr.port()),
     }
+}
+
+/// The config file of every daemon the lab runs: a [`Daemon`] on loopback
+/// and a [`crate::netlab::Node`] in a network namespace differ only in
+/// these values.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// `mirror.listen`.
+    pub mirror: SocketAddr,
+    /// `telemetry.listen`, and `sidecar.listen` for a sidecar.
+    pub telemetry: SocketAddr,
+    /// `store.dir`.
+    pub store_dir: PathBuf,
+    /// `mirror.drain_timeout`, e.g. `"2s"`.
+    pub drain_timeout: String,
+    /// `telemetry.log_level`.
+    pub log_level: String,
+    /// More lines inside `[mirror]`.
+    pub mirror_extra: String,
+    /// More lines inside `[store]` (`max_size = "64GiB"`).
+    pub store_extra: String,
+    /// Sections after `[telemetry]` (`[[registry]]` tables, `[origin]`,
+    /// `[prewarm]`).
+    pub extra: String,
+    /// A `[swarm]` section ([`swarm_section`]) whose control plane listens
+    /// on the first address and data plane on the second.
+    pub swarm: Option<(SocketAddr, SocketAddr, SwarmOptions)>,
+    /// A `[sidecar]` section with these lines, listening on `telemetry`.
+    pub sidecar: Option<String>,
+}
+
+impl DaemonConfig {
+    /// The TOML text: `[mirror]`, `[store]`, `[telemetry]`, `extra`, then
+    /// `[swarm]` and `[sidecar]` when set.
+    pub fn to_toml(&self) -> String {
+        let swarm = self
+            .swarm
+            .as_ref()
+            .map(|(listen, data_listen, opts)| swarm_section(*listen, *data_listen, opts))
+            .unwrap_or_default();
+        let sidecar = self
+            .sidecar
+            .as_ref()
+            .map(|s| format!("[sidecar]\nlisten = \"{}\"\n{s}\n", self.telemetry))
+            .unwrap_or_default();
+        format!(
+            "[mirror]\nlisten = \"{}\"\ndrain_timeout = \"{}\"\n{}\n\
+             [store]\ndir = \"{}\"\n{}\n\
+             [telemetry]\nlisten = \"{}\"\nlog_level = \"{}\"\n\
+             {}\n{swarm}{sidecar}",
+            self.mirror,
+            self.drain_timeout,
+            self.mirror_extra,
+            self.store_dir.display(),
+            self.store_extra,
+            self.telemetry,
+            self.log_level,
+            self.extra
+        )
+    }
+
+    /// Writes [`DaemonConfig::to_toml`] to `path`.
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, self.to_toml())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+}
+
+/// Writes a fresh random cluster key (64 hex characters, mode 0600: the
+/// daemon warns about a key that group or others can read) to `path`, for
+/// `swarm.cluster_key_file`.
+pub fn write_cluster_key(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    std::fs::write(path, format!("{key}\n"))
+        .unwrap_or_else(|e| panic!("write cluster key {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
+}
+
+/// The `damselfly <subcommand> --config <config>` command line, without
+/// the test's `RUST_LOG` (the config's `log_level` rules).
+pub fn command(subcommand: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.env_remove("RUST_LOG")
+        .arg(subcommand)
+        .arg("--config")
+        .arg(config);
+    cmd
+}
+
+/// Whether the daemon whose telemetry listens on `telemetry` (`host:port`)
+/// is up: ready, or serving and holding readiness back on purpose
+/// (`prewarm.gate_readiness`), which tests and benches then watch.
+pub fn is_up(telemetry: &str) -> bool {
+    match crate::http_get(telemetry, "/readyz") {
+        Ok((200, _)) => true,
+        Ok((503, body)) => body.contains("waiting for"),
+        _ => false,
+    }
+}
+
+/// Where the store at `store` keeps committed blob `digest`.
+pub fn store_blob_path(store: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    store.join("blobs/sha256").join(hex)
+}
+
+/// The last `lines` lines of the file at `path` (empty when unreadable).
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The Prometheus text of the daemon whose telemetry listens on
+/// `telemetry` (`host:port`); empty when it does not answer. Blocking and
+/// runtime-free, so it works from sync and async tests alike.
+pub fn scrape(telemetry: &str) -> String {
+    crate::http_get(telemetry, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+/// Every sample of metric family `name` in Prometheus text `text` whose
+/// labels include all of `labels`, as `(labels, value)`.
+pub fn parse_samples(
+    text: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<(HashMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (family, label_text) = match series.split_once('{') {
+                Some((f, rest)) => (f, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if family != name {
+                return None;
+            }
+            let found = parse_labels(label_text);
+            labels
+                .iter()
+                .all(|(k, v)| found.get(*k).map(String::as_str) == Some(*v))
+                .then(|| Some((found, value.parse().ok()?)))?
+        })
+        .collect()
 }
 
 pub struct Daemon {
@@ -165,7 +343,7 @@ impl Daemon {
         let mut d = Daemon::configure(opts);
         d.spawn_child();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let ready = format!("http://{}/readyz", d.telemetry);
+        let telemetry = d.telemetry.to_string();
         loop {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 if let Some(c) = d.child.take() {
@@ -173,7 +351,7 @@ impl Daemon {
                 }
                 return (status, d.log());
             }
-            if plain_http::blocking_get(&ready).ok() == Some(200) {
+            if matches!(crate::http_get(&telemetry, "/readyz"), Ok((200, _))) {
                 panic!(
                     "damselfly became ready, expected it to exit:\n{}",
                     d.log_tail(40)
@@ -203,28 +381,19 @@ impl Daemon {
         let ip = opts.ip.unwrap_or(Ipv4Addr::LOCALHOST);
         let [mirror, telemetry, swarm_listen, data_listen] = free_addrs_on(ip);
         let config_path = dir.path().join("damselfly.toml");
-        let store = dir.path().join("store");
-        let swarm = opts
-            .swarm
-            .as_ref()
-            .map(|s| swarm_section(swarm_listen, data_listen, s))
-            .unwrap_or_default();
-        let sidecar = opts
-            .sidecar
-            .as_ref()
-            .map(|s| format!("[sidecar]\nlisten = \"{telemetry}\"\n{s}\n"))
-            .unwrap_or_default();
-        let text = format!(
-            "[mirror]\nlisten = \"{mirror}\"\ndrain_timeout = \"2s\"\n{}\n\
-             [store]\ndir = \"{}\"\n{}\n\
-             [telemetry]\nlisten = \"{telemetry}\"\nlog_level = \"info,damselfly=debug\"\n\
-             {}\n{swarm}{sidecar}",
-            opts.mirror,
-            store.display(),
-            opts.store,
-            opts.extra
-        );
-        std::fs::write(&config_path, text).expect("write config");
+        DaemonConfig {
+            mirror,
+            telemetry,
+            store_dir: dir.path().join("store"),
+            drain_timeout: "2s".into(),
+            log_level: "info,damselfly=debug".into(),
+            mirror_extra: opts.mirror,
+            store_extra: opts.store,
+            extra: opts.extra,
+            swarm: opts.swarm.map(|s| (swarm_listen, data_listen, s)),
+            sidecar: opts.sidecar.clone(),
+        }
+        .write(&config_path);
         let log_path = dir.path().join("daemon.log");
         Daemon {
             child: None,
@@ -254,14 +423,10 @@ impl Daemon {
     /// exited (`Some` of its exit status and the end of its log).
     fn wait_ready_or_exit(&mut self) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let url = format!("http://{}/readyz", self.telemetry);
+        let telemetry = self.telemetry.to_string();
         loop {
-            // Up: ready, or serving and holding readiness back on purpose
-            // (`prewarm.gate_readiness`), which tests then watch.
-            if let Ok((code, body)) = plain_http::get(&url) {
-                if code == 200 || (code == 503 && body.contains("waiting for")) {
-                    return None;
-                }
+            if is_up(&telemetry) {
+                return None;
             }
             if let Some(status) = self
                 .child
@@ -286,8 +451,7 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .expect("open daemon log");
-        let mut cmd = Command::new(binary());
-        cmd.env_remove("RUST_LOG");
+        let mut cmd = command(self.command, &self.config_path);
         for name in &self.env_remove {
             match name.strip_suffix('*') {
                 Some(prefix) => {
@@ -304,9 +468,6 @@ impl Daemon {
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
-            .arg(self.command)
-            .arg("--config")
-            .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -435,8 +596,7 @@ impl Daemon {
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.store_dir().join("blobs/sha256").join(hex)
+        store_blob_path(&self.store_dir(), digest)
     }
 
     /// Waits until committed blob `digest` is in the store with the right
@@ -446,7 +606,7 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(bytes) = std::fs::read(self.blob_path(digest)) {
-                if crate::common::util::sha256_digest(&bytes) == digest {
+                if crate::util::sha256_digest(&bytes) == digest {
                     return Ok(());
                 }
             }
@@ -466,9 +626,7 @@ impl Daemon {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        file_tail(&self.log_path, lines)
     }
 
     pub fn log(&self) -> String {
@@ -514,8 +672,7 @@ impl Daemon {
     /// `GET path` on the telemetry address (a sidecar's `/keda`,
     /// `/v1/status`): the status and the JSON (`Null` when not JSON).
     pub fn http_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let (code, body) =
-            plain_http::get(&format!("http://{}{path}", self.telemetry)).unwrap_or_default();
+        let (code, body) = crate::http_get(&self.telemetry.to_string(), path).unwrap_or_default();
         (
             code,
             serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
@@ -524,7 +681,7 @@ impl Daemon {
 
     /// The Prometheus exposition text.
     pub fn metrics(&self) -> String {
-        plain_http::blocking_text(&format!("http://{}/metrics", self.telemetry)).unwrap_or_default()
+        scrape(&self.telemetry.to_string())
     }
 
     /// The value of one sample, e.g. `damselfly_bytes_served_total{source="local"}`;
@@ -547,25 +704,7 @@ impl Daemon {
         name: &str,
         labels: &[(&str, &str)],
     ) -> Vec<(HashMap<String, String>, f64)> {
-        self.metrics()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (family, label_text) = match series.split_once('{') {
-                    Some((f, rest)) => (f, rest.strip_suffix('}')?),
-                    None => (series, ""),
-                };
-                if family != name {
-                    return None;
-                }
-                let found = parse_labels(label_text);
-                labels
-                    .iter()
-                    .all(|(k, v)| found.get(*k).map(String::as_str) == Some(*v))
-                    .then(|| Some((found, value.parse().ok()?)))?
-            })
-            .collect()
+        parse_samples(&self.metrics(), name, labels)
     }
 
     /// The sum of [`Daemon::metric_samples`]; 0 when there are none.
@@ -626,10 +765,6 @@ impl Drop for Daemon {
         self.kill9();
         exit_cleanup::forget_dir(self.dir.path());
     }
-}
-
-fn keep_dirs() -> bool {
-    std::env::var_os("DAMSELFLY_LAB_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// `{a="b",c="d"}`'s inside as a map (Prometheus escapes `\\`, `\"`, `\n`).
@@ -721,25 +856,5 @@ mod exit_cleanup {
         for dir in live.dirs.drain(..) {
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-}
-
-/// Minimal blocking HTTP helpers that need no runtime, so `Daemon` works
-/// from sync and async tests alike.
-mod plain_http {
-    pub fn get(url: &str) -> std::io::Result<(u16, String)> {
-        let rest = url.strip_prefix("http://").unwrap_or(url);
-        let (host, path) = rest
-            .split_once('/')
-            .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-        crate::common::http_get(host, &path)
-    }
-
-    pub fn blocking_get(url: &str) -> std::io::Result<u16> {
-        get(url).map(|(s, _)| s)
-    }
-
-    pub fn blocking_text(url: &str) -> std::io::Result<String> {
-        get(url).map(|(_, b)| b)
     }
 }

@@ -6,9 +6,9 @@
 //! on drop, also when a bench panics; names start with `dfb` and the bench's
 //! pid. Children die with the bench (`PR_SET_PDEATHSIG`); after a kill, the
 //! next run removes the namespaces and bridge left behind.
-#![allow(dead_code)]
 
 use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{http_get, parse_access_log_line};
+use crate::daemon::{
+    command, file_tail, is_up, multiaddr, parse_samples, scrape, store_blob_path,
+    write_cluster_key, DaemonConfig, SwarmOptions,
+};
+use crate::{http_get, parse_access_log_line};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: f64 = (1u64 << 30) as f64;
@@ -24,10 +28,6 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 pub const ORIGIN_PORT: u16 = 5000;
 /// How long a cluster may take to see all its members.
 pub const JOIN: Duration = Duration::from_secs(60);
-
-pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
-}
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -244,13 +244,11 @@ impl Lab {
         }
     }
 
-    /// Writes a fresh random cluster key (mode 0600) into the lab's dir and
-    /// returns its path, for every daemon's `swarm.cluster_key_file`.
+    /// Writes a fresh cluster key ([`write_cluster_key`]) into the lab's
+    /// dir and returns its path, for every daemon's `swarm.cluster_key_file`.
     pub fn cluster_key(&self) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
         let key = self.dir.join("cluster.key");
-        std::fs::write(&key, hex::encode(rand::random::<[u8; 32]>())).expect("cluster key");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        write_cluster_key(&key);
         key
     }
 
@@ -580,41 +578,25 @@ impl Node {
     ) -> Node {
         let link = &lab.nodes[index];
         let generation = lab.next_generation();
-        let base = 20000 + generation * 10;
-        let (mirror, telemetry, control, data) = (base + 1, base + 2, base + 3, base + 4);
+        let [mirror, telemetry, control, _data] = node_ports(generation);
         let dir = lab.dir.join(format!("node{}-g{generation}", index + 1));
         std::fs::create_dir_all(&dir).expect("node dir");
         let ip = &link.ip;
-        let bootstrap: Vec<String> = bootstrap.iter().map(|b| format!("{b:?}")).collect();
         let config = dir.join("damselfly.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[mirror]\nlisten = \"{ip}:{mirror}\"\ndrain_timeout = \"1s\"\n\
-                 [store]\ndir = \"{store}\"\nmax_size = \"64GiB\"\n\
-                 [telemetry]\nlisten = \"{ip}:{telemetry}\"\nlog_level = \"{log}\"\n\
-                 [swarm]\nenabled = true\nlisten = \"/ip4/{ip}/tcp/{control}\"\n\
-                 data_listen = \"{ip}:{data}\"\nbootstrap = [{boot}]\n\
-                 cluster_key_file = \"{key}\"\nrole = \"{role}\"\n{extra}\n\
-                 [[registry]]\nhost = \"{host}\"\nendpoint = \"{url}\"\n{sections}",
-                sections = extra,
-                store = dir.join("store").display(),
-                boot = bootstrap.join(", "),
-                key = key.display(),
-                extra = lab.swarm_extra,
-                log = std::env::var("DAMSELFLY_BENCH_LOG").unwrap_or_else(|_| "info".into()),
-                host = origin.host(),
-                url = origin.url(),
-            ),
-        )
-        .expect("node config");
-        let mut cmd = Command::new(binary());
-        cmd.env_remove("RUST_LOG")
-            .arg("daemon")
-            .arg("--config")
-            .arg(&config);
+        let swarm = SwarmOptions {
+            bootstrap: bootstrap.to_vec(),
+            cluster_key_file: Some(key.to_path_buf()),
+            role: Some(role.to_owned()),
+            extra: lab.swarm_extra.clone(),
+        };
+        let sections = format!(
+            "[[registry]]\nhost = \"{}\"\nendpoint = \"{}\"\n{extra}",
+            origin.host(),
+            origin.url()
+        );
+        node_config(link, &dir, generation, swarm, sections).write(&config);
         let log = dir.join("daemon.log");
-        let proc = Proc::spawn(&link.ns, cmd, &log, &log);
+        let proc = Proc::spawn(&link.ns, command("daemon", &config), &log, &log);
         let mut node = Node {
             proc,
             ns: link.ns.clone(),
@@ -626,11 +608,8 @@ impl Node {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // Up: ready, or holding readiness for prewarm on purpose.
-            match http_get(&node.telemetry_addr(), "/readyz") {
-                Ok((200, _)) => break,
-                Ok((503, body)) if body.contains("waiting for") => break,
-                _ => {}
+            if is_up(&node.telemetry_addr()) {
+                break;
             }
             if let Some(status) = node.proc.exited() {
                 panic!(
@@ -661,12 +640,11 @@ impl Node {
 
     /// Whether the daemon's store holds blob `digest` (committed).
     pub fn holds(&self, digest: &str) -> bool {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.dir.join("store/blobs/sha256").join(hex).is_file()
+        store_blob_path(&self.dir.join("store"), digest).is_file()
     }
 
     pub fn control_addr(&self) -> String {
-        format!("/ip4/{}/tcp/{}", self.ip, self.control)
+        multiaddr(SocketAddr::new(ns_ip(&self.ip), self.control))
     }
 
     pub fn mirror_url(&self, origin: &Origin, repo: &str, digest: &str) -> String {
@@ -679,9 +657,7 @@ impl Node {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        file_tail(&self.dir.join("daemon.log"), lines)
     }
 
     pub fn log(&self) -> String {
@@ -693,20 +669,12 @@ impl Node {
         self.dir.join("store/admin.sock")
     }
 
-    /// Sum of every sample of metric `name` whose labels contain all of
-    /// `labels` (`key="value"` strings).
-    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = http_get(&self.telemetry_addr(), "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (sample, value) = l.rsplit_once(' ')?;
-                let (n, rest) = sample.split_once('{').unwrap_or((sample, ""));
-                (n == name && labels.iter().all(|want| rest.contains(want)))
-                    .then(|| value.parse::<f64>().ok())?
-            })
+    /// Sum of every sample of metric `name` whose labels include all of
+    /// `labels`, e.g. `&[("source", "peer")]` ([`parse_samples`]).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        parse_samples(&scrape(&self.telemetry_addr()), name, labels)
+            .iter()
+            .map(|(_, v)| v)
             .sum()
     }
 
@@ -716,6 +684,53 @@ impl Node {
 
     pub fn cpu(&self) -> f64 {
         cpu_secs(self.proc.pid())
+    }
+}
+
+/// A namespace address (`Link::ip`) as an [`IpAddr`].
+fn ns_ip(ip: &str) -> IpAddr {
+    ip.parse()
+        .unwrap_or_else(|_| panic!("{ip:?} is not an IP address"))
+}
+
+/// The mirror, telemetry, control and data ports of daemon generation
+/// `generation`: fixed, since no other program binds in the namespace, and
+/// new per generation, so that no daemon binds a port its predecessor left
+/// in TIME_WAIT.
+fn node_ports(generation: u16) -> [u16; 4] {
+    let base = 20000 + generation * 10;
+    [base + 1, base + 2, base + 3, base + 4]
+}
+
+/// The config of daemon generation `generation` in `link`'s namespace, with
+/// its store in `dir`, `swarm` on its control and data ports and `extra`
+/// after the generated sections: the writer [`crate::daemon::Daemon`]
+/// uses, with the bench's own settings (`DAMSELFLY_BENCH_LOG`, a 64 GiB
+/// store).
+fn node_config(
+    link: &Link,
+    dir: &Path,
+    generation: u16,
+    swarm: SwarmOptions,
+    extra: String,
+) -> DaemonConfig {
+    let ip = ns_ip(&link.ip);
+    let [mirror, telemetry, control, data] = node_ports(generation);
+    DaemonConfig {
+        mirror: SocketAddr::new(ip, mirror),
+        telemetry: SocketAddr::new(ip, telemetry),
+        store_dir: dir.join("store"),
+        drain_timeout: "1s".into(),
+        log_level: std::env::var("DAMSELFLY_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        mirror_extra: String::new(),
+        store_extra: "max_size = \"64GiB\"".into(),
+        extra,
+        swarm: Some((
+            SocketAddr::new(ip, control),
+            SocketAddr::new(ip, data),
+            swarm,
+        )),
+        sidecar: None,
     }
 }
 

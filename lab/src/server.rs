@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt as _, Empty, Full};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -28,13 +28,6 @@ pub type LabBody = BoxBody<Bytes, BoxError>;
 /// A complete body.
 pub fn full(bytes: impl Into<Bytes>) -> LabBody {
     Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-/// An empty body.
-pub fn empty() -> LabBody {
-    Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed()
 }

@@ -3,25 +3,13 @@
 //! containerd whose hosts.toml points at that node's mirror, one shared
 //! cluster key, and node 0 as everyone's bootstrap peer unless a
 //! [`NodeSpec`] says otherwise.
-//!
-//! Used by `tests/swarm.rs` as a sibling of `common` and `daemon`:
-//!
-//! ```ignore
-//! mod common;
-//! mod daemon;
-//! #[path = "daemon/cluster.rs"]
-//! mod cluster;
-//! ```
-#![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{
-    sha256_hex, write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir,
-};
-use crate::daemon::{Daemon, Options, SwarmOptions};
+use crate::daemon::{write_cluster_key, Daemon, Options, SwarmOptions};
+use crate::{write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir};
 
 /// The loopback address of node `index`: 127.0.0.(2+index).
 pub fn node_ip(index: usize) -> Ipv4Addr {
@@ -81,19 +69,6 @@ impl NodeSpec {
             ..NodeSpec::default()
         }
     }
-}
-
-/// Writes a fresh random cluster key (64 hex characters) to `path`.
-pub fn write_key(path: &Path) {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let seed = format!("{}-{nanos}-{}", std::process::id(), path.display());
-    std::fs::write(path, format!("{}\n", sha256_hex(seed.as_bytes()))).expect("write cluster key");
-    // The daemon warns about a key that group or others can read.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod 600 cluster key");
 }
 
 /// One node: a daemon on its own loopback address and a containerd that
@@ -285,7 +260,7 @@ impl Cluster {
     pub fn start_specs(origin: &Registry, specs: Vec<NodeSpec>) -> Cluster {
         let dir = TestDir::new("cluster").expect("cluster dir");
         let key_file = dir.join("cluster.key");
-        write_key(&key_file);
+        write_cluster_key(&key_file);
         let mut cluster = Cluster {
             nodes: Vec::new(),
             key_file,
@@ -358,7 +333,7 @@ impl Cluster {
     /// A fresh key file in the cluster's dir that is not the cluster key.
     pub fn stranger_key(&self, name: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.key"));
-        write_key(&path);
+        write_cluster_key(&path);
         path
     }
 

@@ -101,7 +101,8 @@ pub struct OciLayout {
     path: PathBuf,
     tag: String,
     spec: ImageSpec,
-    dir: TestDir,
+    // Held for its Drop: the layout lives in it.
+    _dir: TestDir,
 }
 
 impl OciLayout {
@@ -199,7 +200,7 @@ pub fn build_image(spec: &ImageSpec) -> anyhow::Result<OciLayout> {
         path: layout,
         tag,
         spec: spec.clone(),
-        dir,
+        _dir: dir,
     })
 }
 
