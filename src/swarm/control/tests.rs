@@ -366,3 +366,64 @@ fn announcements_from_string_digests() {
         assert!(serde_json::from_str::<Announce>(bad).is_err(), "{bad}");
     }
 }
+
+/// The TCP connections on this host between two local ports, either way
+/// round, from /proc/net/tcp (states other than LISTEN).
+fn tcp_between(a: u16, b: u16) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // f[3] is the state; 0A is LISTEN.
+            f.len() > 3
+                && f[3] != "0A"
+                && matches!((port(f[1]), port(f[2])), (Some(l), Some(r))
+                    if (l, r) == (a, b) || (l, r) == (b, a))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A dial binds no listen port: with libp2p's default (`PortUse::Reuse`) a
+/// busy address made every redial fail with EADDRINUSE until the kernel
+/// freed it, and the node never joined.
+#[tokio::test]
+async fn dials_come_from_ephemeral_ports() {
+    let dir = TempDir::new("port");
+    let a = Control::start(config(&dir, 0, Some(PSK), vec![]))
+        .await
+        .unwrap();
+    let b = Control::start(config(&dir, 1, Some(PSK), boot(&a)))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
+            && sees(&b, &[(&a, 0)]))
+        .await,
+        "a={:?} b={:?}",
+        a.members().borrow(),
+        b.members().borrow()
+    );
+    let port = |c: &Control| {
+        tcp_socket_addr(&c.listen_addrs()[0])
+            .expect("a TCP listen address")
+            .port()
+    };
+    let (pa, pb) = (port(&a), port(&b));
+    let between = tcp_between(pa, pb);
+    assert!(
+        between.is_empty(),
+        "a connection joins the two listen ports {pa} and {pb}, so a dial bound its listen port:\n{}",
+        between.join("\n")
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

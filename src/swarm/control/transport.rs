@@ -4,11 +4,15 @@
 //! mDNS).
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::io::{AsyncRead, AsyncWrite};
 use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::Boxed;
+use libp2p::core::transport::{
+    Boxed, DialOpts, ListenerId, PortUse, TransportError, TransportEvent,
+};
 use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -40,14 +44,67 @@ pub(super) fn build_transport(
     psk: Option<[u8; 32]>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, ControlError> {
     let tcp_cfg = tcp::Config::default().nodelay(true);
+    let tcp = || NewPortDials(tcp::tokio::Transport::new(tcp_cfg.clone()));
     // DNS only matters for /dns4|dns6 multiaddrs in the bootstrap list; a
     // host without a usable resolv.conf still works with IP addresses.
-    match libp2p::dns::tokio::Transport::system(tcp::tokio::Transport::new(tcp_cfg.clone())) {
+    match libp2p::dns::tokio::Transport::system(tcp()) {
         Ok(dns) => secure(dns, key, psk),
         Err(e) => {
             warn!(error = %e, "no system DNS config; /dns multiaddrs will not resolve");
-            secure(tcp::tokio::Transport::new(tcp_cfg), key, psk)
+            secure(tcp(), key, psk)
         }
+    }
+}
+
+/// TCP that dials from an ephemeral port, never from the listen port.
+///
+/// libp2p dials with `PortUse::Reuse` unless a behaviour says otherwise:
+/// the dial socket binds the listen address before `connect`. On a busy
+/// node that bind can fail with EADDRINUSE (another socket holds the
+/// address, or a TIME_WAIT from an earlier connection on it), and libp2p-tcp
+/// falls back to a fresh port only on EADDRNOTAVAIL; every redial then fails
+/// the same way until the kernel lets go of the address (seen in the lab: a
+/// node that never joined, its bootstrap dial failing with "Address already
+/// in use" every 3 s for 60 s). Reusing the port only helps hole punching
+/// through NAT, which cluster nodes do not do; peers learn our listen
+/// address from identify, not from the dial's source port.
+struct NewPortDials<T>(T);
+
+impl<T: Transport + Unpin> Transport for NewPortDials<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        opts: DialOpts,
+    ) -> Result<Self::Dial, TransportError<Self::Error>> {
+        let opts = DialOpts {
+            port_use: PortUse::New,
+            ..opts
+        };
+        self.0.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 
