@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::StreamExt;
+use futures_util::FutureExt;
 use http::StatusCode;
 
 use super::peer::write_at;
 use super::Ctx;
-use crate::fetch::FetchError;
+use crate::fetch::{FetchError, WRITE_BATCH};
 
 /// Fetches the rest of piece `k` (from `have`) from the origin, resuming
 /// with `Range` when the body breaks.
@@ -70,42 +71,62 @@ pub(super) async fn origin_piece(
         let mut pos = from;
         let mut body = resp.bytes_stream();
         let broke: Option<String> = loop {
-            match body.next().await {
+            let first = match body.next().await {
                 None => break None,
                 Some(Err(e)) => break Some(e.to_string()),
-                Some(Ok(mut c)) => {
-                    if skip > 0 {
-                        let n = skip.min(c.len() as u64);
-                        skip -= n;
-                        c = c.slice(n as usize..);
+                Some(Ok(c)) => c,
+            };
+            // Frames already received go to disk in one write, up to a
+            // batch; an error among them ends the body after that write.
+            let mut batch = Vec::new();
+            let mut n = 0u64;
+            let mut broke = None;
+            let mut next = Some(Ok::<_, reqwest::Error>(first));
+            while let Some(r) = next.take() {
+                let mut c = match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        broke = Some(Some(e.to_string()));
+                        break;
                     }
-                    // A server that ignored the range sends past the piece.
-                    let room = end.saturating_sub(pos);
-                    if (c.len() as u64) > room {
-                        c = c.slice(..room as usize);
-                    }
-                    if c.is_empty() {
-                        if pos >= end {
-                            break None;
-                        }
-                        continue;
-                    }
-                    let n = c.len() as u64;
-                    write_at(&ctx.writer, pos, c).await?;
-                    pos += n;
-                    *have = pos - start;
-                    ctx.set_filled(k, *have);
-                    inner.metrics.origin_bytes.inc_by(n);
-                    inner
-                        .metrics
-                        .fetched_bytes
-                        .with_label_values(&["origin"])
-                        .inc_by(n);
-                    ctx.dl.count(crate::fetch::Source::Origin, n);
-                    if pos >= end {
-                        break None;
-                    }
+                };
+                if skip > 0 {
+                    let k = skip.min(c.len() as u64);
+                    skip -= k;
+                    c = c.slice(k as usize..);
                 }
+                // A server that ignored the range sends past the piece.
+                let room = end.saturating_sub(pos + n);
+                if (c.len() as u64) > room {
+                    c = c.slice(..room as usize);
+                }
+                n += c.len() as u64;
+                if !c.is_empty() {
+                    batch.push(c);
+                }
+                if pos + n >= end || n >= WRITE_BATCH as u64 {
+                    break;
+                }
+                next = body.next().now_or_never().flatten();
+            }
+            if n > 0 {
+                write_at(&ctx.writer, pos, batch).await?;
+                pos += n;
+                *have = pos - start;
+                ctx.set_filled(k, *have);
+                inner.metrics.origin_bytes.inc_by(n);
+                inner
+                    .metrics
+                    .fetched_bytes
+                    .with_label_values(&["origin"])
+                    .inc_by(n);
+                ctx.dl.count(crate::fetch::Source::Origin, n);
+            }
+            if let Some(b) = broke {
+                break b;
+            }
+            if pos >= end {
+                break None;
             }
         };
         if pos >= end {
