@@ -15,10 +15,13 @@
 //!    parallel ranged GETs (goal: at least 3x with 4 or more ranges).
 //!
 //! The daemon's CPU per GiB cold includes filling the page cache with the
-//! blob, which costs this kind of VM far more when its free pages were
-//! handed back to the host; the bench measures that floor in the same run
-//! (a new file of the blob's size, written and hashed by nobody) and prints
-//! it beside the daemon's figure.
+//! blob. On this kind of VM the first touch of free pages that were handed
+//! back to the host costs about ten times a plain write, so before each
+//! measured transfer that fills the page cache the bench warms as much
+//! memory (`damselfly_lab::memory`); it also measures the floor in the same
+//! run (a new file of the big blob's size, written and hashed by nobody,
+//! warmed the same way) and prints it beside the daemon's figure. Figures
+//! before 2026-12-07 11:30 UTC were taken without the warm-up.
 //!
 //! ```text
 //! cargo bench --bench mirror                 # 1 GiB and 4 GiB blobs
@@ -204,6 +207,7 @@ fn main() {
             plain.url(),
             reg.host()
         );
+        common::memory::warm(size);
         cold.push(rt.block_on(pull(&client, &mirror_url)));
         // Fills the unverified daemon's cache; not a figure.
         rt.block_on(pull(&client, &plain_url));
@@ -259,9 +263,13 @@ fn main() {
     let mut direct_store = Vec::new();
     let mut cold_store = Vec::new();
     for _ in 0..RUNS {
+        common::memory::warm(size);
         direct_store.push(rt.block_on(pull_to(&client, &origin_url, Some(&sink))));
         let d = daemon_for(&reg, true);
         let mirror_url = format!("{}/v2/bench/blob/blobs/{digest}?ns={}", d.url(), reg.host());
+        // The mirror fills the page cache with the blob, and the client's
+        // sink as well: twice the pages of the direct pull.
+        common::memory::warm(2 * size);
         cold_store.push(rt.block_on(pull_to(&client, &mirror_url, Some(&sink))));
     }
     let direct_store_mib = median(direct_store.iter().map(Pull::mib_s).collect());
@@ -275,6 +283,7 @@ fn main() {
         d.url(),
         reg.host()
     );
+    common::memory::warm(big);
     let big_pull = rt.block_on(pull(&client, &big_url));
     // Let the commit finish before reading the counters.
     std::thread::sleep(Duration::from_millis(500));
@@ -320,8 +329,9 @@ fn main() {
     }
     drop(proxy);
 
-    // Last, so that the pages it frees do not make the daemons' writes
-    // above cheaper.
+    // Warmed like every measured write above (lab::memory), so it is the
+    // cost of filling the page cache, not of the VM's first touch.
+    common::memory::warm(big);
     let floor = new_file_floor(sink_dir.path(), big) / gib;
 
     let machine = netlab::machine();

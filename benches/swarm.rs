@@ -403,6 +403,7 @@ fn one_peer(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str) 
         let b = Node::start(lab, 1, &[a.control_addr()], origin, key);
         wait_members(&[&a, &b], 1);
         let mark = origin.sync();
+        common::memory::warm(size);
         let (a0, b0) = (a.cpu(), b.cpu());
         let p = pull_one(
             &b.ns,

@@ -79,6 +79,7 @@ pub mod containerd;
 pub mod cri;
 pub mod daemon;
 pub mod image;
+pub mod memory;
 pub mod netlab;
 pub mod prometheus;
 pub mod proxy;
