@@ -336,6 +336,15 @@ impl Store {
             .join(format!("{}.partial", d.hex()))
     }
 
+    /// The journal of a piece download's partial file: which pieces are on
+    /// disk (`fetch::journal`). It lives and dies with the partial.
+    pub fn pieces_path(&self, d: &Digest) -> PathBuf {
+        self.inner
+            .root
+            .join("tmp")
+            .join(format!("{}.pieces", d.hex()))
+    }
+
     pub fn tags_dir(&self) -> PathBuf {
         self.inner.root.join("tags")
     }
@@ -350,19 +359,27 @@ impl Store {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             // An empty partial has nothing to resume: a download that died
-            // before its first byte.
-            let keep = name
+            // before its first byte. A pieces journal stays with its
+            // partial, and goes when the partial does.
+            let journal = name.ends_with(".pieces");
+            let partial = match name
                 .strip_suffix(".partial")
-                .is_some_and(|hex| Digest::from_hex(hex).is_ok())
-                && entry.metadata().is_ok_and(|m| m.len() > 0);
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
+                .or(name.strip_suffix(".pieces"))
+            {
+                Some(hex) if Digest::from_hex(hex).is_ok() => {
+                    std::fs::metadata(tmp.join(format!("{hex}.partial"))).ok()
+                }
+                _ => None,
+            };
+            let keep = partial.as_ref().is_some_and(|m| m.len() > 0);
+            let stale = partial
+                .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > PARTIAL_TTL);
             if keep && !(fix && stale) {
-                rec.partials += 1;
+                if !journal {
+                    rec.partials += 1;
+                }
             } else if fix {
                 remove_any(&entry.path());
                 rec.removed += 1;

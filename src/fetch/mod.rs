@@ -18,6 +18,7 @@
 //! the store ([`upkeep`]).
 
 mod download;
+pub mod journal;
 mod manifest;
 pub mod negative;
 mod peer;

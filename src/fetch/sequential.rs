@@ -40,7 +40,7 @@ impl DownloadJob {
             if is_disk_full(e) {
                 // Keeping the partial would only hold the space that every
                 // other download needs; this blob does not fit anyway.
-                let _ = std::fs::remove_file(inner.store.partial_path(&digest));
+                let _ = inner.store.remove_partial(&digest);
                 tracing::error!(digest = %digest, error = %e, dir = %inner.store.root().display(),
                     "the store's disk is full: store.max_size is larger than the free space; \
                      partial download removed");
@@ -72,6 +72,7 @@ impl DownloadJob {
     async fn download(&self) -> Result<(), FetchError> {
         let inner = &self.fetcher.inner;
         let digest = &self.dl.digest;
+        self.keep_pieces_prefix()?;
         let (mut hasher, mut written) =
             rehash(self.writer.clone())
                 .await
@@ -153,6 +154,31 @@ impl DownloadJob {
             .commit_blob(digest, actual, written, &sums.finish(), &prov)
             .await?;
         tracing::info!(digest = %digest, bytes = written, "blob committed");
+        Ok(())
+    }
+
+    /// A partial file that a piece download left (this node had peers
+    /// before it restarted) has holes: only the pieces from the start
+    /// without a gap, as its journal lists them, are a prefix this download
+    /// can resume from.
+    fn keep_pieces_prefix(&self) -> Result<(), FetchError> {
+        let store = &self.fetcher.inner.store;
+        let path = store.pieces_path(&self.dl.digest);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(());
+        }
+        let keep =
+            super::journal::read(&path, super::pieces::MAX_BLOB).map_or(0, |r| r.contiguous());
+        let len = self.writer.metadata().map_or(0, |m| m.len());
+        if keep < len {
+            self.writer.set_len(keep).map_err(|source| FetchError::Io {
+                what: "truncating partial download".into(),
+                source,
+            })?;
+        }
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(digest = %self.dl.digest, kept = keep.min(len),
+            "partial download was fetched in pieces; resuming after its gap-free prefix");
         Ok(())
     }
 

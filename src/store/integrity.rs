@@ -297,6 +297,7 @@ impl Store {
     pub fn remove_partial(&self, d: &Digest) -> Result<bool, StoreError> {
         self.writable()?;
         let path = self.partial_path(d);
+        let _ = std::fs::remove_file(self.pieces_path(d));
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

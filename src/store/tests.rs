@@ -392,6 +392,29 @@ fn recovery_removes_empty_partials_and_lists_the_rest() {
 }
 
 #[test]
+fn a_pieces_journal_lives_and_dies_with_its_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 100).unwrap();
+    let kept = digest_of(b"kept");
+    let orphan = digest_of(b"orphan");
+    let empty = digest_of(b"empty");
+    std::fs::write(store.partial_path(&kept), b"so").unwrap();
+    std::fs::write(store.pieces_path(&kept), b"j").unwrap();
+    std::fs::write(store.pieces_path(&orphan), b"j").unwrap();
+    std::fs::write(store.partial_path(&empty), b"").unwrap();
+    std::fs::write(store.pieces_path(&empty), b"j").unwrap();
+    drop(store);
+    let (store, rec) = Store::open(dir.path(), 100).unwrap();
+    // Journals are not partials of their own.
+    assert_eq!((rec.partials, rec.removed), (1, 3));
+    assert!(store.pieces_path(&kept).exists());
+    assert!(!store.pieces_path(&orphan).exists());
+    assert!(!store.pieces_path(&empty).exists());
+    assert!(store.remove_partial(&kept).unwrap());
+    assert!(!store.pieces_path(&kept).exists());
+}
+
+#[test]
 fn scrub_state_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), 100).unwrap();

@@ -18,6 +18,10 @@
 //! peer is compared with the origin's bytes, the peers whose bytes differ are
 //! distrusted, the pieces are replaced, and the blob is checked again.
 //!
+//! Each piece is recorded in a journal beside the partial file once its
+//! bytes are written ([`crate::fetch::journal`]), so a download cut by a
+//! restart goes on with the pieces that are missing.
+//!
 //! A node that is asked for a piece of a blob it is not pulling starts a
 //! *serving* download that fetches only the pieces peers ask for; it is
 //! dropped when nobody asks for a while, or committed if it got every piece.
@@ -41,13 +45,14 @@ use origin::origin_piece;
 use peer::{peer_piece, PeerFail};
 use verify::{commit, hash_prefix, repair};
 
+use super::journal::{self, Journal};
 use super::{Download, FetchError, Fetcher, Pull, Starter};
 use crate::swarm::{PeerNet, PeerRef, PieceSource};
 
 /// The largest blob a piece download lays out (1 TiB: 131072 pieces of
 /// 8 MiB). Sizes come from peers and origins; neither may make us allocate
 /// without bound.
-const MAX_BLOB: u64 = 1 << 40;
+pub(super) const MAX_BLOB: u64 = 1 << 40;
 
 /// The longest a node waits for the second look for holders before its
 /// first origin piece: it delays that piece, and every peer waiting for it.
@@ -92,6 +97,8 @@ pub(super) fn adopt_size(dl: &Download, size: u64, piece_size: u64) {
 enum Supplier {
     Origin,
     Peer(PeerId),
+    /// On disk when the download started: journaled before a restart.
+    Resumed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +179,9 @@ impl PieceJob {
                 }
             }
         }
+        // Committed, or failed with its partial gone: either way the
+        // journal has nothing left to say.
+        let _ = std::fs::remove_file(inner.store.pieces_path(&digest));
         ctx.dl
             .finish(&inner, result, (&ctx.pull.up, &ctx.pull.repo));
     }
@@ -182,12 +192,17 @@ impl PieceJob {
             let what = what.to_owned();
             move |source| FetchError::Io { what, source }
         };
-        // Piece downloads do not resume across restarts: which pieces of a
-        // partial file are good is not recorded, so it starts empty.
-        ctx.writer
-            .set_len(0)
-            .map_err(io_err("truncating partial download"))?;
         let ps = ctx.piece_size;
+        let journal_path = ctx.fetcher.inner.store.pieces_path(&ctx.dl.digest);
+        let (resume, mut journal) = self.resume(&journal_path);
+        if resume.is_none() {
+            // Nothing recorded: what the file holds cannot be told apart
+            // from holes, so it starts empty.
+            let _ = std::fs::remove_file(&journal_path);
+            ctx.writer
+                .set_len(0)
+                .map_err(io_err("truncating partial download"))?;
+        }
         if self.full {
             // Seeds follow what the cluster pulls; holders of the whole blob
             // (a node that pulled it before) are found before any origin
@@ -243,6 +258,26 @@ impl PieceJob {
         if !tasks.is_empty() {
             state[0] = State::Fetching;
         }
+        match &resume {
+            Some(r) => {
+                for &k in &r.done {
+                    state[k] = State::Done;
+                    supplier[k] = Some(Supplier::Resumed);
+                    let (start, end) = ctx.piece_range(k);
+                    ctx.set_filled(k, end.unwrap_or(size) - start);
+                }
+                tracing::info!(digest = %ctx.dl.digest, pieces = r.done.len(), of = n,
+                    "resuming piece download");
+            }
+            None => {
+                journal = Journal::create(&journal_path, size, ps)
+                    .map_err(|e| {
+                        tracing::debug!(path = %journal_path.display(), error = %e,
+                            "cannot start a pieces journal; this download will not resume");
+                    })
+                    .ok();
+            }
+        }
         // The hasher follows the contiguous prefix as pieces land.
         let hasher = tokio::spawn(hash_prefix(ctx.dl.clone(), size));
         let limit = ctx.swarm.max_piece_transfers();
@@ -295,6 +330,11 @@ impl PieceJob {
                         Ok(s) => {
                             state[k] = State::Done;
                             supplier[k] = Some(s);
+                            if let Some(Err(e)) = journal.as_mut().map(|j| j.done(k)) {
+                                tracing::debug!(error = %e,
+                                    "cannot write the pieces journal; this download will not resume");
+                                journal = None;
+                            }
                         }
                         Err(e) => {
                             hasher.abort();
@@ -326,6 +366,36 @@ impl PieceJob {
             repair(&ctx, size, &supplier, actual).await?
         };
         commit(&ctx, size, actual, sums, &supplier).await
+    }
+}
+
+impl PieceJob {
+    /// What a journal left by an earlier run of this download says, if it
+    /// can be used: the partial file holds bytes, the piece size is this
+    /// node's, and the size agrees with the one a peer asked with. The
+    /// journal is reopened for appending.
+    fn resume(&mut self, path: &std::path::Path) -> (Option<journal::Resume>, Option<Journal>) {
+        let ctx = &self.ctx;
+        let has_bytes = ctx.writer.metadata().is_ok_and(|m| m.len() > 0);
+        let Some(r) = journal::read(path, MAX_BLOB)
+            .filter(|r| has_bytes && r.piece_size == ctx.piece_size)
+            .filter(|r| self.size.is_none_or(|s| s == r.size))
+        else {
+            return (None, None);
+        };
+        let journal = match Journal::reopen(path) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e,
+                    "cannot append to the pieces journal; this download will not resume again");
+                None
+            }
+        };
+        if ctx.set_size(r.size).is_err() {
+            return (None, None);
+        }
+        self.size = Some(r.size);
+        (Some(r), journal)
     }
 }
 

@@ -107,10 +107,12 @@ pub(super) async fn repair(
     let digest = ctx.dl.digest.clone();
     tracing::warn!(digest = %digest, got = %actual,
         "pieces do not add up to the digest; checking peers' pieces against the origin");
+    // Pieces resumed from an earlier run are as suspect as peers' (a power
+    // cut can lose written bytes but keep their journal line).
     let from_peers: Vec<usize> = supplier
         .iter()
         .enumerate()
-        .filter(|(_, s)| matches!(s, Some(Supplier::Peer(_))))
+        .filter(|(_, s)| matches!(s, Some(Supplier::Peer(_) | Supplier::Resumed)))
         .map(|(k, _)| k)
         .collect();
     // From now on no reader may read a piece that came from a peer until it
@@ -130,9 +132,6 @@ pub(super) async fn repair(
     });
     let mut bad = 0usize;
     for &k in &from_peers {
-        let Some(Supplier::Peer(peer)) = &supplier[k] else {
-            continue;
-        };
         let (start, end) = ctx.piece_range(k);
         let end = end.unwrap_or(size).min(size);
         let mine = xxh3_of(&ctx.writer, start, end).await?;
@@ -140,8 +139,10 @@ pub(super) async fn repair(
         origin_piece(ctx, k, &mut have).await?;
         if xxh3_of(&ctx.writer, start, end).await? != mine {
             bad += 1;
-            ctx.swarm
-                .distrust(peer, "sent a piece that differs from the origin's bytes");
+            if let Some(Supplier::Peer(peer)) = &supplier[k] {
+                ctx.swarm
+                    .distrust(peer, "sent a piece that differs from the origin's bytes");
+            }
         }
     }
     let hasher = hash_prefix(ctx.dl.clone(), size);

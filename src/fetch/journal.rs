@@ -1,0 +1,205 @@
+//! Which pieces of a piece download are on disk: a journal beside the
+//! partial file (`tmp/<hex>.pieces`, [`crate::store::Store::pieces_path`]),
+//! so that a piece download resumes after the daemon restarts instead of
+//! fetching the whole blob again.
+//!
+//! A text file: a header with the blob's size and the piece size, then the
+//! number of each piece, one per line, appended once the piece's bytes are
+//! written. The bytes reach the page cache before their line, so a killed
+//! daemon never finds a journaled piece unwritten; after a power cut it
+//! might, and the blob's digest (checked over the whole file before the
+//! commit) catches that: a digest mismatch compares every resumed piece with
+//! the origin's bytes, as it does pieces from peers. A torn last line, a
+//! header for another piece size or a piece out of range make the journal
+//! unusable, and the download starts empty, as it did before the journal.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+
+const MAGIC: &str = "damselfly-pieces 1";
+
+/// What a journal says: the blob's size, the piece size, and the pieces
+/// that are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub size: u64,
+    pub piece_size: u64,
+    pub done: Vec<usize>,
+}
+
+impl Resume {
+    /// Bytes from the start of the blob covered by done pieces without a
+    /// gap: what a sequential download can keep of a piece download.
+    pub fn contiguous(&self) -> u64 {
+        let piece_size = self.piece_size;
+        let mut done = self.done.clone();
+        done.sort_unstable();
+        done.dedup();
+        let run = done
+            .iter()
+            .enumerate()
+            .take_while(|(i, k)| *i == **k)
+            .count() as u64;
+        (run * piece_size).min(self.size)
+    }
+}
+
+/// Reads the journal at `path` of a blob of at most `max_size` bytes.
+/// `None` when there is none or it cannot be trusted.
+pub fn read(path: &Path, max_size: u64) -> Option<Resume> {
+    // Far above any real journal (a 1 TiB blob of 8 MiB pieces: 131072
+    // lines of at most 7 bytes), so a corrupt file cannot fill memory.
+    const MAX_LEN: u64 = 4 << 20;
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > MAX_LEN {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    parse(&text, max_size)
+}
+
+fn parse(text: &str, max_size: u64) -> Option<Resume> {
+    // Only whole lines: the last one may have been cut by a crash.
+    let whole = &text[..text.rfind('\n')? + 1];
+    let mut lines = whole.lines();
+    let header = lines.next()?.strip_prefix(MAGIC)?;
+    let mut size = None;
+    let mut piece = None;
+    for field in header.split_whitespace() {
+        match field.split_once('=')? {
+            ("size", v) => size = Some(v.parse::<u64>().ok()?),
+            ("piece", v) => piece = Some(v.parse::<u64>().ok()?),
+            _ => return None,
+        }
+    }
+    let (size, piece_size) = (size?, piece?);
+    if piece_size == 0 || size > max_size {
+        return None;
+    }
+    let n = size.div_ceil(piece_size).max(1);
+    let mut done = Vec::new();
+    for line in lines {
+        let k: u64 = line.parse().ok()?;
+        if k >= n {
+            return None;
+        }
+        done.push(k as usize);
+    }
+    done.sort_unstable();
+    done.dedup();
+    Some(Resume {
+        size,
+        piece_size,
+        done,
+    })
+}
+
+/// An open journal that pieces are appended to.
+pub struct Journal {
+    file: File,
+}
+
+impl Journal {
+    /// Starts a new journal at `path` for a blob of `size` bytes.
+    pub fn create(path: &Path, size: u64, piece_size: u64) -> io::Result<Journal> {
+        let mut file = File::create(path)?;
+        file.write_all(format!("{MAGIC} size={size} piece={piece_size}\n").as_bytes())?;
+        Ok(Journal { file })
+    }
+
+    /// Goes on appending to the journal at `path`, after whole lines only.
+    pub fn reopen(path: &Path) -> io::Result<Journal> {
+        let text = std::fs::read(path)?;
+        let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(keep as u64)?;
+        let mut j = Journal { file };
+        use std::io::Seek;
+        j.file.seek(io::SeekFrom::End(0))?;
+        Ok(j)
+    }
+
+    /// Records that piece `k` is on disk: one `write` of one line.
+    pub fn done(&mut self, k: usize) -> io::Result<()> {
+        self.file.write_all(format!("{k}\n").as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 1 << 40;
+
+    #[test]
+    fn what_is_written_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.pieces");
+        let mut j = Journal::create(&p, 10 * 8 + 3, 8).unwrap();
+        for k in [3, 0, 10, 1] {
+            j.done(k).unwrap();
+        }
+        drop(j);
+        let r = read(&p, MAX).unwrap();
+        assert_eq!((r.size, r.piece_size), (83, 8));
+        assert_eq!(r.done, vec![0, 1, 3, 10]);
+        assert_eq!(r.contiguous(), 16);
+        let mut j = Journal::reopen(&p).unwrap();
+        j.done(2).unwrap();
+        assert_eq!(read(&p, MAX).unwrap().contiguous(), 32);
+        // Every piece: the whole blob, not a piece more.
+        for k in 4..10 {
+            j.done(k).unwrap();
+        }
+        assert_eq!(read(&p, MAX).unwrap().contiguous(), 83);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_appends_go_after_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.pieces");
+        std::fs::write(&p, format!("{MAGIC} size=100 piece=10\n0\n1\n9")).unwrap();
+        assert_eq!(read(&p, MAX).unwrap().done, vec![0, 1]);
+        let mut j = Journal::reopen(&p).unwrap();
+        j.done(5).unwrap();
+        assert_eq!(read(&p, MAX).unwrap().done, vec![0, 1, 5]);
+    }
+
+    #[test]
+    fn journals_that_cannot_be_trusted_are_not_used() {
+        let ok = format!("{MAGIC} size=100 piece=10\n0\n");
+        assert!(parse(&ok, MAX).is_some());
+        let cases = [
+            // Pieces past the end, or not numbers.
+            format!("{MAGIC} size=100 piece=10\n10\n"),
+            format!("{MAGIC} size=100 piece=10\n-1\n"),
+            format!("{MAGIC} size=100 piece=10\nx\n"),
+            // A size past the limit, a piece size of 0, fields missing or
+            // unknown, another version, no header.
+            format!("{MAGIC} size=1099511627777 piece=10\n"),
+            format!("{MAGIC} size=100 piece=0\n"),
+            format!("{MAGIC} size=100\n"),
+            format!("{MAGIC} size=100 piece=10 extra=1\n"),
+            "damselfly-pieces 2 size=100 piece=10\n".to_owned(),
+            "no header at all\n".to_owned(),
+            String::new(),
+            // No whole line.
+            format!("{MAGIC} size=100 piece=10"),
+        ];
+        for text in &cases {
+            assert_eq!(parse(text, MAX), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_or_odd_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path(), MAX), None);
+        assert_eq!(read(&dir.path().join("none"), MAX), None);
+        let p = dir.path().join("big");
+        let f = File::create(&p).unwrap();
+        f.set_len(5 << 20).unwrap();
+        assert_eq!(read(&p, MAX), None);
+    }
+}
