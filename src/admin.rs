@@ -571,11 +571,9 @@ impl Node {
             .collect::<Result<Vec<_>, _>>()?;
         let mut removed = 0;
         for d in &parsed {
+            // The store tells the swarm (`Store::on_removed`).
             if self.store.remove(d)? {
                 removed += 1;
-                if let Some(s) = self.swarm.as_ref() {
-                    s.blob_removed(d);
-                }
             }
         }
         if let Some(m) = &self.metrics {

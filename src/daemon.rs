@@ -106,6 +106,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             blobs = held.len(),
             "announcing the store's blobs to the swarm"
         );
+        let withdraw = swarm.clone();
+        fetcher
+            .store()
+            .on_removed(move |d| withdraw.blob_removed(d));
         for b in held {
             swarm.provide(&b.digest);
         }

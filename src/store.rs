@@ -148,6 +148,18 @@ struct Inner {
     /// on one store would resume each other's partial files. `None` for a
     /// read-only view, which never writes.
     lock_file: Option<File>,
+    /// Told of every blob that leaves the store (evicted, removed,
+    /// quarantined, gone behind our back): the swarm withdraws its provider
+    /// record, so peers stop asking this node for it.
+    on_removed: std::sync::OnceLock<RemovedHook>,
+}
+
+struct RemovedHook(Box<dyn Fn(&Digest) + Send + Sync>);
+
+impl std::fmt::Debug for RemovedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemovedHook")
+    }
 }
 
 /// Holds a blob open and in use: it is not evicted while a lease lives.
@@ -225,6 +237,7 @@ impl Store {
                 index: Mutex::new(Index::default()),
                 pins: Mutex::new(()),
                 lock_file,
+                on_removed: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -571,9 +584,28 @@ impl Store {
     }
 
     fn forget(&self, d: &Digest) {
-        let mut index = self.lock();
-        if let Some(e) = index.entries.remove(d) {
-            index.total -= e.size;
+        let gone = {
+            let mut index = self.lock();
+            let e = index.entries.remove(d);
+            if let Some(e) = &e {
+                index.total -= e.size;
+            }
+            e.is_some()
+        };
+        if gone {
+            self.removed(d);
+        }
+    }
+
+    /// Sets what is told of each blob that leaves the store (once; a second
+    /// hook is ignored). Called without the index lock held.
+    pub fn on_removed(&self, hook: impl Fn(&Digest) + Send + Sync + 'static) {
+        let _ = self.inner.on_removed.set(RemovedHook(Box::new(hook)));
+    }
+
+    fn removed(&self, d: &Digest) {
+        if let Some(hook) = self.inner.on_removed.get() {
+            (hook.0)(d);
         }
     }
 

@@ -244,6 +244,7 @@ impl Store {
         }
         sync_dir(&dir);
         self.prune_quarantine();
+        self.removed(d);
         Ok(Some(dest))
     }
 

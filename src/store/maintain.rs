@@ -226,6 +226,7 @@ impl Store {
                 // fine: its handle stays valid.
                 let _ = self.unlink(&e.digest);
                 tracing::debug!(digest = %e.digest, "evicted");
+                self.removed(&e.digest);
             }
         }
         report

@@ -78,6 +78,36 @@ fn lru_eviction_skips_blobs_in_use() {
 }
 
 #[test]
+fn every_way_out_of_the_store_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), 10).unwrap();
+    let told = Arc::new(Mutex::new(Vec::<Digest>::new()));
+    let sink = told.clone();
+    store.on_removed(move |d| sink.lock().unwrap().push(d.clone()));
+    let take = || std::mem::take(&mut *told.lock().unwrap());
+    // Evicted past the quota.
+    let a = put(&store, b"aaaa");
+    let b = put(&store, b"bbbb");
+    assert!(take().is_empty());
+    let c = put(&store, b"cccc");
+    assert_eq!(take(), vec![a.clone()]);
+    // Removed (an operator's evict, a corrupt blob).
+    assert!(store.remove(&b).unwrap());
+    assert_eq!(take(), vec![b.clone()]);
+    assert!(!store.remove(&b).unwrap());
+    assert!(take().is_empty(), "nothing left to withdraw");
+    // Quarantined.
+    let held = store.open_blob(&c).unwrap().unwrap();
+    assert!(store.quarantine(&c, &held.file).unwrap().is_some());
+    assert_eq!(take(), vec![c.clone()]);
+    // Gone behind our back.
+    let d = put(&store, b"dd");
+    std::fs::remove_file(dir.path().join("blobs/sha256").join(d.hex())).unwrap();
+    assert!(store.open_blob(&d).unwrap().is_none());
+    assert_eq!(take(), vec![d]);
+}
+
+#[test]
 fn one_process_per_store() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), 100).unwrap();

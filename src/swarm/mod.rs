@@ -229,8 +229,14 @@ impl Swarm {
             loop {
                 match ann.recv().await {
                     Ok(a) => {
-                        if let control::Announce::Have { digest, .. } = &a.what {
-                            me.add_holder(&digest.to_string(), a.from);
+                        match &a.what {
+                            control::Announce::Have { digest, .. } => {
+                                me.add_holder(&digest.to_string(), a.from)
+                            }
+                            control::Announce::Gone { digest } => {
+                                me.remove_holder(&digest.to_string(), a.from)
+                            }
+                            control::Announce::Want { .. } => {}
                         }
                         on_announce(a);
                     }
@@ -292,6 +298,16 @@ impl Swarm {
             .entry(digest.to_owned())
             .or_default()
             .insert(peer);
+    }
+
+    fn remove_holder(&self, digest: &str, peer: PeerId) {
+        let mut holders = self.inner.holders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = holders.get_mut(digest) {
+            set.remove(&peer);
+            if set.is_empty() {
+                holders.remove(digest);
+            }
+        }
     }
 
     /// Asks Kademlia who holds `digest`, for at most `timeout`, and

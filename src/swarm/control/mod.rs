@@ -145,6 +145,11 @@ impl Member {
 pub enum Announce {
     /// This node holds the whole verified blob.
     Have { digest: Digest, size: u64 },
+    /// This node no longer holds the blob (evicted or removed): receivers
+    /// drop it from their copy of the provider records. Kademlia itself
+    /// has no retraction; without this, peers would keep asking for 48 hours (the records' TTL).
+    /// Nodes of an older build drop the message as malformed.
+    Gone { digest: Digest },
     /// This node started pulling it (seeds use this).
     Want {
         digest: Digest,
@@ -269,6 +274,7 @@ impl Control {
             dialing: HashMap::new(),
             addr_peer: HashMap::new(),
             provided: HashSet::new(),
+            withdrawn: HashMap::new(),
             provider_queries: HashMap::new(),
             reprovide_at: None,
         };
@@ -344,8 +350,9 @@ impl Control {
         let _ = self.cmd_tx.send(Command::Provide(digest.clone()));
     }
 
-    /// Stops announcing `digest`. Records already stored by other nodes
-    /// expire on their own (Kademlia has no retraction).
+    /// Stops announcing `digest`, and tells the cluster ([`Announce::Gone`])
+    /// so that the records other nodes store of it go now rather than
+    /// when they expire.
     pub fn unprovide(&self, digest: &Digest) {
         let _ = self.cmd_tx.send(Command::Unprovide(digest.clone()));
     }

@@ -46,6 +46,10 @@ pub(super) enum Command {
 /// The Kademlia key of a blob is the bytes of its `sha256:<hex>` string, as
 /// it was when digests crossed this module as strings: records from nodes
 /// of either build are found by the other.
+/// How long a withdrawn provider record is kept out after its `Gone`: far
+/// longer than an ADD_PROVIDER takes to arrive (the query timeout is 30 s).
+const WITHDRAWN_TTL: Duration = Duration::from_secs(120);
+
 fn record_key(digest: &Digest) -> kad::RecordKey {
     kad::RecordKey::new(&digest.to_string())
 }
@@ -85,6 +89,10 @@ pub(super) struct Task {
     /// once that peer is gone.
     pub(super) addr_peer: HashMap<Multiaddr, PeerId>,
     pub(super) provided: HashSet<Digest>,
+    /// Provider records withdrawn by their providers (`Announce::Gone`),
+    /// and when: an ADD_PROVIDER of theirs still in flight must not put
+    /// them back. Cleared by their `Have`; forgotten after [`WITHDRAWN_TTL`].
+    pub(super) withdrawn: HashMap<(kad::RecordKey, PeerId), tokio::time::Instant>,
     pub(super) provider_queries: HashMap<kad::QueryId, mpsc::UnboundedSender<PeerId>>,
     pub(super) reprovide_at: Option<tokio::time::Instant>,
 }
@@ -177,19 +185,21 @@ impl Task {
         }
     }
 
+    fn announce(&mut self, a: &Announce) {
+        let data = match serde_json::to_vec(a) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot encode announcement");
+                return;
+            }
+        };
+        let topic = self.content_topic.clone();
+        self.publish(topic, data);
+    }
+
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Announce(a) => {
-                let data = match serde_json::to_vec(&a) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(error = %e, "cannot encode announcement");
-                        return;
-                    }
-                };
-                let topic = self.content_topic.clone();
-                self.publish(topic, data);
-            }
+            Command::Announce(a) => self.announce(&a),
             Command::Publish { topic, data } => {
                 match self.extra_topics.iter().find(|(_, name)| *name == topic) {
                     Some((t, _)) => {
@@ -209,6 +219,7 @@ impl Task {
                     .kad
                     .stop_providing(&record_key(&digest));
                 self.provided.remove(&digest);
+                self.announce(&Announce::Gone { digest });
             }
             Command::Providers { digest, found } => {
                 let id = self
@@ -412,6 +423,7 @@ impl Task {
                 } else if message.topic == self.content_topic.hash() {
                     match serde_json::from_slice::<Announce>(&message.data) {
                         Ok(what) => {
+                            self.on_content(from, &what);
                             // No receivers is fine: nobody is listening yet.
                             let _ = self.ann_tx.send(Announcement { from, what });
                         }
@@ -446,8 +458,54 @@ impl Task {
         }
     }
 
+    /// What the content topic changes in this node's provider records.
+    fn on_content(&mut self, from: PeerId, what: &Announce) {
+        use libp2p::kad::store::RecordStore;
+        match what {
+            Announce::Gone { digest } => {
+                let key = record_key(digest);
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .remove_provider(&key, &from);
+                let now = tokio::time::Instant::now();
+                self.withdrawn
+                    .retain(|_, at| now.duration_since(*at) < WITHDRAWN_TTL);
+                self.withdrawn.insert((key, from), now);
+            }
+            Announce::Have { digest, .. } => {
+                self.withdrawn.remove(&(record_key(digest), from));
+            }
+            Announce::Want { .. } => {}
+        }
+    }
+
     fn on_kad(&mut self, ev: kad::Event) {
         match ev {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            } => {
+                use libp2p::kad::store::RecordStore;
+                let withdrawn = self
+                    .withdrawn
+                    .get(&(record.key.clone(), record.provider))
+                    .is_some_and(|at| at.elapsed() < WITHDRAWN_TTL);
+                if withdrawn {
+                    debug!(provider = %record.provider, "ignoring a provider record its provider withdrew");
+                } else if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(record)
+                {
+                    debug!(error = %e, "cannot store a provider record");
+                }
+            }
             kad::Event::OutboundQueryProgressed {
                 id,
                 result: QueryResult::GetProviders(res),

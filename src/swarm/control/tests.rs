@@ -325,6 +325,13 @@ fn wire_formats() {
     let s = serde_json::to_string(&a).unwrap();
     assert_eq!(serde_json::from_str::<Announce>(&s).unwrap(), a);
     assert!(serde_json::from_slice::<Heartbeat>(b"{\"info\":42}").is_err());
+    let hex = "00".repeat(32);
+    let gone = Announce::Gone {
+        digest: format!("sha256:{hex}").parse().unwrap(),
+    };
+    let s = serde_json::to_string(&gone).unwrap();
+    assert_eq!(s, format!(r#"{{"type":"gone","digest":"sha256:{hex}"}}"#));
+    assert_eq!(serde_json::from_str::<Announce>(&s).unwrap(), gone);
 }
 
 /// What a node that still carried digests as strings put on the content
@@ -426,4 +433,46 @@ async fn dials_come_from_ephemeral_ports() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Kademlia has no retraction: without the `Gone` announcement the others
+/// keep A's record (and send A requests it can only refuse) until it
+/// expires, 48 hours later (libp2p's default TTL).
+#[tokio::test]
+async fn an_unprovided_blob_leaves_the_others_provider_records() {
+    let dir = TempDir::new("gone");
+    let (a, b, c) = chain(&dir).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&c, &[(&a, 0), (&b, 1)])).await,
+        "cluster did not form"
+    );
+    let digest: Digest = format!("sha256:{}", "ef".repeat(32)).parse().unwrap();
+    a.provide(&digest);
+    let found_by = |n: &Control, within: Duration, want: bool| {
+        let (n, digest, a_id) = (n.clone(), digest.clone(), a.local_peer_id());
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                let found = n.providers(&digest, Duration::from_secs(1)).await;
+                if found.contains(&a_id) == want || Instant::now() >= deadline {
+                    return found;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let found = found_by(&c, Duration::from_secs(5), true).await;
+    assert!(found.contains(&a.local_peer_id()), "providers: {found:?}");
+    // At once: A's provide may still be storing its record on others.
+    a.unprovide(&digest);
+    for n in [&b, &c] {
+        let found = found_by(n, Duration::from_secs(5), false).await;
+        assert!(
+            !found.contains(&a.local_peer_id()),
+            "A is still a provider after it withdrew: {found:?}"
+        );
+    }
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
 }

@@ -179,6 +179,10 @@ pub(super) fn build_behaviour(
 
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_cfg.set_query_timeout(Duration::from_secs(30));
+    // Inbound provider records pass through the task, which drops those a
+    // node withdrew a moment ago (`Announce::Gone`, raced by its own
+    // provide still in flight); this node stores no other kind of record.
+    kad_cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
     let store = MemoryStore::with_config(
         peer_id,
         MemoryStoreConfig {
