@@ -558,8 +558,9 @@ fn crashed_download(lab: &Lab, d: &Digest, data: &Bytes, piece_size: u64, pieces
     }
 }
 
-#[tokio::test]
-async fn a_restarted_piece_download_fetches_only_what_its_journal_lacks() {
+/// A node with a holder of a 9 MiB blob (five pieces) and the origin, for
+/// the restart tests.
+async fn restarted_with_holder() -> (Lab, Bytes, Digest, Arc<Served>) {
     let (data, d) = blob(9 * MIB + 5);
     let (addr, served) = origin(data.clone(), d.clone()).await;
     let lab = lab(tuning(), Some(addr));
@@ -568,6 +569,12 @@ async fn a_restarted_piece_download_fetches_only_what_its_journal_lacks() {
         sums: true,
     });
     lab.swarm.announce_holder(&d, h);
+    (lab, data, d, served)
+}
+
+#[tokio::test]
+async fn a_restarted_piece_download_fetches_only_what_its_journal_lacks() {
+    let (lab, data, d, served) = restarted_with_holder().await;
     crashed_download(&lab, &d, &data, PIECE, &[0, 2, 4]);
     let got = lab.pull(&d).await.unwrap();
     assert!(got == data, "the bytes differ");
@@ -583,14 +590,7 @@ async fn a_restarted_piece_download_fetches_only_what_its_journal_lacks() {
 #[tokio::test]
 async fn a_resumed_piece_that_is_wrong_is_refetched_from_the_origin_and_nobody_distrusted() {
     use std::os::unix::fs::FileExt;
-    let (data, d) = blob(9 * MIB + 5);
-    let (addr, served) = origin(data.clone(), d.clone()).await;
-    let lab = lab(tuning(), Some(addr));
-    let h = lab.swarm.add_peer(Script::Serves {
-        data: data.clone(),
-        sums: true,
-    });
-    lab.swarm.announce_holder(&d, h);
+    let (lab, data, d, served) = restarted_with_holder().await;
     crashed_download(&lab, &d, &data, PIECE, &[0, 2, 4]);
     // Journaled, but its bytes were lost (a power cut after the line).
     let partial = std::fs::OpenOptions::new()
@@ -621,14 +621,7 @@ async fn a_resumed_piece_that_is_wrong_is_refetched_from_the_origin_and_nobody_d
 
 #[tokio::test]
 async fn a_journal_for_another_piece_size_is_not_trusted() {
-    let (data, d) = blob(9 * MIB + 5);
-    let (addr, served) = origin(data.clone(), d.clone()).await;
-    let lab = lab(tuning(), Some(addr));
-    let h = lab.swarm.add_peer(Script::Serves {
-        data: data.clone(),
-        sums: true,
-    });
-    lab.swarm.announce_holder(&d, h);
+    let (lab, data, d, served) = restarted_with_holder().await;
     // Pieces of 1 MiB on disk; this node cuts blobs in 2 MiB pieces.
     crashed_download(&lab, &d, &data, MIB, &[0, 1, 2, 3]);
     let got = lab.pull(&d).await.unwrap();

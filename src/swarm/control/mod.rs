@@ -147,8 +147,9 @@ pub enum Announce {
     Have { digest: Digest, size: u64 },
     /// This node no longer holds the blob (evicted or removed): receivers
     /// drop it from their copy of the provider records. Kademlia itself
-    /// has no retraction; without this, peers would keep asking for 48 hours (the records' TTL).
-    /// Nodes of an older build drop the message as malformed.
+    /// has no retraction; without this, peers would keep asking for 48
+    /// hours (the records' TTL). Nodes of an older build drop the message
+    /// as malformed.
     Gone { digest: Digest },
     /// This node started pulling it (seeds use this).
     Want {

@@ -144,6 +144,23 @@ async fn other_key_or_no_key_never_joins() {
     }
 }
 
+/// Asks `n` for the providers of `digest` until `done` says yes, for at
+/// most 5 s; the last answer.
+async fn providers_until(
+    n: &Control,
+    digest: &Digest,
+    done: impl Fn(&[PeerId]) -> bool,
+) -> Vec<PeerId> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = n.providers(digest, Duration::from_secs(1)).await;
+        if done(&found) || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn provider_found_two_hops_away() {
     let dir = TempDir::new("kad");
@@ -154,15 +171,7 @@ async fn provider_found_two_hops_away() {
     );
     let digest: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
     a.provide(&digest);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut found = Vec::new();
-    while Instant::now() < deadline {
-        found = c.providers(&digest, Duration::from_secs(1)).await;
-        if found.contains(&a.local_peer_id()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let found = providers_until(&c, &digest, |f| f.contains(&a.local_peer_id())).await;
     assert!(found.contains(&a.local_peer_id()), "providers: {found:?}");
     assert!(!found.contains(&c.local_peer_id()));
     let other: Digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
@@ -448,27 +457,15 @@ async fn an_unprovided_blob_leaves_the_others_provider_records() {
     );
     let digest: Digest = format!("sha256:{}", "ef".repeat(32)).parse().unwrap();
     a.provide(&digest);
-    let found_by = |n: &Control, within: Duration, want: bool| {
-        let (n, digest, a_id) = (n.clone(), digest.clone(), a.local_peer_id());
-        async move {
-            let deadline = Instant::now() + within;
-            loop {
-                let found = n.providers(&digest, Duration::from_secs(1)).await;
-                if found.contains(&a_id) == want || Instant::now() >= deadline {
-                    return found;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    let found = found_by(&c, Duration::from_secs(5), true).await;
-    assert!(found.contains(&a.local_peer_id()), "providers: {found:?}");
+    let a_id = a.local_peer_id();
+    let found = providers_until(&c, &digest, |f| f.contains(&a_id)).await;
+    assert!(found.contains(&a_id), "providers: {found:?}");
     // At once: A's provide may still be storing its record on others.
     a.unprovide(&digest);
     for n in [&b, &c] {
-        let found = found_by(n, Duration::from_secs(5), false).await;
+        let found = providers_until(n, &digest, |f| !f.contains(&a_id)).await;
         assert!(
-            !found.contains(&a.local_peer_id()),
+            !found.contains(&a_id),
             "A is still a provider after it withdrew: {found:?}"
         );
     }
