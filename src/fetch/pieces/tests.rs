@@ -183,6 +183,15 @@ impl Lab {
         Ok(out)
     }
 
+    /// Waits for the blob's commit, as prewarm does, then pulls it.
+    async fn ensure_and_pull(&self, digest: &Digest) -> Vec<u8> {
+        self.fetcher
+            .ensure_blob(&self.up, REPO, digest, crate::fetch::Priority::Live)
+            .await
+            .unwrap();
+        self.pull(digest).await.unwrap()
+    }
+
     /// The first peer in the plan for piece `k` (a fresh plan: nothing
     /// failed yet).
     fn first_for(&self, digest: &Digest, k: u64) -> Option<libp2p::PeerId> {
@@ -507,11 +516,7 @@ async fn a_corrupt_piece_without_checksums_is_repaired_from_the_origin_and_its_s
         first.map(|b| b.len())
     );
     // The repaired blob is committed; the next pull reads it.
-    lab.fetcher
-        .ensure_blob(&lab.up, REPO, &d, crate::fetch::Priority::Live)
-        .await
-        .unwrap();
-    let got = lab.pull(&d).await.unwrap();
+    let got = lab.ensure_and_pull(&d).await;
     assert!(got == data, "the repaired blob differs");
     let distrusted = lab.swarm.distrusted();
     assert_eq!(distrusted.len(), 1, "{distrusted:?}");
@@ -601,11 +606,7 @@ async fn a_resumed_piece_that_is_wrong_is_refetched_from_the_origin_and_nobody_d
     // A reader may be cut (it streamed past a suspect piece); the blob
     // that is committed is the right one.
     let _ = lab.pull(&d).await;
-    lab.fetcher
-        .ensure_blob(&lab.up, REPO, &d, crate::fetch::Priority::Live)
-        .await
-        .unwrap();
-    let got = lab.pull(&d).await.unwrap();
+    let got = lab.ensure_and_pull(&d).await;
     assert!(got == data, "the repaired blob differs");
     let ranges = served.ranges.lock().unwrap().clone();
     assert!(

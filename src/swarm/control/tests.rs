@@ -81,6 +81,25 @@ fn sees(c: &Control, others: &[(&Control, u16)]) -> bool {
         })
 }
 
+/// Two nodes, B joined through A, that see each other.
+async fn pair(dir: &TempDir) -> (Control, Control) {
+    let a = Control::start(config(dir, 0, Some(PSK), vec![]))
+        .await
+        .unwrap();
+    let b = Control::start(config(dir, 1, Some(PSK), boot(&a)))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
+            && sees(&b, &[(&a, 0)]))
+        .await,
+        "a={:?} b={:?}",
+        a.members().borrow(),
+        b.members().borrow()
+    );
+    (a, b)
+}
+
 async fn chain(dir: &TempDir) -> (Control, Control, Control) {
     let a = Control::start(config(dir, 0, Some(PSK), vec![]))
         .await
@@ -184,17 +203,7 @@ async fn provider_found_two_hops_away() {
 #[tokio::test]
 async fn announcements_reach_others_not_self() {
     let dir = TempDir::new("ann");
-    let a = Control::start(config(&dir, 0, Some(PSK), vec![]))
-        .await
-        .unwrap();
-    let b = Control::start(config(&dir, 1, Some(PSK), boot(&a)))
-        .await
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
-            && sees(&b, &[(&a, 0)]))
-        .await
-    );
+    let (a, b) = pair(&dir).await;
     let mut a_rx = a.announcements();
     let mut b_rx = b.announcements();
     let what = Announce::Have {
@@ -414,20 +423,7 @@ fn tcp_between(a: u16, b: u16) -> Vec<String> {
 #[tokio::test]
 async fn dials_come_from_ephemeral_ports() {
     let dir = TempDir::new("port");
-    let a = Control::start(config(&dir, 0, Some(PSK), vec![]))
-        .await
-        .unwrap();
-    let b = Control::start(config(&dir, 1, Some(PSK), boot(&a)))
-        .await
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || sees(&a, &[(&b, 1)])
-            && sees(&b, &[(&a, 0)]))
-        .await,
-        "a={:?} b={:?}",
-        a.members().borrow(),
-        b.members().borrow()
-    );
+    let (a, b) = pair(&dir).await;
     let port = |c: &Control| {
         tcp_socket_addr(&c.listen_addrs()[0])
             .expect("a TCP listen address")
