@@ -366,19 +366,25 @@ impl Cluster {
 
 /// Waits until each of `nodes` reports `damselfly_swarm_members == n`.
 pub fn wait_members_of(nodes: &[&Node], n: usize, timeout: Duration) -> Result<(), String> {
-    crate::util::wait_members(nodes, &format!("{n} each"), |c| c == n as f64, timeout).map(|_| ())
-}
-
-impl crate::util::Member for Node {
-    fn member_count(&self) -> f64 {
-        self.members()
-    }
-
-    fn label(&self) -> String {
-        self.name()
-    }
-
-    fn member_report(&self, lines: usize) -> String {
-        self.report(lines)
+    let deadline = Instant::now() + timeout;
+    loop {
+        let counts: Vec<f64> = nodes.iter().map(|node| node.members()).collect();
+        if counts.iter().all(|c| *c == n as f64) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let detail: Vec<String> = nodes
+                .iter()
+                .zip(&counts)
+                .map(|(node, c)| format!("{}: {c}", node.name()))
+                .collect();
+            let reports: Vec<String> = nodes.iter().map(|node| node.report(25)).collect();
+            return Err(format!(
+                "members did not reach {n} each within {timeout:?}: {}\n{}",
+                detail.join(", "),
+                reports.join("\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

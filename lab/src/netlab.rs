@@ -10,8 +10,9 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,6 @@ use crate::daemon::{
     command, file_tail, is_up, multiaddr, parse_samples, scrape, store_blob_path,
     write_cluster_key, DaemonConfig, SwarmOptions,
 };
-use crate::util::ChildGuard;
 use crate::{http_get, parse_access_log_line};
 
 pub const MIB: u64 = 1 << 20;
@@ -305,19 +305,62 @@ pub fn enter_ns(ns: &str) {
     assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
 }
 
-/// Starts `cmd` in namespace `ns` (killed on drop, and with the bench),
-/// its stdout into `stdout` and its stderr into `stderr` (the same file
-/// when equal).
-pub fn spawn_in(ns: &str, mut cmd: Command, stdout: &Path, stderr: &Path) -> ChildGuard {
-    let out = File::create(stdout).expect("log file");
-    let err = if stderr == stdout {
-        out.try_clone().expect("clone log")
-    } else {
-        File::create(stderr).expect("log file")
-    };
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    let name = format!("{:?}", cmd.get_program());
-    ChildGuard::spawn_in_netns(cmd, &name, ns).unwrap_or_else(|e| panic!("{e:#}"))
+/// A child process in a namespace; killed on drop. It also dies with the
+/// bench (PR_SET_PDEATHSIG; spawned from the main thread).
+pub struct Proc {
+    pub child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `cmd` in namespace `ns`, its stdout into `stdout` and its
+    /// stderr into `stderr` (the same file when equal).
+    pub fn spawn(ns: &str, mut cmd: Command, stdout: &Path, stderr: &Path) -> Proc {
+        let nsfile = File::open(format!("/run/netns/{ns}")).expect("open namespace");
+        let fd = nsfile.as_raw_fd();
+        let out = File::create(stdout).expect("log file");
+        let err = if stderr == stdout {
+            out.try_clone().expect("clone log")
+        } else {
+            File::create(stderr).expect("log file")
+        };
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn");
+        drop(nsfile);
+        Proc { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// CPU seconds (user + system) of a process so far.
@@ -343,7 +386,7 @@ pub fn cpu_secs(pid: u32) -> f64 {
 /// A `docker-registry` in a namespace of the lab: the origin, or a
 /// pull-through cache of it.
 pub struct Origin {
-    pub proc: ChildGuard,
+    pub proc: Proc,
     pub ip: String,
     pub access_log: PathBuf,
     pub syncs: AtomicU64,
@@ -391,7 +434,7 @@ impl Origin {
         // stdout is the access log; stderr goes to its own file.
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config);
-        let mut proc = spawn_in(&link.ns, cmd, &access_log, &error_log);
+        let mut proc = Proc::spawn(&link.ns, cmd, &access_log, &error_log);
         {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -488,7 +531,7 @@ impl Drop for Origin {
 // ---------------------------------------------------------------------------
 
 pub struct Node {
-    pub proc: ChildGuard,
+    pub proc: Proc,
     pub ns: String,
     pub ip: String,
     pub mirror: u16,
@@ -553,7 +596,7 @@ impl Node {
         );
         node_config(link, &dir, generation, swarm, sections).write(&config);
         let log = dir.join("daemon.log");
-        let proc = spawn_in(&link.ns, command("daemon", &config), &log, &log);
+        let proc = Proc::spawn(&link.ns, command("daemon", &config), &log, &log);
         let mut node = Node {
             proc,
             ns: link.ns.clone(),
@@ -700,29 +743,25 @@ impl Drop for Node {
     }
 }
 
-/// Waits until every node sees `expect` other members (or more); panics
-/// with each node's count and log after [`JOIN`].
+/// Waits until every node sees `expect` other members.
 pub fn wait_members(nodes: &[&Node], expect: usize) -> Duration {
-    crate::util::wait_members(
-        nodes,
-        &format!("{expect} each"),
-        |c| c >= expect as f64,
-        JOIN,
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-impl crate::util::Member for Node {
-    fn member_count(&self) -> f64 {
-        self.members() as f64
-    }
-
-    fn label(&self) -> String {
-        self.ns.clone()
-    }
-
-    fn member_report(&self, lines: usize) -> String {
-        format!("--- {} ---\n{}", self.ns, self.log_tail(lines))
+    let start = Instant::now();
+    loop {
+        let seen: Vec<usize> = nodes.iter().map(|n| n.members()).collect();
+        if seen.iter().all(|&m| m >= expect) {
+            return start.elapsed();
+        }
+        if start.elapsed() > JOIN {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("--- {} ---\n{}", n.ns, n.log_tail(20)))
+                .collect();
+            panic!(
+                "members after {JOIN:?}: {seen:?}, expected {expect} each\n{}",
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -441,37 +441,9 @@ impl ChildGuard {
         })
     }
 
-    /// Spawns `cmd` like [`ChildGuard::spawn`], inside the network
-    /// namespace `ns` (a name under `/run/netns`, as `ip netns` makes).
-    pub fn spawn_in_netns(mut cmd: Command, name: &str, ns: &str) -> anyhow::Result<ChildGuard> {
-        use std::os::fd::AsRawFd;
-        let path = format!("/run/netns/{ns}");
-        let nsfile = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
-        let fd = nsfile.as_raw_fd();
-        // SAFETY: setns(2) is async-signal-safe; the fd stays open until
-        // the spawn returned (below).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let guard = ChildGuard::spawn(cmd, &format!("{name} in {ns}"));
-        drop(nsfile);
-        guard
-    }
-
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// `Some(status)` once the process has exited; `None` while it runs
-    /// (or when its state cannot be read).
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.try_wait().ok().flatten()
     }
 
     /// `Some(status)` once the process has exited.
@@ -568,48 +540,6 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A swarm member the lab runs, as [`wait_members`] sees it.
-pub trait Member {
-    /// `damselfly_swarm_members`: live members other than itself.
-    fn member_count(&self) -> f64;
-    /// What the node is called in messages.
-    fn label(&self) -> String;
-    /// Metrics and log tail, for failure messages.
-    fn member_report(&self, lines: usize) -> String;
-}
-
-/// Waits until `done` holds for each node's member count, for at most
-/// `timeout`; how long it took. The error names every node with its count,
-/// then each one's report.
-pub fn wait_members<M: Member + ?Sized>(
-    nodes: &[&M],
-    want: &str,
-    done: impl Fn(f64) -> bool,
-    timeout: Duration,
-) -> Result<Duration, String> {
-    let start = Instant::now();
-    loop {
-        let counts: Vec<f64> = nodes.iter().map(|node| node.member_count()).collect();
-        if counts.iter().all(|&c| done(c)) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            let detail: Vec<String> = nodes
-                .iter()
-                .zip(&counts)
-                .map(|(node, c)| format!("{}: {c}", node.label()))
-                .collect();
-            let reports: Vec<String> = nodes.iter().map(|node| node.member_report(25)).collect();
-            return Err(format!(
-                "members did not reach {want} within {timeout:?}: {}\n{}",
-                detail.join(", "),
-                reports.join("\n")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
