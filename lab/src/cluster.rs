@@ -6,10 +6,15 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::daemon::{write_cluster_key, Daemon, Options, SwarmOptions};
-use crate::{write_hosts_toml, CmdOutput, Containerd, PushedImage, Registry, TestDir};
+use crate::members::{swarm_members, wait_members, Members, SwarmMember};
+use crate::{
+    push_raw_image, write_hosts_toml, BlobSource, CmdOutput, Containerd, OriginRequest,
+    PushedImage, Registry, RegistryAuth, TestDir,
+};
 
 /// The loopback address of node `index`: 127.0.0.(2+index).
 pub fn node_ip(index: usize) -> Ipv4Addr {
@@ -198,7 +203,7 @@ impl Node {
 
     /// `damselfly_swarm_members`: live members other than itself.
     pub fn members(&self) -> f64 {
-        self.daemon.metric("damselfly_swarm_members")
+        swarm_members(&self.daemon.telemetry.to_string())
     }
 
     /// Whether the daemon process is still meant to be running.
@@ -236,6 +241,20 @@ impl Node {
             metrics.join("\n"),
             self.daemon.log_tail(lines)
         )
+    }
+}
+
+impl SwarmMember for Node {
+    fn name(&self) -> String {
+        Node::name(self)
+    }
+
+    fn telemetry(&self) -> String {
+        self.daemon.telemetry.to_string()
+    }
+
+    fn report(&self) -> String {
+        Node::report(self, 25)
     }
 }
 
@@ -350,6 +369,26 @@ impl Cluster {
         wait_members_of(&nodes, n, timeout)
     }
 
+    /// `Ok` when every pull in `results` succeeded; otherwise how many
+    /// failed, their errors and every live node's report, under `what`.
+    pub fn all_ok(&self, what: &str, results: &[Result<Duration, String>]) -> Result<(), String> {
+        let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what}: {} of {} pulls failed:\n{}\n\n{}",
+            failures.len(),
+            results.len(),
+            failures
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+            self.report(30)
+        ))
+    }
+
     /// Every live node's report, for failure messages.
     pub fn report(&self, lines: usize) -> String {
         self.live()
@@ -364,27 +403,104 @@ impl Cluster {
     }
 }
 
-/// Waits until each of `nodes` reports `damselfly_swarm_members == n`.
+/// Waits until each of `nodes` reports `damselfly_swarm_members == n`
+/// ([`wait_members`]).
 pub fn wait_members_of(nodes: &[&Node], n: usize, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let counts: Vec<f64> = nodes.iter().map(|node| node.members()).collect();
-        if counts.iter().all(|c| *c == n as f64) {
-            return Ok(());
+    wait_members(nodes, Members::Exactly(n), timeout).map(drop)
+}
+
+/// Fetches `img` on every node in `nodes` at once; returns each node's
+/// result (time taken, or the error with its daemon's log tail).
+pub fn fetch_all(
+    nodes: &[&Node],
+    img: &PushedImage,
+    timeout: Duration,
+) -> Vec<Result<Duration, String>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(move || node.fetch_checked(img, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("fetch thread panicked".into()))
+            })
+            .collect()
+    })
+}
+
+/// What the tests of one swarm test binary share: one origin registry
+/// (started on first use) and a lock that the heavy tests take, so that no
+/// two clusters compete for the cores. Kept in a `static` of the test
+/// file, so each test binary has its own.
+pub struct Suite {
+    origin: OnceLock<Registry>,
+    heavy: Mutex<()>,
+}
+
+impl Default for Suite {
+    fn default() -> Suite {
+        Suite::new()
+    }
+}
+
+impl Suite {
+    pub const fn new() -> Suite {
+        Suite {
+            origin: OnceLock::new(),
+            heavy: Mutex::new(()),
         }
-        if Instant::now() > deadline {
-            let detail: Vec<String> = nodes
+    }
+
+    /// The origin, with no auth (checks the lab's tools first).
+    pub fn origin(&self) -> &Registry {
+        self.origin.get_or_init(|| {
+            crate::require_tools();
+            Registry::start(RegistryAuth::None).expect("registry")
+        })
+    }
+
+    /// Heavy tests run one at a time (each runs a cluster of real daemons
+    /// and containerds); a failed test's poison is ignored.
+    pub fn heavy(&self) -> MutexGuard<'_, ()> {
+        self.heavy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes (once per process) an image of raw random layers `(seed,
+    /// size)` to `repo:v1` of the origin.
+    pub fn image<'a>(
+        &'a self,
+        slot: &'a OnceLock<PushedImage>,
+        repo: &str,
+        layers: &[(u64, u64)],
+    ) -> &'a PushedImage {
+        slot.get_or_init(|| {
+            let layers: Vec<BlobSource> = layers
                 .iter()
-                .zip(&counts)
-                .map(|(node, c)| format!("{}: {c}", node.name()))
+                .map(|(seed, size)| BlobSource::random(*seed, *size))
                 .collect();
-            let reports: Vec<String> = nodes.iter().map(|node| node.report(25)).collect();
-            return Err(format!(
-                "members did not reach {n} each within {timeout:?}: {}\n{}",
-                detail.join(", "),
-                reports.join("\n")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+            push_raw_image(self.origin(), repo, "v1", &layers).expect("push image")
+        })
+    }
+
+    /// Body bytes of successful blob GETs of `img`'s repository at the
+    /// origin after `mark` (whole blobs and ranges; manifests are not
+    /// counted).
+    pub fn origin_blob_bytes_since(&self, img: &PushedImage, mark: usize) -> u64 {
+        self.origin().blob_bytes_sent_in_repo_since(&img.repo, mark)
+    }
+
+    /// Blob requests of `img`'s repository after `mark` that did not come
+    /// from a damselfly daemon: containerd gave up on its mirror and went
+    /// to the origin itself (a mirror failure that a pull's success would
+    /// hide).
+    pub fn bypassed_blob_requests(&self, img: &PushedImage, mark: usize) -> Vec<OriginRequest> {
+        self.origin()
+            .requests_in_repo(&img.repo, mark)
+            .into_iter()
+            .filter(|r| r.is_blob() && !r.user_agent.starts_with("damselfly/"))
+            .collect()
     }
 }

@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, Once, OnceLock};
+use std::process::{Command, ExitStatus};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::util::keep_dirs;
+use crate::process::{Proc, Spawn};
+use crate::util::{forget_at_exit, keep_dirs, remove_at_exit};
 
 /// The binary under test: `DAMSELFLY_BIN` if set, else `damselfly` in the
 /// profile directory of the running test or bench. Cargo puts a test
@@ -265,7 +266,9 @@ pub fn parse_samples(
 }
 
 pub struct Daemon {
-    child: Option<Child>,
+    /// The running process; `None` before the first start and after a
+    /// kill, a termination or an exit that a helper here saw.
+    proc: Option<Proc>,
     pub dir: tempfile::TempDir,
     pub mirror: SocketAddr,
     pub telemetry: SocketAddr,
@@ -276,8 +279,9 @@ pub struct Daemon {
     pub data_listen: SocketAddr,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
-    env: Vec<(String, String)>,
-    env_remove: Vec<String>,
+    /// How every start spawns the process: appending to `log_path`, with
+    /// [`Options::env`] and [`Options::env_remove`].
+    spawn: Spawn,
     /// `daemon` or `sidecar`.
     command: &'static str,
 }
@@ -345,10 +349,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         let telemetry = d.telemetry.to_string();
         loop {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                if let Some(c) = d.child.take() {
-                    exit_cleanup::unregister(c.id());
-                }
+            if let Some(status) = d.proc.as_mut().and_then(Proc::exited) {
+                d.proc = None;
                 return (status, d.log());
             }
             if matches!(crate::http_get(&telemetry, "/readyz"), Ok((200, _))) {
@@ -377,6 +379,9 @@ impl Daemon {
             .expect("tempdir");
         if keep_dirs() {
             eprintln!("lab: keeping {}", dir.path().display());
+        } else {
+            // A daemon in a `static` is never dropped; its store can hold GiBs.
+            remove_at_exit(dir.path());
         }
         let ip = opts.ip.unwrap_or(Ipv4Addr::LOCALHOST);
         let [mirror, telemetry, swarm_listen, data_listen] = free_addrs_on(ip);
@@ -395,8 +400,16 @@ impl Daemon {
         }
         .write(&config_path);
         let log_path = dir.path().join("daemon.log");
+        let spawn = Spawn {
+            name: "damselfly".into(),
+            log: log_path.clone(),
+            append: true,
+            env: opts.env,
+            env_remove: opts.env_remove,
+            ..Spawn::default()
+        };
         Daemon {
-            child: None,
+            proc: None,
             dir,
             mirror,
             telemetry,
@@ -404,8 +417,7 @@ impl Daemon {
             data_listen,
             config_path,
             log_path,
-            env: opts.env,
-            env_remove: opts.env_remove,
+            spawn,
             command: if opts.sidecar.is_some() {
                 "sidecar"
             } else {
@@ -428,14 +440,8 @@ impl Daemon {
             if is_up(&telemetry) {
                 return None;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                if let Some(c) = self.child.take() {
-                    exit_cleanup::unregister(c.id());
-                }
+            if let Some(status) = self.proc.as_mut().and_then(Proc::exited) {
+                self.proc = None;
                 return Some(format!("{status}\n{}", self.log_tail(40)));
             }
             if Instant::now() > deadline {
@@ -446,35 +452,8 @@ impl Daemon {
     }
 
     fn spawn_child(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open daemon log");
-        let mut cmd = command(self.command, &self.config_path);
-        for name in &self.env_remove {
-            match name.strip_suffix('*') {
-                Some(prefix) => {
-                    for (k, _) in std::env::vars_os() {
-                        if k.to_string_lossy().starts_with(prefix) {
-                            cmd.env_remove(k);
-                        }
-                    }
-                }
-                None => {
-                    cmd.env_remove(name);
-                }
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn damselfly");
-        exit_cleanup::register(child.id(), self.dir.path(), keep_dirs());
-        self.child = Some(child);
+        let cmd = command(self.command, &self.config_path);
+        self.proc = Some(Proc::spawn(cmd, &self.spawn).expect("spawn damselfly"));
     }
 
     fn wait_ready(&mut self) {
@@ -653,20 +632,12 @@ impl Daemon {
     /// helper here (it may still have died on its own: see
     /// [`Daemon::has_exited`]).
     pub fn is_started(&self) -> bool {
-        self.child.is_some()
+        self.proc.is_some()
     }
 
     /// Whether a started process has exited (on its own).
     pub fn has_exited(&mut self) -> bool {
-        let exited = self
-            .child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-        if exited {
-            // Reaped: its pid may be reused, so the exit hook must not kill it.
-            exit_cleanup::unregister(self.pid());
-        }
-        exited
+        self.proc.as_mut().and_then(Proc::exited).is_some()
     }
 
     /// `GET path` on the telemetry address (a sidecar's `/keda`,
@@ -715,38 +686,34 @@ impl Daemon {
             .sum()
     }
 
+    /// `damselfly_peer_bytes_total{direction="out"}` over all peers: what
+    /// it served to the swarm.
+    pub fn peer_bytes_out(&self) -> f64 {
+        self.metric_sum("damselfly_peer_bytes_total", &[("direction", "out")])
+    }
+
+    /// `damselfly_fetched_bytes_total{source="<source>"}` (`peer`,
+    /// `origin`).
+    pub fn fetched_bytes(&self, source: &str) -> f64 {
+        self.metric(&format!(
+            "damselfly_fetched_bytes_total{{source=\"{source}\"}}"
+        ))
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.proc.as_ref().map_or(0, Proc::pid)
     }
 
     /// `kill -9`: no chance to clean up.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            exit_cleanup::unregister(c.id());
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
         }
     }
 
-    /// SIGTERM, then waits for the exit.
+    /// SIGTERM, then waits (15 s at most, then SIGKILL) for the exit.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                exit_cleanup::unregister(c.id());
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                exit_cleanup::unregister(c.id());
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.take()?.terminate(Duration::from_secs(15))
     }
 
     /// Starts the process again on the same config and store.
@@ -763,7 +730,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
-        exit_cleanup::forget_dir(self.dir.path());
+        forget_at_exit(self.dir.path());
     }
 }
 
@@ -793,68 +760,4 @@ fn parse_labels(text: &str) -> HashMap<String, String> {
         rest = &after[end..];
     }
     out
-}
-
-/// Daemons that a test keeps in a `static` are never dropped: at process
-/// exit, kill those still running and remove their dirs (a swarm test's
-/// stores hold GiBs).
-mod exit_cleanup {
-    use super::*;
-
-    #[derive(Default)]
-    struct Live {
-        pids: Vec<u32>,
-        dirs: Vec<PathBuf>,
-    }
-
-    fn live() -> std::sync::MutexGuard<'static, Live> {
-        live_mutex().lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn register(pid: u32, dir: &Path, keep_dir: bool) {
-        static HOOK: Once = Once::new();
-        HOOK.call_once(|| {
-            // SAFETY: registering a plain `extern "C" fn()` with atexit(3).
-            unsafe {
-                libc::atexit(at_exit);
-            }
-        });
-        let mut live = live();
-        live.pids.push(pid);
-        if !keep_dir && !live.dirs.iter().any(|d| d == dir) {
-            live.dirs.push(dir.to_path_buf());
-        }
-    }
-
-    pub fn unregister(pid: u32) {
-        live().pids.retain(|p| *p != pid);
-    }
-
-    pub fn forget_dir(dir: &Path) {
-        live().dirs.retain(|d| d != dir);
-    }
-
-    fn live_mutex() -> &'static Mutex<Live> {
-        static LIVE: OnceLock<Mutex<Live>> = OnceLock::new();
-        LIVE.get_or_init(Default::default)
-    }
-
-    extern "C" fn at_exit() {
-        // Never block at exit: skip if another thread holds the lock.
-        let mut live = match live_mutex().try_lock() {
-            Ok(mut guard) => std::mem::take(&mut *guard),
-            Err(std::sync::TryLockError::Poisoned(p)) => std::mem::take(&mut *p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => return,
-        };
-        for pid in live.pids.drain(..) {
-            // SAFETY: kill(2)/waitpid(2) on our own child.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
-            }
-        }
-        for dir in live.dirs.drain(..) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
 }

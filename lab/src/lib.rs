@@ -22,12 +22,14 @@
 //! | [`Prometheus`] | a `prometheus` server scraping a `prometheus-pushgateway` that the test pushes to; can be stopped and started again |
 //! | [`cri_pull`] | the kubelet's CRI `PullImage`, with the daemon's own CRI client |
 //! | [`daemon::Daemon`] | a damselfly daemon (or sidecar) as a real process, with its own store, config and free ports; admin socket, metrics, log |
-//! | [`cluster::Cluster`] | N daemons on 127.0.0.2, .3, ... forming one swarm, each with its own containerd |
+//! | [`cluster::Cluster`] | N daemons on 127.0.0.2, .3, ... forming one swarm, each with its own containerd; [`cluster::Suite`], the origin and lock a swarm test binary shares |
 //! | [`netlab::Lab`] | network namespaces on one bridge, `tc tbf` shaping, an origin and daemons inside them, for the multi-node benches |
 //!
 //! One daemon harness: [`daemon::DaemonConfig`] writes every daemon's config
-//! (on loopback or in a namespace), [`daemon::parse_samples`] reads every
-//! metric and [`daemon::write_cluster_key`] makes every cluster key.
+//! (on loopback or in a namespace), [`process::Proc`] runs every daemon
+//! and netlab registry as a process with a log file, [`daemon::parse_samples`]
+//! reads every metric, [`members::wait_members`] waits for every swarm's
+//! membership and [`daemon::write_cluster_key`] makes every cluster key.
 //!
 //! # Finding the daemon binary
 //!
@@ -79,8 +81,10 @@ pub mod containerd;
 pub mod cri;
 pub mod daemon;
 pub mod image;
+pub mod members;
 pub mod memory;
 pub mod netlab;
+pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod random;
@@ -110,6 +114,15 @@ pub use registry::{
 };
 pub use token::{TokenServer, TokenServerOptions};
 pub use util::{
-    block_on, free_port, http_get, missing_tools, require_tools, run_command, sha256_hex,
+    block_on, clock, free_port, http_get, missing_tools, require_tools, run_command, sha256_hex,
     wait_for_http, CmdOutput, TestDir,
 };
+
+/// `eprintln!` with the UTC time of day ([`clock`]), to line up a test's
+/// notes with the daemons' logs.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        eprintln!("[{}] {}", $crate::util::clock(), format!($($arg)*))
+    };
+}

@@ -10,16 +10,17 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::daemon::{
-    command, file_tail, is_up, multiaddr, parse_samples, scrape, store_blob_path,
-    write_cluster_key, DaemonConfig, SwarmOptions,
+    command, is_up, multiaddr, parse_samples, scrape, store_blob_path, write_cluster_key,
+    DaemonConfig, SwarmOptions,
 };
+use crate::members::{swarm_members, Members, SwarmMember};
+use crate::process::{Proc, Spawn};
 use crate::{http_get, parse_access_log_line};
 
 pub const MIB: u64 = 1 << 20;
@@ -305,64 +306,6 @@ pub fn enter_ns(ns: &str) {
     assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
 }
 
-/// A child process in a namespace; killed on drop. It also dies with the
-/// bench (PR_SET_PDEATHSIG; spawned from the main thread).
-pub struct Proc {
-    pub child: Option<Child>,
-}
-
-impl Proc {
-    /// Starts `cmd` in namespace `ns`, its stdout into `stdout` and its
-    /// stderr into `stderr` (the same file when equal).
-    pub fn spawn(ns: &str, mut cmd: Command, stdout: &Path, stderr: &Path) -> Proc {
-        let nsfile = File::open(format!("/run/netns/{ns}")).expect("open namespace");
-        let fd = nsfile.as_raw_fd();
-        let out = File::create(stdout).expect("log file");
-        let err = if stderr == stdout {
-            out.try_clone().expect("clone log")
-        } else {
-            File::create(stderr).expect("log file")
-        };
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn");
-        drop(nsfile);
-        Proc { child: Some(child) }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
-    }
-
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// CPU seconds (user + system) of a process so far.
 pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -434,7 +377,11 @@ impl Origin {
         // stdout is the access log; stderr goes to its own file.
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config);
-        let mut proc = Proc::spawn(&link.ns, cmd, &access_log, &error_log);
+        let spawn = Spawn {
+            stderr: Some(error_log.clone()),
+            ..Spawn::new("docker-registry", &access_log).in_netns(&link.ns)
+        };
+        let mut proc = Proc::spawn(cmd, &spawn).expect("spawn docker-registry");
         {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -519,7 +466,7 @@ impl Origin {
 
 impl Drop for Origin {
     fn drop(&mut self) {
-        self.proc.kill();
+        self.proc.kill9();
         if let Some(dir) = &self.scratch {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -596,7 +543,8 @@ impl Node {
         );
         node_config(link, &dir, generation, swarm, sections).write(&config);
         let log = dir.join("daemon.log");
-        let proc = Proc::spawn(&link.ns, command("daemon", &config), &log, &log);
+        let spawn = Spawn::new("damselfly", &log).in_netns(&link.ns);
+        let proc = Proc::spawn(command("daemon", &config), &spawn).expect("spawn damselfly");
         let mut node = Node {
             proc,
             ns: link.ns.clone(),
@@ -657,11 +605,11 @@ impl Node {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.dir.join("daemon.log"), lines)
+        self.proc.log_tail(lines)
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        self.proc.log()
     }
 
     /// The daemon's admin socket (a file: reachable from any namespace).
@@ -679,11 +627,25 @@ impl Node {
     }
 
     pub fn members(&self) -> usize {
-        self.metric("damselfly_swarm_members", &[]) as usize
+        swarm_members(&self.telemetry_addr()) as usize
     }
 
     pub fn cpu(&self) -> f64 {
         cpu_secs(self.proc.pid())
+    }
+}
+
+impl SwarmMember for Node {
+    fn name(&self) -> String {
+        self.ns.clone()
+    }
+
+    fn telemetry(&self) -> String {
+        self.telemetry_addr()
+    }
+
+    fn report(&self) -> String {
+        format!("--- {} ---\n{}", self.ns, self.log_tail(20))
     }
 }
 
@@ -736,33 +698,19 @@ fn node_config(
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.proc.kill();
+        self.proc.kill9();
         // Blobs go even with DAMSELFLY_BENCH_KEEP: nine stores of a 1 GiB
         // blob per scenario would fill the disk.
         let _ = std::fs::remove_dir_all(self.dir.join("store"));
     }
 }
 
-/// Waits until every node sees `expect` other members.
+/// Waits (at most [`JOIN`]) until every node sees at least `expect` other
+/// members ([`crate::members::wait_members`]); panics with each node's
+/// count and log tail.
 pub fn wait_members(nodes: &[&Node], expect: usize) -> Duration {
-    let start = Instant::now();
-    loop {
-        let seen: Vec<usize> = nodes.iter().map(|n| n.members()).collect();
-        if seen.iter().all(|&m| m >= expect) {
-            return start.elapsed();
-        }
-        if start.elapsed() > JOIN {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("--- {} ---\n{}", n.ns, n.log_tail(20)))
-                .collect();
-            panic!(
-                "members after {JOIN:?}: {seen:?}, expected {expect} each\n{}",
-                logs.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::members::wait_members(nodes, Members::AtLeast(expect), JOIN)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The 1-minute load average: other work on the machine shows here.

@@ -278,8 +278,7 @@ impl TestDir {
             let _ = dir.keep();
             return Ok(TestDir { dir: None, path });
         }
-        cleanup_registry().dirs.insert(path.clone());
-        install_exit_hook();
+        remove_at_exit(&path);
         Ok(TestDir {
             dir: Some(dir),
             path,
@@ -300,7 +299,7 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         if self.dir.is_some() {
-            cleanup_registry().dirs.remove(&self.path);
+            forget_at_exit(&self.path);
         }
         // Dropping the TempDir removes the tree (errors ignored).
         self.dir.take();
@@ -332,6 +331,18 @@ fn cleanup_registry() -> MutexGuard<'static, Cleanup> {
     cleanup_mutex()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Removes `dir` at process exit if it still exists then (a component in a
+/// `static` is never dropped); [`forget_at_exit`] undoes it.
+pub(crate) fn remove_at_exit(dir: &Path) {
+    cleanup_registry().dirs.insert(dir.to_path_buf());
+    install_exit_hook();
+}
+
+/// Takes `dir` off the list of [`remove_at_exit`].
+pub(crate) fn forget_at_exit(dir: &Path) {
+    cleanup_registry().dirs.remove(dir);
 }
 
 fn install_exit_hook() {
@@ -512,14 +523,16 @@ impl ChildGuard {
         }
     }
 
-    /// SIGKILLs the process and waits for it.
-    pub fn kill(&mut self) {
+    /// SIGKILLs the process and waits for it; its exit status (`None` when
+    /// it cannot be read).
+    pub fn kill(&mut self) -> Option<ExitStatus> {
         if self.reaped {
-            return;
+            return self.child.try_wait().ok().flatten();
         }
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let status = self.child.wait().ok();
         self.mark_reaped();
+        status
     }
 
     fn mark_reaped(&mut self) {
@@ -688,4 +701,20 @@ pub fn http_request(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The UTC time of day, `HH:MM:SS.mmmZ`, to line up a test's notes with the
+/// daemons' logs ([`crate::note!`]).
+pub fn clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        now.subsec_millis()
+    )
 }
