@@ -10,7 +10,9 @@
 //! `DAMSELFLY_MODEL_NODE_MBIT` and `DAMSELFLY_MODEL_ORIGIN_MBIT` (400 each,
 //! as in `benches/swarm.rs`, so N = 2, 4, 8 can be read against its
 //! measured points), `DAMSELFLY_MODEL_NODES` (`2,4,8,10,100,1000`),
-//! `DAMSELFLY_MODEL_PIECE_MIB` (`8,1`).
+//! `DAMSELFLY_MODEL_PIECE_MIB` (`8,1`), `DAMSELFLY_MODEL_FANOUT` (`2,0`:
+//! relay trees of two, and 0 for owners alone, the schedule before them),
+//! `DAMSELFLY_MODEL_WINDOW` (8).
 
 use damselfly::swarm::model::{simulate, ModelParams};
 
@@ -35,51 +37,59 @@ fn main() {
     let origin_mbit = env_f64("DAMSELFLY_MODEL_ORIGIN_MBIT", 400.0);
     let nodes = env_list("DAMSELFLY_MODEL_NODES", "2,4,8,10,100,1000");
     let pieces = env_list("DAMSELFLY_MODEL_PIECE_MIB", "8,1");
+    let fanouts = env_list("DAMSELFLY_MODEL_FANOUT", "2,0");
+    let window = env_f64("DAMSELFLY_MODEL_WINDOW", 8.0) as usize;
     println!(
-        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window 8\n"
+        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back 256 KiB\n"
     );
-    println!("| N | piece | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | every node from the origin / ideal |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| N | piece | fanout | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | busiest uploader / mean | every node from the origin / ideal |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &nodes {
         for &piece in &pieces {
-            let p = ModelParams {
-                nodes: n as usize,
-                blob: blob_mib << 20,
-                piece_size: piece << 20,
-                node_bandwidth: node_mbit * 1e6 / 8.0,
-                origin_bandwidth: origin_mbit * 1e6 / 8.0,
-                window: 8,
-                // Coarser steps for big clusters keep the run short; the
-                // error is one step per piece boundary at most.
-                step: if n >= 100 { 0.05 } else { 0.01 },
-            };
-            let r = simulate(&p);
-            // Without the swarm, N clients share the origin's link.
-            let direct = (n as f64 * p.blob as f64 / p.origin_bandwidth)
-                .max(p.blob as f64 / p.node_bandwidth)
-                / r.ideal;
-            // The model stops at 100x the ideal; past it, say so.
-            let secs = |t: f64| {
-                if t.is_finite() {
-                    format!("{t:.2} s")
+            for &fanout in &fanouts {
+                let p = ModelParams {
+                    nodes: n as usize,
+                    blob: blob_mib << 20,
+                    piece_size: piece << 20,
+                    node_bandwidth: node_mbit * 1e6 / 8.0,
+                    origin_bandwidth: origin_mbit * 1e6 / 8.0,
+                    window,
+                    fanout: fanout as usize,
+                    relay_lag: (256u64 << 10) as f64,
+                    // Coarser steps for big clusters keep the run short; the
+                    // error is one step per piece boundary at most.
+                    step: if n >= 100 { 0.05 } else { 0.01 },
+                };
+                let r = simulate(&p);
+                // Without the swarm, N clients share the origin's link.
+                let direct = (n as f64 * p.blob as f64 / p.origin_bandwidth)
+                    .max(p.blob as f64 / p.node_bandwidth)
+                    / r.ideal;
+                // The model stops at 100x the ideal; past it, say so.
+                let secs = |t: f64| {
+                    if t.is_finite() {
+                        format!("{t:.2} s")
+                    } else {
+                        format!("> {:.0} s", 100.0 * r.ideal)
+                    }
+                };
+                let ratio = if r.slowest.is_finite() {
+                    format!("{:.2}x", r.slowest / r.ideal)
                 } else {
-                    format!("> {:.0} s", 100.0 * r.ideal)
-                }
-            };
-            let ratio = if r.slowest.is_finite() {
-                format!("{:.2}x", r.slowest / r.ideal)
-            } else {
-                "> 100x".into()
-            };
-            println!(
-                "| {n} | {piece} MiB | {:.3}x | {} | {ratio} | {} | {} ({:.1}) | {:.1}x |",
+                    "> 100x".into()
+                };
+                println!(
+                "| {n} | {piece} MiB | {} | {:.3}x | {} | {ratio} | {} | {} ({:.1}) | {:.2}x | {:.1}x |",
+                if fanout == 0 { "owners".to_string() } else { fanout.to_string() },
                 r.origin_ratio,
                 secs(r.slowest),
                 secs(r.median),
                 r.max_owned,
                 r.mean_owned,
+                r.max_upload_ratio,
                 direct
             );
+            }
         }
     }
 }

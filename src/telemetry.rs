@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Time to get one piece, by where it came from (peer, origin).
     pub piece_seconds: HistogramVec,
     pub hedges: IntCounter,
+    /// Piece bytes that came from peers asked as relays (nodes that pull
+    /// the blob too), a part of `fetched_bytes{source="peer"}`.
+    pub relayed_bytes: IntCounter,
     pub distrusted_peers: IntCounter,
     /// Data-plane connections refused: not a member, or a failed handshake.
     pub peer_refused: IntCounter,
@@ -285,6 +288,13 @@ impl Metrics {
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     ]),
                     &["source"],
+                )?,
+            )?,
+            relayed_bytes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_relayed_bytes_total",
+                    "Piece bytes taken from peers that pull the blob too (relays), not from its owner or a holder.",
                 )?,
             )?,
             hedges: reg(

@@ -179,6 +179,10 @@ struct Download {
     wants: Option<tokio::sync::mpsc::UnboundedSender<pieces::Want>>,
     /// Counted in `Inner::live` (see [`Priority`]).
     live: std::sync::atomic::AtomicBool,
+    /// Whether this node pulls the whole blob (a reader here wants it),
+    /// not only the pieces peers ask for: only such a download relays
+    /// pieces ([`crate::swarm::PeerRef::relay`]).
+    pulling: std::sync::atomic::AtomicBool,
     /// Bytes this download took from the origin and from peers.
     from_origin: std::sync::atomic::AtomicU64,
     from_peers: std::sync::atomic::AtomicU64,
@@ -451,6 +455,9 @@ impl Fetcher {
             if priority == Priority::Live {
                 dl.promote(&self.inner);
             }
+            if let Starter::Local = starter {
+                dl.pulling.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some(w) = &dl.wants {
                 let _ = w.send(match starter {
                     Starter::Local => pieces::Want::All,
@@ -504,6 +511,7 @@ impl Fetcher {
             file: Arc::new(reader),
             wants: swarm.as_ref().map(|_| wants_tx.clone()),
             live: Default::default(),
+            pulling: std::sync::atomic::AtomicBool::new(matches!(starter, Starter::Local)),
             from_origin: Default::default(),
             from_peers: Default::default(),
         });

@@ -12,13 +12,18 @@ impl Fetcher {
     /// Opens bytes of blob `digest` for a peer: from the store, from a
     /// download in flight (asking it for the piece at `start`), or, with
     /// `origin` given, from a new serving download of just the pieces peers
-    /// ask for. `None`: not here and not fetchable.
+    /// ask for. `None`: not here and not fetchable. Asked as a relay
+    /// (`relay`), only the store or a download that pulls the whole blob
+    /// answers: a relay request never makes this node fetch anything it
+    /// would not fetch anyway, so relay requests cannot pull bytes from
+    /// the origin twice.
     async fn blob_for_peer(
         &self,
         digest: &Digest,
         start: u64,
         size: Option<u64>,
         origin: Option<(Upstream, String)>,
+        relay: bool,
     ) -> Result<Option<Blob>, FetchError> {
         if let Some(opened) = self.inner.store.open_blob(digest)? {
             if let Some(blob) = self
@@ -40,7 +45,9 @@ impl Fetcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(digest)
-            .cloned();
+            .cloned()
+            .filter(|dl| !relay || dl.pulling.load(std::sync::atomic::Ordering::Relaxed));
+        let origin = origin.filter(|_| !relay);
         let dl = match (existing, origin) {
             (Some(dl), _) => {
                 if let Some(w) = &dl.wants {
@@ -64,7 +71,9 @@ impl Fetcher {
                 };
                 match self.join_or_start(&up, &repo, digest, None, ask)? {
                     Some((dl, _)) => dl,
-                    None => return Box::pin(self.blob_for_peer(digest, start, size, None)).await,
+                    None => {
+                        return Box::pin(self.blob_for_peer(digest, start, size, None, relay)).await
+                    }
                 }
             }
             (None, None) => return Ok(None),
@@ -94,7 +103,7 @@ impl PeerBlobs for Fetcher {
                 Some((up, repo.to_owned()))
             });
             let blob = match self
-                .blob_for_peer(ask.digest, ask.start, ask.size, origin)
+                .blob_for_peer(ask.digest, ask.start, ask.size, origin, ask.relay)
                 .await
             {
                 Ok(Some(b)) => b,

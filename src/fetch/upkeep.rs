@@ -446,6 +446,7 @@ mod tests {
                 file,
                 wants: None,
                 live: Default::default(),
+                pulling: Default::default(),
                 from_origin: Default::default(),
                 from_peers: Default::default(),
             }),

@@ -33,6 +33,10 @@ pub const REGISTRY_HEADER: &str = "x-damselfly-registry";
 pub const REPOSITORY_HEADER: &str = "x-damselfly-repository";
 pub const SIZE_HEADER: &str = "x-damselfly-size";
 pub const SUMS_HEADER: &str = "x-damselfly-sums";
+/// `1`: the asker takes this node for a relay of the piece (a node that
+/// pulls the blob too): answer from the store or a download in flight,
+/// never start one.
+pub const RELAY_HEADER: &str = "x-damselfly-relay";
 
 /// A peer that sends nothing of its request for this long is dropped.
 /// hyper also applies it to a kept-alive connection waiting for its next
@@ -71,6 +75,9 @@ pub struct PeerAsk<'a> {
     pub size: Option<u64>,
     /// Where the peer's origin keeps the blob, `(registry, repository)`.
     pub origin: Option<(&'a str, &'a str)>,
+    /// Asked as a relay ([`RELAY_HEADER`]): only a download that pulls the
+    /// whole blob here, or the store, may answer.
+    pub relay: bool,
 }
 
 /// The engine's answer to a [`PeerAsk`].
@@ -279,6 +286,7 @@ async fn handle(
         end_incl,
         size: size_hint,
         origin: registry.as_deref().zip(repo.as_deref()),
+        relay: header(RELAY_HEADER).is_some_and(|v| v == "1"),
     };
     let (size, start, end, sums, media_type, body) = match blobs.read_for_peer(ask).await {
         Ok(PeerRead::Bytes {

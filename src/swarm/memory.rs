@@ -64,6 +64,8 @@ pub struct Asked {
     pub start: u64,
     pub end_incl: u64,
     pub size: Option<u64>,
+    /// Asked as a relay ([`PeerRef::relay`]).
+    pub relay: bool,
 }
 
 /// Tuning the engine reads from the swarm.
@@ -107,6 +109,8 @@ struct State {
     holders: HashMap<Digest, HashSet<PeerId>>,
     /// What a lookup (`find_holders`) finds, as Kademlia would.
     providers: HashMap<Digest, HashSet<PeerId>>,
+    /// Peers whose `Want` for a digest this node received.
+    pulling: HashMap<Digest, HashSet<PeerId>>,
     distrusted: Vec<(PeerId, String)>,
     asked: Vec<Asked>,
     wants: Vec<Digest>,
@@ -165,6 +169,15 @@ impl MemorySwarm {
     pub fn announce_holder(&self, digest: &Digest, peer: PeerId) {
         self.state()
             .holders
+            .entry(digest.clone())
+            .or_default()
+            .insert(peer);
+    }
+
+    /// `peer` announced that it pulls `digest` (a relay for its pieces).
+    pub fn announce_pulling(&self, digest: &Digest, peer: PeerId) {
+        self.state()
+            .pulling
             .entry(digest.clone())
             .or_default()
             .insert(peer);
@@ -269,10 +282,12 @@ impl PeerNet for MemorySwarm {
             st.peers.iter().map(|(id, addr, _)| (*id, *addr)).collect();
         let distrusted: HashSet<PeerId> = st.distrusted.iter().map(|(p, _)| *p).collect();
         let holders = st.holders.get(digest).cloned().unwrap_or_default();
+        let pulling = st.pulling.get(digest).cloned().unwrap_or_default();
         let view = PlanView {
             local: self.inner.local,
             members: &members,
             holders: &holders,
+            pulling: &pulling,
             distrusted: &distrusted,
         };
         plan_piece(&view, digest, piece, full, failed)
@@ -290,7 +305,7 @@ impl PeerNet for MemorySwarm {
         &'a self,
         req: PieceRequest<'a>,
     ) -> BoxFuture<'a, Result<PeerResponse, PeerError>> {
-        let PeerRef { id, addr } = *req.peer;
+        let PeerRef { id, addr, relay } = *req.peer;
         let script = {
             let mut st = self.state();
             st.asked.push(Asked {
@@ -299,6 +314,7 @@ impl PeerNet for MemorySwarm {
                 start: req.start,
                 end_incl: req.end_incl,
                 size: req.size,
+                relay,
             });
             st.peers.iter().find(|p| p.0 == id).map(|p| p.2.clone())
         };

@@ -89,6 +89,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// How long a `Want` makes its sender a relay for the blob's pieces. Past
+/// it the sender has committed the blob (and is a holder), given up, or
+/// is still at it on a link so slow that relaying through it would not
+/// help. A relay that is wrong about it answers 404 and is passed over.
+const PULLING_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// The most digests whose pullers a node remembers.
+const PULLING_DIGESTS: usize = 4096;
+
 /// The swarm, as the fetch engine and the admin API see it. Cheap to clone.
 #[derive(Clone)]
 pub struct Swarm {
@@ -102,6 +111,9 @@ struct Inner {
     members: watch::Receiver<Arc<BTreeMap<PeerId, control::Member>>>,
     /// Peers known to hold a whole blob, from announcements and Kademlia.
     holders: Mutex<HashMap<String, HashSet<PeerId>>>,
+    /// Peers known to pull a blob now, from their `Want`s, with when: the
+    /// relays of its pieces ([`rendezvous::relay_parent`]).
+    pulling: Mutex<HashMap<String, HashMap<PeerId, std::time::Instant>>>,
     distrusted: Mutex<HashSet<PeerId>>,
     client: reqwest::Client,
     scheme: &'static str,
@@ -179,6 +191,7 @@ impl Swarm {
                 control,
                 local,
                 holders: Mutex::new(HashMap::new()),
+                pulling: Mutex::new(HashMap::new()),
                 distrusted: Mutex::new(HashSet::new()),
                 client,
                 scheme: if cfg.data_tls { "https" } else { "http" },
@@ -236,7 +249,9 @@ impl Swarm {
                             control::Announce::Gone { digest } => {
                                 me.remove_holder(&digest.to_string(), a.from)
                             }
-                            control::Announce::Want { .. } => {}
+                            control::Announce::Want { digest, .. } => {
+                                me.add_pulling(&digest.to_string(), a.from)
+                            }
                         }
                         on_announce(a);
                     }
@@ -287,7 +302,62 @@ impl Swarm {
             .any(|m| m.info.role.serves_data())
     }
 
+    /// Records that `peer` pulls `digest`. Bounded: at most
+    /// [`PULLING_DIGESTS`] digests, the stalest dropped first, each entry
+    /// forgotten after [`PULLING_TTL`].
+    fn add_pulling(&self, digest: &str, peer: PeerId) {
+        if peer == self.inner.local {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut pulling = self.inner.pulling.lock().unwrap_or_else(|p| p.into_inner());
+        pulling.retain(|_, m| {
+            m.retain(|_, at| now.duration_since(*at) < PULLING_TTL);
+            !m.is_empty()
+        });
+        if pulling.len() >= PULLING_DIGESTS && !pulling.contains_key(digest) {
+            let stalest = pulling
+                .iter()
+                .min_by_key(|(_, m)| m.values().max().copied())
+                .map(|(d, _)| d.clone());
+            if let Some(d) = stalest {
+                pulling.remove(&d);
+            }
+        }
+        pulling
+            .entry(digest.to_owned())
+            .or_default()
+            .insert(peer, now);
+    }
+
+    /// The peers that pull `digest` now, as far as this node knows.
+    fn pulling(&self, digest: &str) -> HashSet<PeerId> {
+        let now = std::time::Instant::now();
+        self.inner
+            .pulling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, at)| now.duration_since(**at) < PULLING_TTL)
+                    .map(|(p, _)| *p)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn add_holder(&self, digest: &str, peer: PeerId) {
+        if let Some(m) = self
+            .inner
+            .pulling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(digest)
+        {
+            // A holder serves from its store; it pulls no more.
+            m.remove(&peer);
+        }
         if peer == self.inner.local {
             return;
         }
@@ -301,6 +371,15 @@ impl Swarm {
     }
 
     fn remove_holder(&self, digest: &str, peer: PeerId) {
+        if let Some(m) = self
+            .inner
+            .pulling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(digest)
+        {
+            m.remove(&peer);
+        }
         let mut holders = self.inner.holders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = holders.get_mut(digest) {
             set.remove(&peer);
@@ -388,10 +467,12 @@ impl Swarm {
             .get(&digest.to_string())
             .cloned()
             .unwrap_or_default();
+        let pulling = self.pulling(&digest.to_string());
         let view = net::PlanView {
             local: self.inner.local,
             members: &members,
             holders: &holders,
+            pulling: &pulling,
             distrusted: &distrusted,
         };
         net::plan_piece(&view, digest, piece, full, failed)
@@ -413,6 +494,9 @@ impl Swarm {
             .header(data::REPOSITORY_HEADER, req.repo);
         if let Some(s) = req.size {
             get = get.header(data::SIZE_HEADER, s.to_string());
+        }
+        if req.relay() {
+            get = get.header(data::RELAY_HEADER, "1");
         }
         let resp = get.send().await.map_err(|e| PeerError::Request {
             addr,

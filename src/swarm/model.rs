@@ -1,16 +1,22 @@
 //! A scale model of the swarm's piece schedule, for more nodes than fit on
 //! one machine.
 //!
-//! It runs the same assignment code as the daemon ([`super::rendezvous`]) to
-//! decide which node fetches each piece from the origin, and the same
-//! schedule: every node asks for the blob's pieces in order, at most
-//! `window` at a time (`swarm.max_piece_transfers`); a piece it owns comes
-//! from the origin, any other from its owner, which can only pass on bytes
-//! it already has (it streams pieces while they arrive). Bandwidth is a
-//! fluid: in each time step every transfer gets an equal share of its
-//! sender's upload (the origin's link for origin pieces) and of its
-//! receiver's download, the smaller of the two. No CPU, latency or losses:
-//! it says what the schedule allows, and the lab says what the code does.
+//! It runs the same assignment code as the daemon ([`super::rendezvous`]):
+//! the piece's owner fetches it from the origin, and every other node takes
+//! it from its parent in the piece's relay tree ([`rendezvous::relay_rank`] and
+//! [`rendezvous::tree_parent`], the parts of [`rendezvous::relay_parent`]),
+//! or from the owner itself with `fanout: 0` (the schedule before relay
+//! trees). Every node asks for the blob's pieces in order, at most `window`
+//! at a time (`swarm.max_piece_transfers`); a node asked for a piece it has
+//! not started starts it at once, outside its window, as the daemon does,
+//! and passes on only bytes it already has (less `relay_lag`: the chunk a
+//! relay holds before it can forward it). Bandwidth is a fluid: in each time
+//! step every transfer gets an equal share of its sender's upload (the
+//! origin's link for origin pieces) and of its receiver's download, the
+//! smaller of the two. No CPU, latency or losses: it says what the schedule
+//! allows, and the lab says what the code does.
+
+use super::rendezvous;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -27,6 +33,11 @@ pub struct ModelParams {
     pub window: usize,
     /// Simulation step in seconds.
     pub step: f64,
+    /// Children per node in each piece's relay tree; 0: every node takes
+    /// each piece from its owner.
+    pub fanout: usize,
+    /// Bytes a relay holds back of a piece it is still receiving.
+    pub relay_lag: f64,
 }
 
 /// What the model says.
@@ -42,6 +53,8 @@ pub struct ModelResult {
     /// The most pieces one node fetched from the origin, and the mean.
     pub max_owned: usize,
     pub mean_owned: f64,
+    /// The most bytes one node uploaded to others, over the mean.
+    pub max_upload_ratio: f64,
 }
 
 struct Flow {
@@ -62,13 +75,41 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
     };
     let digest = "sha256:model";
     let ids: Vec<Vec<u8>> = (0..n).map(|i| format!("node-{i}").into_bytes()).collect();
-    let owner: Vec<usize> = (0..pieces)
+    // source[k][i]: where node i takes piece k from (`None`: the origin).
+    let mut owner = vec![0usize; pieces];
+    let source: Vec<Vec<Option<usize>>> = (0..pieces)
         .map(|k| {
-            let o = super::rendezvous::owner(digest, k as u64, ids.iter().map(|v| v.as_slice()))
-                .unwrap_or(&ids[0]);
-            ids.iter().position(|v| v.as_slice() == o).unwrap_or(0)
+            let ranked = |nodes: &mut dyn Iterator<Item = (&[u8], usize)>| {
+                if p.fanout > 0 {
+                    rendezvous::relay_rank(digest, k as u64, nodes, p.fanout)
+                } else {
+                    rendezvous::rank(digest, k as u64, nodes)
+                }
+            };
+            let top = rendezvous::rank(
+                digest,
+                k as u64,
+                ids.iter().enumerate().map(|(i, v)| (v.as_slice(), i)),
+            )[0];
+            let order: Vec<usize> = std::iter::once(top)
+                .chain(
+                    ranked(&mut ids.iter().enumerate().map(|(i, v)| (v.as_slice(), i)))
+                        .into_iter()
+                        .filter(|&i| i != top),
+                )
+                .collect();
+            owner[k] = order[0];
+            let mut from = vec![None; n];
+            for (pos, &i) in order.iter().enumerate().skip(1) {
+                from[i] = Some(match rendezvous::tree_parent(pos, p.fanout) {
+                    Some(parent) if p.fanout > 0 => order[parent],
+                    _ => order[0],
+                });
+            }
+            from
         })
         .collect();
+    let mut uploaded = vec![0f64; n];
     // have[i][k]: bytes of piece k on node i.
     let mut have = vec![vec![0f64; pieces]; n];
     let mut next = vec![0usize; n];
@@ -93,33 +134,20 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
                 if complete(&have, i, k) || active.contains(&(i, k)) {
                     continue;
                 }
-                let o = owner[k];
-                if o != i {
+                // Asked for a piece it has not started, a node starts it at
+                // once, outside its window, and so on up its tree.
+                let mut node = i;
+                while !complete(&have, node, k) && active.insert((node, k)) {
                     flows.push(Flow {
-                        node: i,
+                        node,
                         piece: k,
-                        from: Some(o),
+                        from: source[k][node],
                     });
-                    active.insert((i, k));
-                    per_node[i] += 1;
-                    // Asked for a piece it has not started, the owner
-                    // fetches it from the origin at once, outside its window.
-                    if !complete(&have, o, k) && active.insert((o, k)) {
-                        flows.push(Flow {
-                            node: o,
-                            piece: k,
-                            from: None,
-                        });
-                        per_node[o] += 1;
+                    per_node[node] += 1;
+                    match source[k][node] {
+                        Some(up) => node = up,
+                        None => break,
                     }
-                } else {
-                    flows.push(Flow {
-                        node: i,
-                        piece: k,
-                        from: None,
-                    });
-                    active.insert((i, k));
-                    per_node[i] += 1;
                 }
             }
         }
@@ -142,15 +170,21 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
             let mut bytes = send.min(recv) * p.step;
             bytes = bytes.min(len(f.piece) - have[f.node][f.piece]);
             if let Some(s) = f.from {
-                // An owner passes on only what it already has.
-                bytes = bytes.min((have[s][f.piece] - have[f.node][f.piece]).max(0.0));
+                // A sender passes on only what it already has.
+                let lag = if complete(&have, s, f.piece) {
+                    0.0
+                } else {
+                    p.relay_lag
+                };
+                bytes = bytes.min((have[s][f.piece] - lag - have[f.node][f.piece]).max(0.0));
             }
             moves.push(bytes);
         }
         for (f, bytes) in flows.iter().zip(&moves) {
             have[f.node][f.piece] += bytes;
-            if f.from.is_none() {
-                origin_bytes += bytes;
+            match f.from {
+                None => origin_bytes += bytes,
+                Some(s) => uploaded[s] += bytes,
             }
         }
         t += p.step;
@@ -187,6 +221,14 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
         ideal: p.blob as f64 / p.node_bandwidth.min(p.origin_bandwidth),
         max_owned: owned.iter().copied().max().unwrap_or(0),
         mean_owned: pieces as f64 / n as f64,
+        max_upload_ratio: {
+            let mean = uploaded.iter().sum::<f64>() / n as f64;
+            if mean > 0.0 {
+                uploaded.iter().copied().fold(0.0, f64::max) / mean
+            } else {
+                0.0
+            }
+        },
     }
 }
 
@@ -205,6 +247,8 @@ mod tests {
             origin_bandwidth: origin_mbit * 1e6 / 8.0,
             window: 8,
             step: 0.01,
+            fanout: rendezvous::RELAY_FANOUT,
+            relay_lag: (MIB / 4) as f64,
         }
     }
 
@@ -222,9 +266,12 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_fetches_each_byte_once_and_is_bound_by_the_busiest_owner() {
+    fn owners_alone_are_bound_by_the_busiest_owner() {
         for nodes in [2, 8, 32] {
-            let p = params(nodes, 400.0, 400.0);
+            let p = ModelParams {
+                fanout: 0,
+                ..params(nodes, 400.0, 400.0)
+            };
             let r = simulate(&p);
             assert!((r.origin_ratio - 1.0).abs() < 1e-6, "{nodes} nodes: {r:?}");
             // Every other node takes each of an owner's pieces from it: the
@@ -242,8 +289,38 @@ mod tests {
     }
 
     #[test]
+    fn relay_trees_keep_a_burst_near_the_ideal() {
+        for nodes in [2, 8, 32] {
+            let trees = simulate(&params(nodes, 400.0, 400.0));
+            let owners = simulate(&ModelParams {
+                fanout: 0,
+                ..params(nodes, 400.0, 400.0)
+            });
+            assert!(
+                (trees.origin_ratio - 1.0).abs() < 1e-6,
+                "{nodes} nodes: {trees:?}"
+            );
+            // 256 MiB is 32 pieces: the in-order windows leave a tail.
+            assert!(
+                trees.slowest / trees.ideal < 1.6,
+                "{nodes} nodes: {trees:?}"
+            );
+            assert!(trees.max_upload_ratio < 2.0, "{nodes} nodes: {trees:?}");
+            if nodes >= 8 {
+                assert!(
+                    trees.slowest < owners.slowest,
+                    "{trees:?} against {owners:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn smaller_pieces_spread_the_owners_load() {
-        let mut p = params(8, 400.0, 400.0);
+        let mut p = ModelParams {
+            fanout: 0,
+            ..params(8, 400.0, 400.0)
+        };
         let big = simulate(&p);
         p.piece_size = MIB;
         let small = simulate(&p);

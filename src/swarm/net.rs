@@ -31,6 +31,10 @@ use crate::oci::Digest;
 pub struct PeerRef {
     pub id: PeerId,
     pub addr: SocketAddr,
+    /// Asked as a relay: a node that pulls the blob too, and passes on
+    /// only what it has or is fetching anyway (see
+    /// [`rendezvous::relay_parent`]); it never starts a download for it.
+    pub relay: bool,
 }
 
 /// Where a piece may come from, best first.
@@ -54,6 +58,13 @@ pub struct PieceRequest<'a> {
     /// repository), should the peer have to fetch it from its origin.
     pub registry: &'a str,
     pub repo: &'a str,
+}
+
+impl PieceRequest<'_> {
+    /// Whether the peer is asked as a relay ([`PeerRef::relay`]).
+    pub fn relay(&self) -> bool {
+        self.peer.relay
+    }
 }
 
 /// A peer's answer to a piece request, before its body.
@@ -143,6 +154,9 @@ pub struct PlanView<'a> {
     pub members: &'a [(PeerId, SocketAddr)],
     /// Peers known to hold the whole blob.
     pub holders: &'a HashSet<PeerId>,
+    /// Peers known to pull the blob now (their `Want`s): the relays of
+    /// its pieces.
+    pub pulling: &'a HashSet<PeerId>,
     pub distrusted: &'a HashSet<PeerId>,
 }
 
@@ -154,6 +168,11 @@ pub struct PlanView<'a> {
 /// once and passes it on), none when it is this node (this node fetches
 /// it). A serving download (`full == false`) never asks non-holders, so
 /// requests cannot loop.
+///
+/// When no holder can be asked, a node pulling the whole blob asks its
+/// parent in the piece's relay tree first ([`rendezvous::relay_parent`],
+/// over the owner and the peers known to pull the blob), then the owner:
+/// each piece leaves its owner a few times, not once per node.
 pub fn plan_piece(
     view: &PlanView<'_>,
     digest: &Digest,
@@ -202,8 +221,47 @@ pub fn plan_piece(
             failed.contains(id)
         })
         .into_iter()
-        .filter_map(|id| addr_of(&id).map(|addr| PieceSource::Peer(PeerRef { id, addr })))
+        .filter_map(|id| {
+            addr_of(&id).map(|addr| {
+                PieceSource::Peer(PeerRef {
+                    id,
+                    addr,
+                    relay: false,
+                })
+            })
+        })
         .collect();
+    if full && holder_refs.is_empty() {
+        if let Some(PieceSource::Peer(owner)) = out.first() {
+            let pulling: Vec<(Vec<u8>, PeerId)> = view
+                .pulling
+                .iter()
+                .filter(|id| **id != view.local && usable(id))
+                .chain(std::iter::once(&view.local))
+                .map(|id| (id.to_bytes(), *id))
+                .collect();
+            let refs: Vec<(&[u8], PeerId)> =
+                pulling.iter().map(|(b, id)| (b.as_slice(), *id)).collect();
+            let parent = rendezvous::relay_parent(
+                &key,
+                piece,
+                owner.id,
+                &refs,
+                view.local,
+                rendezvous::RELAY_FANOUT,
+            );
+            if let Some((id, addr)) = parent.and_then(|id| addr_of(&id).map(|a| (id, a))) {
+                out.insert(
+                    0,
+                    PieceSource::Peer(PeerRef {
+                        id,
+                        addr,
+                        relay: true,
+                    }),
+                );
+            }
+        }
+    }
     out.push(PieceSource::Origin);
     out
 }

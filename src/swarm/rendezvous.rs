@@ -96,6 +96,96 @@ pub fn plan<T: Copy + PartialEq>(
     out
 }
 
+/// How many nodes each node of a piece's relay tree passes the piece on
+/// to (see [`relay_parent`]). Two gives ten hops at 1,000 nodes; the scale
+/// model picked it (docs/benchmarks.md).
+pub const RELAY_FANOUT: usize = 2;
+
+/// The stripe of `node` for `digest`: with `fanout` stripes, a node passes
+/// pieces on (sits inside the relay tree) only for the pieces of its own
+/// stripe, and is a leaf for the rest. So every node's upload is about
+/// its download, whatever the draw (SplitStream's interior-disjoint trees),
+/// where a tree drawn per piece makes some node upload 1.4x the mean.
+pub fn stripe(digest: &str, node: &[u8], fanout: usize) -> usize {
+    (weight(digest, u64::MAX, node) % fanout.max(1) as u64) as usize
+}
+
+/// `nodes` in relay order for (`digest`, `piece`): the nodes of the
+/// piece's stripe first, then the rest, each part by weight. Two nodes
+/// compare the same way in every view of the cluster.
+pub fn relay_rank<'a, T>(
+    digest: &str,
+    piece: u64,
+    nodes: impl IntoIterator<Item = (&'a [u8], T)>,
+    fanout: usize,
+) -> Vec<T> {
+    let f = fanout.max(1);
+    let own = (piece % f as u64) as usize;
+    let mut scored: Vec<(bool, u64, &'a [u8], T)> = nodes
+        .into_iter()
+        .map(|(id, t)| {
+            (
+                stripe(digest, id, f) == own,
+                weight(digest, piece, id),
+                id,
+                t,
+            )
+        })
+        .collect();
+    scored.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| b.1.cmp(&a.1))
+            .then_with(|| b.2.cmp(a.2))
+    });
+    scored.into_iter().map(|(_, _, _, t)| t).collect()
+}
+
+/// The position a node at `pos` of a relay tree takes its piece from:
+/// `None` for the root (the owner). Parents always sit before their
+/// children.
+pub fn tree_parent(pos: usize, fanout: usize) -> Option<usize> {
+    (pos > 0).then(|| (pos - 1) / fanout.max(1))
+}
+
+/// Who node `me` takes piece `piece` from in its relay tree, when that is
+/// not the owner itself.
+///
+/// The tree is laid out over the piece's `owner` (the root) and the nodes
+/// known to pull the blob (`pulling`: `me` among them) in [`relay_rank`]
+/// order: the node at position `i` takes the piece from the one at
+/// [`tree_parent`]`(i)`, and passes it on to its own children while it
+/// still arrives. So each node uploads each piece it takes to at most
+/// `fanout` others, and the owner uploads it to as many, not to every
+/// node.
+///
+/// Requests cannot loop whatever each node's view of the cluster: a parent
+/// always comes before its child in relay order (the owner, the root, is
+/// asked as the owner, never as a relay), so every chain of relay requests
+/// climbs that order and ends at the owner. `None`: `me` is the owner, is
+/// not among `pulling`, or is a child of the owner.
+pub fn relay_parent<T: Copy + PartialEq>(
+    digest: &str,
+    piece: u64,
+    owner: T,
+    pulling: &[(&[u8], T)],
+    me: T,
+    fanout: usize,
+) -> Option<T> {
+    if owner == me {
+        return None;
+    }
+    let order: Vec<T> = std::iter::once(owner)
+        .chain(
+            relay_rank(digest, piece, pulling.iter().map(|(b, t)| (*b, *t)), fanout)
+                .into_iter()
+                .filter(|t| *t != owner),
+        )
+        .collect();
+    let pos = order.iter().position(|t| *t == me)?;
+    let parent = order[tree_parent(pos, fanout)?];
+    (parent != owner).then_some(parent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +363,108 @@ mod tests {
             assert_eq!(p.len(), 2, "piece {piece}: {p:?}");
             assert!(!p.contains(&r[0]));
         }
+    }
+
+    #[test]
+    fn relay_trees_climb_the_ranking_and_spread_the_uploads() {
+        let nodes = ids(16);
+        let all: Vec<(&[u8], usize)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        let mut uploads = vec![0usize; nodes.len()];
+        let pieces = 512;
+        for piece in 0..pieces {
+            let owner = ranked(&nodes, piece)[0];
+            let mut r = vec![owner];
+            r.extend(
+                relay_rank(D, piece, all.iter().copied(), RELAY_FANOUT)
+                    .into_iter()
+                    .filter(|&i| i != owner),
+            );
+            let pos = |i: usize| r.iter().position(|&x| x == i).unwrap();
+            let mut children = vec![0usize; nodes.len()];
+            for me in 0..nodes.len() {
+                let parent = relay_parent(D, piece, owner, &all, me, RELAY_FANOUT);
+                if me == owner {
+                    assert_eq!(parent, None);
+                    continue;
+                }
+                let from = parent.unwrap_or(owner);
+                assert!(
+                    pos(from) < pos(me),
+                    "piece {piece}: {me} asks {from}, ranked below it"
+                );
+                children[from] += 1;
+            }
+            assert!(
+                children.iter().all(|&c| c <= RELAY_FANOUT),
+                "piece {piece}: {children:?}"
+            );
+            for (u, c) in uploads.iter_mut().zip(&children) {
+                *u += c;
+            }
+        }
+        // Each piece goes to 15 nodes: the mean node uploads 15/16 of the
+        // pieces; none more than twice that.
+        let mean = uploads.iter().sum::<usize>() as f64 / nodes.len() as f64;
+        for u in &uploads {
+            assert!((*u as f64) < 2.0 * mean, "{uploads:?}");
+        }
+    }
+
+    #[test]
+    fn relay_parents_stay_above_their_children_in_any_view() {
+        // Two nodes that know different sets of pullers still never ask
+        // each other both ways: every ask climbs the weights.
+        let nodes = ids(12);
+        for piece in 0..64 {
+            let r = ranked(&nodes, piece);
+            let owner = r[0];
+            let f = RELAY_FANOUT;
+            let key = |i: usize| {
+                (
+                    stripe(D, &nodes[i], f) == piece as usize % f,
+                    weight(D, piece, &nodes[i]),
+                )
+            };
+            for drop in 0..nodes.len() {
+                let view: Vec<(&[u8], usize)> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != drop)
+                    .map(|(i, v)| (v.as_slice(), i))
+                    .collect();
+                for me in (0..nodes.len()).filter(|&i| i != drop) {
+                    if let Some(p) = relay_parent(D, piece, owner, &view, me, RELAY_FANOUT) {
+                        assert!(key(p) > key(me), "piece {piece}: {me} asks {p}");
+                    }
+                }
+            }
+            // Not among the pullers: no tree for it.
+            let few: Vec<(&[u8], usize)> = vec![(nodes[r[1]].as_slice(), r[1])];
+            assert_eq!(
+                relay_parent(D, piece, owner, &few, r[5], RELAY_FANOUT),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn tree_parents() {
+        assert_eq!(tree_parent(0, 2), None);
+        assert_eq!(
+            (1..7)
+                .map(|i| tree_parent(i, 2).unwrap())
+                .collect::<Vec<_>>(),
+            vec![0, 0, 1, 1, 2, 2]
+        );
+        assert_eq!(
+            (1..4)
+                .map(|i| tree_parent(i, 1).unwrap())
+                .collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
     }
 }

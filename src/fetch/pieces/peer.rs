@@ -17,6 +17,11 @@ use crate::fetch::FetchError;
 use crate::store::SUM_CHUNK;
 use crate::swarm::{PeerRef, PieceRequest};
 
+/// Bytes of a piece without checksums gathered before one write: few
+/// enough that a relay passes the piece on close behind, enough that
+/// writes stay large.
+const RELAY_BATCH: u64 = 256 * 1024;
+
 /// Why a peer transfer stopped.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum PeerFail {
@@ -203,10 +208,25 @@ pub(super) async fn peer_piece(
         // Write whole checksum chunks (or the piece's tail) at a time, so
         // each can be checked before any reader may see it.
         while buf_len > 0 {
-            let chunk_end = ((pos / SUM_CHUNK) + 1) * SUM_CHUNK;
-            let target = chunk_end.min(end);
+            let target = if sums.is_some() {
+                (((pos / SUM_CHUNK) + 1) * SUM_CHUNK).min(end)
+            } else {
+                // Nothing to check per chunk: written as it comes (in
+                // batches), so that a node that relays the piece passes it
+                // on a few frames behind, not a chunk.
+                (pos + buf_len).min(end)
+            };
             let need = target - pos;
-            if buf_len < need && !ended {
+            if need == 0 {
+                failed.insert(peer.id);
+                return Err(PeerFail::Broken {
+                    peer: peer.id,
+                    reason: "sent more than asked".into(),
+                });
+            }
+            if (buf_len < need || (sums.is_none() && buf_len < RELAY_BATCH && target < end))
+                && !ended
+            {
                 break;
             }
             let take = need.min(buf_len);
@@ -234,6 +254,9 @@ pub(super) async fn peer_piece(
                 .with_label_values(&["peer"])
                 .inc_by(take);
             ctx.dl.count(crate::fetch::Source::Peer, take);
+            if peer.relay {
+                metrics.relayed_bytes.inc_by(take);
+            }
             if pos > end {
                 failed.insert(peer.id);
                 return Err(PeerFail::Broken {

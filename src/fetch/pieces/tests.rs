@@ -31,6 +31,8 @@ use crate::swarm::memory::{MemorySwarm, Script, Tuning};
 use crate::swarm::{rendezvous, PeerNet, PieceSource};
 use crate::telemetry::Metrics;
 
+mod relay;
+
 const MIB: u64 = 1 << 20;
 const PIECE: u64 = 2 * MIB;
 const REPO: &str = "models/llm";
@@ -364,6 +366,7 @@ async fn a_peer_asking_for_one_piece_starts_a_download_of_just_that_piece_with_i
             end_incl,
             size: Some(size),
             origin: Some(("origin.test", REPO)),
+            relay: false,
         })
         .await
         .unwrap();
