@@ -67,6 +67,8 @@ struct NodeStats {
     from_origin: f64,
     peer_out: f64,
     hedges: f64,
+    /// From peers asked as relays (pullers), not owners or holders.
+    relayed: f64,
 }
 
 impl NodeStats {
@@ -76,6 +78,7 @@ impl NodeStats {
             from_origin: d.fetched_bytes("origin"),
             peer_out: d.peer_bytes_out(),
             hedges: d.metric("damselfly_hedges_total"),
+            relayed: d.metric("damselfly_relayed_bytes_total"),
         }
     }
 }
@@ -182,10 +185,11 @@ fn eight_nodes_pull_at_once() {
             .zip(&round.stats)
         {
             note!(
-                "  {}: {:?}; fetched from peers {}, from origin {}; peer out {}; hedges {}",
+                "  {}: {:?}; fetched from peers {} (relayed {}), from origin {}; peer out {}; hedges {}",
                 node.name(),
                 result.as_ref().map_err(|_| "FAILED"),
                 after.from_peers - before.from_peers,
+                after.relayed - before.relayed,
                 after.from_origin - before.from_origin,
                 after.peer_out - before.peer_out,
                 after.hedges - before.hedges
@@ -215,6 +219,28 @@ fn eight_nodes_pull_at_once() {
             pulled.cluster.report(30)
         );
     }
+    // Receivers pass pieces on: in the big round, bytes came from relays
+    // (nodes that pulled too, not the piece's owner), and no node uploaded
+    // more than three times the mean.
+    let big = &pulled.rounds[0];
+    let delta = |f: fn(&NodeStats) -> f64| -> Vec<f64> {
+        big.stats.iter().map(|(b, a)| f(a) - f(b)).collect()
+    };
+    let relayed: f64 = delta(|s| s.relayed).iter().sum();
+    assert!(
+        relayed > 0.0,
+        "{}: no node took a byte from a relay\n{}",
+        big.image.reference,
+        pulled.cluster.report(30)
+    );
+    let out = delta(|s| s.peer_out);
+    let mean = out.iter().sum::<f64>() / out.len() as f64;
+    let most = out.iter().copied().fold(0.0, f64::max);
+    assert!(
+        most <= 3.0 * mean,
+        "{}: the busiest node uploaded {most} bytes, the mean is {mean}: {out:?}",
+        big.image.reference
+    );
 }
 
 /// After the eight, a ninth node joins and pulls both images: every blob
