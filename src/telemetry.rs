@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Piece bytes that came from peers asked as relays (nodes that pull
     /// the blob too), a part of `fetched_bytes{source="peer"}`.
     pub relayed_bytes: IntCounter,
+    /// Piece bytes this node sent to peers that asked it as a relay.
+    pub relay_served_bytes: IntCounter,
     pub distrusted_peers: IntCounter,
     /// Data-plane connections refused: not a member, or a failed handshake.
     pub peer_refused: IntCounter,
@@ -295,6 +297,13 @@ impl Metrics {
                 IntCounter::new(
                     "damselfly_relayed_bytes_total",
                     "Piece bytes taken from peers that pull the blob too (relays), not from its owner or a holder.",
+                )?,
+            )?,
+            relay_served_bytes: reg(
+                registry,
+                IntCounter::new(
+                    "damselfly_relay_served_bytes_total",
+                    "Piece bytes sent to peers that asked this node as a relay (a piece it pulled too, passed on).",
                 )?,
             )?,
             hedges: reg(

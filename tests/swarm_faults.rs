@@ -1,4 +1,5 @@
-//! The swarm when peers fail: a holder killed mid-transfer, a peer that
+//! The swarm when peers fail: a holder or a relay killed mid-transfer, a node
+//! restarted mid-download, a peer that
 //! serves corrupt bytes (with and without checksums), an honest holder whose
 //! disk rotted, and every peer gone. Each pull still completes with the
 //! right content. The swarm's normal work is in `tests/swarm.rs`.
@@ -116,6 +117,226 @@ fn kill_holder_mid_transfer() {
         "containerd went around the mirror: {bypassed:#?}\n{}",
         cluster.report(30)
     );
+}
+
+/// Four nodes pull an image at once; one of them, once it has passed on
+/// bytes of pieces it pulled itself to a peer that asked it as a relay
+/// (`damselfly_relay_served_bytes_total` past 1 MiB: layer bytes, not the
+/// config blob), is killed (`kill -9`):
+/// every other pull completes with the right content.
+#[test]
+fn kill_relay_mid_burst() {
+    let _heavy = SUITE.heavy();
+    static I: OnceLock<PushedImage> = OnceLock::new();
+    let img = SUITE.image(&I, "swarm/kill-relay", &[(511, 192 * MIB)]);
+    let reg = SUITE.origin();
+    // Slow uploads keep the burst going for a while after the first relay.
+    let specs = vec![NodeSpec::with_extra("upload_limit = \"24MiB\"\n"); 4];
+    let cluster = Cluster::start_specs(reg, specs);
+    cluster
+        .wait_members(3, JOIN)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let finished: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+    let nodes = &cluster.nodes;
+    let (victim, relayed, running, results) = std::thread::scope(|scope| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .zip(&finished)
+            .map(|(node, done)| {
+                scope.spawn(move || {
+                    let r = node.fetch_checked(img, PULL);
+                    done.store(1, Ordering::SeqCst);
+                    r
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + PULL;
+        let found = loop {
+            let hit = nodes.iter().enumerate().find(|(i, n)| {
+                finished[*i].load(Ordering::SeqCst) == 0
+                    && n.daemon.metric("damselfly_relay_served_bytes_total") > MIB as f64
+            });
+            if let Some((i, n)) = hit {
+                break Some((i, n.daemon.metric("damselfly_relay_served_bytes_total")));
+            }
+            if finished.iter().all(|f| f.load(Ordering::SeqCst) == 1) || Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let running = finished
+            .iter()
+            .filter(|f| f.load(Ordering::SeqCst) == 0)
+            .count();
+        if let Some((i, _)) = found {
+            // SIGKILL by pid: the pulls borrow every node; the daemon's
+            // handle reaps it when the cluster drops.
+            let pid = nodes[i].daemon.pid();
+            let killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            assert!(killed.is_ok_and(|s| s.success()), "kill -9 {pid}");
+        }
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("fetch thread panicked".into()))
+            })
+            .collect();
+        let (victim, relayed) = found.unwrap_or_else(|| {
+            panic!(
+                "no node relayed a byte before the pulls ended:\n{}",
+                nodes
+                    .iter()
+                    .map(|n| n.report(30))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        (victim, relayed, running, results)
+    });
+    note!("killed node {victim} after it relayed {relayed} bytes; {running} pulls were running");
+    assert!(
+        running > 1,
+        "only the victim's pull was left; the test proved nothing"
+    );
+    let others: Vec<_> = results
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, r)| r)
+        .collect();
+    cluster
+        .all_ok("pulls after a relay died", &others)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A node killed (`kill -9`) in the middle of a piece download, and
+/// restarted on the same store: its next pull goes on from the pieces its
+/// journal recorded, and the cluster still takes about one copy of the
+/// image from the origin.
+#[test]
+fn restart_mid_piece_download_resumes() {
+    let _heavy = SUITE.heavy();
+    static I: OnceLock<PushedImage> = OnceLock::new();
+    let img = SUITE.image(&I, "swarm/restart", &[(512, 192 * MIB)]);
+    let (layer, layer_size) = (&img.layers[0].0, img.layers[0].1);
+    let reg = SUITE.origin();
+    // A sends slowly, so B's download is surely mid-way when it dies.
+    let specs = vec![
+        NodeSpec::with_extra("upload_limit = \"16MiB\"\n"),
+        NodeSpec::default(),
+    ];
+    let mut cluster = Cluster::start_specs(reg, specs);
+    cluster
+        .wait_members(1, JOIN)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mark = reg.mark();
+    // B reads the layer straight from its mirror (as containerd would, but
+    // without containerd's fallback to the origin once the mirror dies).
+    let b_url = format!(
+        "{}/v2/{}/blobs/{layer}?ns={}",
+        cluster.nodes[1].daemon.url(),
+        img.repo,
+        img.registry
+    );
+    let before_kill = std::thread::scope(|scope| {
+        let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+        let a_pull = scope.spawn(|| a.fetch_checked(img, PULL));
+        let b_read = scope.spawn(|| http_get_len(&b_url));
+        let deadline = Instant::now() + PULL;
+        let got = loop {
+            let got = b.daemon.fetched_bytes("peer") + b.daemon.fetched_bytes("origin");
+            // Past half the layer: with 8 pieces of 8 MiB in flight, some
+            // pieces are surely whole (and journaled).
+            if got >= 112.0 * MIB as f64 || b_read.is_finished() || Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            !b_read.is_finished(),
+            "B's read ended before the kill; the test proved nothing"
+        );
+        let pid = b.daemon.pid();
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        assert!(killed.is_ok_and(|s| s.success()), "kill -9 {pid}");
+        let cut = b_read.join().unwrap_or(Ok(0));
+        assert!(
+            cut.as_ref().map_or(true, |n| *n < layer_size),
+            "B's read got the whole layer from a dead daemon: {cut:?}"
+        );
+        a_pull
+            .join()
+            .unwrap_or_else(|_| Err("fetch thread panicked".into()))
+            .unwrap_or_else(|e| panic!("A's pull: {e}"));
+        got
+    });
+    note!("killed B after it fetched {before_kill} bytes of {layer_size}");
+    cluster.nodes[1].daemon.restart();
+    cluster
+        .wait_members(1, JOIN)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = &cluster.nodes[1];
+    b.fetch_checked(img, PULL)
+        .unwrap_or_else(|e| panic!("B's pull after the restart: {e}\n{}", b.report(40)));
+    let after = b.daemon.fetched_bytes("peer") + b.daemon.fetched_bytes("origin");
+    let origin = SUITE.origin_blob_bytes_since(img, mark);
+    note!(
+        "after the restart B fetched {after} bytes; origin blob bytes {origin} (image {})",
+        img.total_size
+    );
+    assert!(
+        b.daemon.log().contains("resuming piece download"),
+        "B did not resume its piece download of {layer}:\n{}",
+        b.report(40)
+    );
+    assert!(
+        after <= (layer_size as f64) - 16.0 * MIB as f64,
+        "B fetched {after} bytes of the {layer_size}-byte layer again"
+    );
+    assert!(
+        origin as f64 <= img.total_size as f64 * 1.05,
+        "the origin gave out {origin} blob bytes for an image of {}",
+        img.total_size
+    );
+}
+
+/// GETs `url` (plain HTTP) and counts the body's bytes; an error when the
+/// connection breaks before the headers.
+fn http_get_len(url: &str) -> Result<u64, String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let rest = url.strip_prefix("http://").ok_or("not http")?;
+    let (host, path) = rest.split_once('/').ok_or("no path")?;
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(PULL)).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("closed before the body".into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return Ok(n),
+            Ok(k) => n += k as u64,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -288,6 +288,7 @@ async fn handle(
         origin: registry.as_deref().zip(repo.as_deref()),
         relay: header(RELAY_HEADER).is_some_and(|v| v == "1"),
     };
+    let ask_relay = ask.relay;
     let (size, start, end, sums, media_type, body) = match blobs.read_for_peer(ask).await {
         Ok(PeerRead::Bytes {
             size,
@@ -314,16 +315,21 @@ async fn handle(
         .metrics()
         .peer_bytes
         .with_label_values(&[&peer, "out"]);
+    let relayed = ask_relay.then(|| swarm.metrics().relay_served_bytes.clone());
     let throttle = swarm.clone();
     // Held by the body: the upload slot is free when the body is dropped.
     let permit = Arc::new(permit);
     let stream = body.and_then(move |chunk: Bytes| {
         let counter = counter.clone();
+        let relayed = relayed.clone();
         let throttle = throttle.clone();
         let _slot = permit.clone();
         async move {
             throttle.throttle_out(chunk.len() as u64).await;
             counter.inc_by(chunk.len() as u64);
+            if let Some(r) = &relayed {
+                r.inc_by(chunk.len() as u64);
+            }
             Ok(chunk)
         }
     });

@@ -188,3 +188,43 @@ async fn a_relay_ask_is_answered_by_a_download_that_pulls_the_blob() {
     assert!(bytes[..] == data[PIECE as usize..2 * PIECE as usize]);
     assert_eq!(puller.await.unwrap(), Ok(data.len() as u64));
 }
+
+#[tokio::test]
+async fn a_relay_that_sends_corrupt_bytes_is_caught_and_distrusted() {
+    let (data, d) = blob(32 * MIB);
+    let (addr, served) = origin(data.clone(), d.clone()).await;
+    let lab = lab(tuning(), Some(addr));
+    let peers = pulling_peers(&lab, &data, &d);
+    let size = data.len() as u64;
+    let (k, liar) = (0..pieces(size))
+        .find_map(|k| relay_of(&lab, &d, k, &peers).map(|r| (k, r)))
+        .expect("some piece has a relay");
+    // A relay has no checksums to send (it holds no verified blob): its
+    // bad byte is caught by the blob's digest, and the comparison with the
+    // origin names it.
+    lab.swarm.script(
+        liar,
+        Script::Corrupts {
+            data: data.clone(),
+            at: k * PIECE + 7,
+            sums: false,
+        },
+    );
+    let first = lab.pull(&d).await;
+    assert!(
+        first.as_ref().is_err_and(|e| e.contains("may be wrong")),
+        "{:?}",
+        first.map(|b| b.len())
+    );
+    let got = lab.ensure_and_pull(&d).await;
+    assert!(got == data, "the repaired blob differs");
+    let distrusted = lab.swarm.distrusted();
+    assert_eq!(distrusted.len(), 1, "{distrusted:?}");
+    assert_eq!(distrusted[0].0, liar);
+    let ranges = served.ranges.lock().unwrap().clone();
+    assert!(
+        ranges.iter().any(|r| r.0 == k * PIECE),
+        "piece {k} was not compared with the origin: {ranges:?}"
+    );
+    assert!(lab.fetcher.store().contains(&d));
+}
