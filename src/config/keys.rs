@@ -248,6 +248,12 @@ pub const KEYS: &[Key] = &[
         doc: "Pieces fetched at once per download.",
     },
     Key {
+        path: "swarm.relay_fanout",
+        kind: "integer",
+        default: "2",
+        doc: "Peers each node passes a piece on to while it still pulls the blob (the piece's relay tree); `0`: every node takes every piece from its owner, which then uploads it to all of them.",
+    },
+    Key {
         path: "swarm.max_uploads",
         kind: "integer",
         default: "64",

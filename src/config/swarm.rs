@@ -217,6 +217,8 @@ pub struct SwarmConfig {
     pub upload_limit: u64,
     pub download_limit: u64,
     pub max_piece_transfers: usize,
+    /// Children per node in each piece's relay tree; 0: owners only.
+    pub relay_fanout: usize,
     pub max_uploads: usize,
     pub hedge_after: Duration,
     pub stall_timeout: Duration,
@@ -380,6 +382,7 @@ impl Validator {
             upload_limit: self.size(t, S, "upload_limit"),
             download_limit: self.size(t, S, "download_limit"),
             max_piece_transfers: self.integer(t, S, "max_piece_transfers", 1..=256) as usize,
+            relay_fanout: self.integer(t, S, "relay_fanout", 0..=16) as usize,
             max_uploads: self.integer(t, S, "max_uploads", 1..=1024) as usize,
             hedge_after,
             stall_timeout,

@@ -643,6 +643,7 @@ fn loaded_defaults_are_the_keys_defaults() {
             "swarm.max_piece_transfers",
             n(c.swarm.max_piece_transfers as u64),
         ),
+        ("swarm.relay_fanout", n(c.swarm.relay_fanout as u64)),
         ("swarm.max_uploads", n(c.swarm.max_uploads as u64)),
         ("swarm.hedge_after", d(c.swarm.hedge_after)),
         ("swarm.stall_timeout", d(c.swarm.stall_timeout)),

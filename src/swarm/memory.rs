@@ -75,6 +75,7 @@ pub struct Tuning {
     pub max_piece_transfers: usize,
     pub hedge_after: Duration,
     pub stall_timeout: Duration,
+    pub relay_fanout: usize,
 }
 
 impl Default for Tuning {
@@ -84,6 +85,7 @@ impl Default for Tuning {
             max_piece_transfers: 4,
             hedge_after: Duration::from_millis(500),
             stall_timeout: Duration::from_secs(2),
+            relay_fanout: super::rendezvous::RELAY_FANOUT,
         }
     }
 }
@@ -289,6 +291,7 @@ impl PeerNet for MemorySwarm {
             holders: &holders,
             pulling: &pulling,
             distrusted: &distrusted,
+            relay_fanout: self.inner.tuning.relay_fanout,
         };
         plan_piece(&view, digest, piece, full, failed)
     }

@@ -474,6 +474,7 @@ impl Swarm {
             holders: &holders,
             pulling: &pulling,
             distrusted: &distrusted,
+            relay_fanout: self.inner.cfg.relay_fanout,
         };
         net::plan_piece(&view, digest, piece, full, failed)
     }
@@ -741,6 +742,7 @@ pub(crate) fn control_config(
         dns_refresh: cfg.dns_refresh,
         heartbeat: cfg.heartbeat,
         member_ttl: cfg.heartbeat * 4,
+        adaptive_heartbeat: true,
         info,
     })
 }

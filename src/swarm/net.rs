@@ -158,6 +158,8 @@ pub struct PlanView<'a> {
     /// its pieces.
     pub pulling: &'a HashSet<PeerId>,
     pub distrusted: &'a HashSet<PeerId>,
+    /// `swarm.relay_fanout`; 0: no relays.
+    pub relay_fanout: usize,
 }
 
 /// Where piece `piece` of `digest` should come from, best first, always
@@ -231,7 +233,7 @@ pub fn plan_piece(
             })
         })
         .collect();
-    if full && holder_refs.is_empty() {
+    if full && holder_refs.is_empty() && view.relay_fanout > 0 {
         if let Some(PieceSource::Peer(owner)) = out.first() {
             let pulling: Vec<(Vec<u8>, PeerId)> = view
                 .pulling
@@ -248,7 +250,7 @@ pub fn plan_piece(
                 owner.id,
                 &refs,
                 view.local,
-                rendezvous::RELAY_FANOUT,
+                view.relay_fanout,
             );
             if let Some((id, addr)) = parent.and_then(|id| addr_of(&id).map(|a| (id, a))) {
                 out.insert(

@@ -96,9 +96,10 @@ pub fn plan<T: Copy + PartialEq>(
     out
 }
 
-/// How many nodes each node of a piece's relay tree passes the piece on
-/// to (see [`relay_parent`]). Two gives ten hops at 1,000 nodes; the scale
-/// model picked it (docs/benchmarks.md).
+/// The default of `swarm.relay_fanout`: how many nodes each node of a
+/// piece's relay tree passes the piece on to (see [`relay_parent`]). Two
+/// gives ten hops at 1,000 nodes; the scale model and the lab picked it
+/// (docs/benchmarks.md).
 pub const RELAY_FANOUT: usize = 2;
 
 /// The stripe of `node` for `digest`: with `fanout` stripes, a node passes

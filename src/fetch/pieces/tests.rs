@@ -165,6 +165,7 @@ fn tuning() -> Tuning {
         max_piece_transfers: 4,
         hedge_after: Duration::from_millis(500),
         stall_timeout: Duration::from_secs(2),
+        relay_fanout: rendezvous::RELAY_FANOUT,
     }
 }
 

@@ -53,6 +53,7 @@ use keys::load_or_create_identity;
 pub(crate) use members::Heartbeat;
 use members::MemberMap;
 use task::{Command, Task};
+pub use transport::WireBytes;
 use transport::{build_behaviour, build_transport, tcp_socket_addr};
 
 /// How long a provider lookup goes on collecting after its first answer.
@@ -83,6 +84,10 @@ pub struct ControlConfig {
     pub heartbeat: Duration,
     /// A member not heard from for this long is dropped.
     pub member_ttl: Duration,
+    /// Whether the heartbeat period grows with the cluster
+    /// ([`members::HEARTBEATS_PER_SECOND`]). Always on in the daemon;
+    /// `false` only to measure the fixed period it replaced.
+    pub adaptive_heartbeat: bool,
     /// What this node announces about itself.
     pub info: MemberInfo,
 }
@@ -124,6 +129,9 @@ pub struct Member {
     pub info: MemberInfo,
     /// When its last heartbeat arrived.
     pub last_seen: Instant,
+    /// The heartbeat period it announced (the configured one when it said
+    /// none).
+    pub every: Duration,
     /// Its listen addresses as reported by identify; empty until we have been
     /// directly connected to it.
     pub addrs: Vec<Multiaddr>,
@@ -178,6 +186,7 @@ pub struct Control {
     msg_tx: broadcast::Sender<TopicMessage>,
     connected: Arc<AtomicUsize>,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    wire: Arc<WireBytes>,
 }
 
 impl Control {
@@ -190,7 +199,8 @@ impl Control {
             None => Keypair::generate_ed25519(),
         };
         let peer_id = key.public().to_peer_id();
-        let transport = build_transport(&key, cfg.psk)?;
+        let wire = Arc::new(WireBytes::default());
+        let transport = build_transport(&key, cfg.psk, wire.clone())?;
         let behaviour = build_behaviour(&key, &cfg)?;
         let swarm_cfg = libp2p::swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
@@ -233,10 +243,7 @@ impl Control {
                 reason: e.to_string(),
             })?;
 
-        let heartbeat = serde_json::to_vec(&Heartbeat {
-            info: cfg.info.clone(),
-        })
-        .expect("MemberInfo serializes");
+        let heartbeat = members::encode_heartbeat(&cfg.info, cfg.heartbeat, cfg.heartbeat);
 
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (members_tx, members_rx) = watch::channel(MemberMap::default());
@@ -261,6 +268,11 @@ impl Control {
             extra_topics,
             msg_tx: msg_tx.clone(),
             heartbeat,
+            info: cfg.info.clone(),
+            base_heartbeat: cfg.heartbeat,
+            adaptive_heartbeat: cfg.adaptive_heartbeat,
+            wire: wire.clone(),
+            every: cfg.heartbeat,
             member_ttl: cfg.member_ttl,
             cfg_listen: cfg.listen.clone(),
             members: BTreeMap::new(),
@@ -306,7 +318,19 @@ impl Control {
             msg_tx,
             connected,
             listen_addrs,
+            wire,
         })
+    }
+
+    /// Bytes read and written on the control plane's TCP connections,
+    /// and gossip messages delivered, since it started
+    /// (`benches/control_plane.rs` reads them).
+    pub fn traffic(&self) -> (u64, u64, u64) {
+        (
+            self.wire.read.load(Ordering::Relaxed),
+            self.wire.written.load(Ordering::Relaxed),
+            self.wire.messages.load(Ordering::Relaxed),
+        )
     }
 
     pub fn local_peer_id(&self) -> PeerId {

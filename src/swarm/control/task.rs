@@ -67,8 +67,15 @@ pub(super) struct Task {
     pub(super) content_topic: IdentTopic,
     pub(super) extra_topics: Vec<(IdentTopic, &'static str)>,
     pub(super) msg_tx: broadcast::Sender<TopicMessage>,
-    /// Our heartbeat payload; MemberInfo does not change while running.
+    /// Our heartbeat payload; MemberInfo does not change while running,
+    /// the period in it may ([`Task::adapt_heartbeat`]).
     pub(super) heartbeat: Vec<u8>,
+    pub(super) info: super::MemberInfo,
+    /// `heartbeat` as configured, and the period now.
+    pub(super) base_heartbeat: Duration,
+    pub(super) every: Duration,
+    pub(super) adaptive_heartbeat: bool,
+    pub(super) wire: Arc<super::WireBytes>,
     pub(super) member_ttl: Duration,
     pub(super) cfg_listen: Multiaddr,
     pub(super) members: BTreeMap<PeerId, Member>,
@@ -163,6 +170,11 @@ impl Task {
                 _ = hb.tick() => {
                     self.publish_heartbeat();
                     self.expire_members();
+                    if let Some(every) = self.adapt_heartbeat() {
+                        debug!(?every, members = self.members.len(), "heartbeat period");
+                        hb = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                 }
                 // The first tick is immediate: dial bootstrap peers at once.
                 _ = redial.tick() => self.dial_bootstrap(),
@@ -411,6 +423,9 @@ impl Task {
     fn on_gossipsub(&mut self, ev: gossipsub::Event) {
         match ev {
             gossipsub::Event::Message { message, .. } => {
+                self.wire
+                    .messages
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(from) = message.source else {
                     debug!("ignoring unsigned gossipsub message");
                     return;

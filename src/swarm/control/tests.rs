@@ -51,6 +51,7 @@ fn config(
         dns_refresh: Duration::from_secs(30),
         heartbeat: Duration::from_millis(250),
         member_ttl: Duration::from_millis(1500),
+        adaptive_heartbeat: true,
         info: info(n),
     }
 }
@@ -332,9 +333,40 @@ async fn listen_failure_is_an_error() {
 }
 
 #[test]
+fn heartbeats_slow_down_as_the_cluster_grows() {
+    use super::members::heartbeat_period;
+    let base = Duration::from_secs(1);
+    assert_eq!(heartbeat_period(base, 0), base);
+    assert_eq!(heartbeat_period(base, 50), base);
+    assert_eq!(heartbeat_period(base, 100), Duration::from_secs(2));
+    assert_eq!(heartbeat_period(base, 1000), Duration::from_secs(20));
+    // What each node takes in stays about 50 a second.
+    for n in [10usize, 100, 1000, 10_000] {
+        let rate = n as f64 / heartbeat_period(base, n).as_secs_f64();
+        assert!(rate <= 50.0 + 1e-9, "{n} members: {rate}/s");
+    }
+    assert_eq!(
+        heartbeat_period(Duration::from_secs(5), 100),
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        heartbeat_period(base, usize::MAX),
+        Duration::from_secs(1 << 20) / 50
+    );
+}
+
+#[test]
 fn wire_formats() {
-    let hb = serde_json::to_value(Heartbeat { info: info(1) }).unwrap();
+    let hb = serde_json::to_value(Heartbeat {
+        info: info(1),
+        every_ms: None,
+    })
+    .unwrap();
     assert_eq!(hb["info"]["role"], "node");
+    assert!(hb.get("every_ms").is_none(), "{hb}");
+    // A heartbeat from a node before `every_ms` still decodes.
+    let old: Heartbeat = serde_json::from_value(serde_json::json!({ "info": hb["info"] })).unwrap();
+    assert_eq!(old.every_ms, None);
     let a = Announce::Want {
         digest: format!("sha256:{}", "00".repeat(32)).parse().unwrap(),
         ns: "docker.io".into(),

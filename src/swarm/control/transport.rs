@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,12 +41,72 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// provider keys; past the limit start_providing fails.
 const MAX_PROVIDER_KEYS: usize = 1 << 16;
 
+/// Bytes the control plane moved over TCP, every protocol and the pnet,
+/// noise and yamux framing included: what the cluster's size costs a node.
+#[derive(Debug, Default)]
+pub struct WireBytes {
+    pub read: AtomicU64,
+    pub written: AtomicU64,
+    /// Gossipsub messages delivered to this node (each once, whatever
+    /// number of copies the mesh sent).
+    pub messages: AtomicU64,
+}
+
+/// A TCP stream that counts what passes into [`WireBytes`].
+struct Counted<S> {
+    inner: S,
+    wire: Arc<WireBytes>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wire.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wire.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
 pub(super) fn build_transport(
     key: &Keypair,
     psk: Option<[u8; 32]>,
+    wire: Arc<WireBytes>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, ControlError> {
     let tcp_cfg = tcp::Config::default().nodelay(true);
-    let tcp = || NewPortDials(tcp::tokio::Transport::new(tcp_cfg.clone()));
+    let tcp = || {
+        let wire = wire.clone();
+        NewPortDials(tcp::tokio::Transport::new(tcp_cfg.clone())).map(move |inner, _| Counted {
+            inner,
+            wire: wire.clone(),
+        })
+    };
     // DNS only matters for /dns4|dns6 multiaddrs in the bootstrap list; a
     // host without a usable resolv.conf still works with IP addresses.
     match libp2p::dns::tokio::Transport::system(tcp()) {
