@@ -12,7 +12,8 @@
 //! measured points), `DAMSELFLY_MODEL_NODES` (`2,4,8,10,100,1000`),
 //! `DAMSELFLY_MODEL_PIECE_MIB` (`8,1`), `DAMSELFLY_MODEL_FANOUT` (`2,0`:
 //! relay trees of two, and 0 for owners alone, the schedule before them),
-//! `DAMSELFLY_MODEL_WINDOW` (8).
+//! `DAMSELFLY_MODEL_WINDOW` (8), `DAMSELFLY_MODEL_SHARES` (`max-min`, or
+//! `equal` for the model's first allocation).
 
 use damselfly::swarm::model::{simulate, ModelParams};
 
@@ -39,8 +40,10 @@ fn main() {
     let pieces = env_list("DAMSELFLY_MODEL_PIECE_MIB", "8,1");
     let fanouts = env_list("DAMSELFLY_MODEL_FANOUT", "2,0");
     let window = env_f64("DAMSELFLY_MODEL_WINDOW", 8.0) as usize;
+    let max_min = std::env::var("DAMSELFLY_MODEL_SHARES").map_or(true, |v| v != "equal");
     println!(
-        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back 256 KiB\n"
+        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back 256 KiB, {} shares\n",
+        if max_min { "max-min fair" } else { "equal" }
     );
     println!("| N | piece | fanout | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | busiest uploader / mean | every node from the origin / ideal |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -56,6 +59,7 @@ fn main() {
                     window,
                     fanout: fanout as usize,
                     relay_lag: (256u64 << 10) as f64,
+                max_min,
                     // Coarser steps for big clusters keep the run short; the
                     // error is one step per piece boundary at most.
                     step: if n >= 100 { 0.05 } else { 0.01 },

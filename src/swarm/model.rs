@@ -10,11 +10,13 @@
 //! at a time (`swarm.max_piece_transfers`); a node asked for a piece it has
 //! not started starts it at once, outside its window, as the daemon does,
 //! and passes on only bytes it already has (less `relay_lag`: the chunk a
-//! relay holds before it can forward it). Bandwidth is a fluid: in each time
-//! step every transfer gets an equal share of its sender's upload (the
-//! origin's link for origin pieces) and of its receiver's download, the
-//! smaller of the two. No CPU, latency or losses: it says what the schedule
-//! allows, and the lab says what the code does.
+//! relay holds before it can forward it). Bandwidth is a fluid shared
+//! max-min fairly in each time step ([`max_min_shares`], as TCP flows on
+//! shared links roughly are) between every node's upload, its download and
+//! the origin's link; `max_min: false` gives the model's first, cruder
+//! allocation ([`equal_shares`]: equal shares, the unused part lost). No
+//! CPU, latency or losses: it says what the schedule allows, and the lab
+//! says what the code does.
 
 use super::rendezvous;
 
@@ -38,6 +40,9 @@ pub struct ModelParams {
     pub fanout: usize,
     /// Bytes a relay holds back of a piece it is still receiving.
     pub relay_lag: f64,
+    /// Max-min fair shares of the links ([`max_min_shares`]); else equal
+    /// shares, the model's first allocation ([`equal_shares`]).
+    pub max_min: bool,
 }
 
 /// What the model says.
@@ -151,35 +156,28 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
                 }
             }
         }
-        // Equal shares of every sender's upload and receiver's download.
-        let mut up = vec![0usize; n];
-        let mut origin_flows = 0usize;
-        for f in &flows {
-            match f.from {
-                Some(s) => up[s] += 1,
-                None => origin_flows += 1,
-            }
-        }
-        let mut moves: Vec<f64> = Vec::with_capacity(flows.len());
-        for f in &flows {
-            let send = match f.from {
-                Some(s) => p.node_bandwidth / up[s] as f64,
-                None => p.origin_bandwidth / origin_flows as f64,
-            };
-            let recv = p.node_bandwidth / per_node[f.node] as f64;
-            let mut bytes = send.min(recv) * p.step;
-            bytes = bytes.min(len(f.piece) - have[f.node][f.piece]);
-            if let Some(s) = f.from {
-                // A sender passes on only what it already has.
-                let lag = if complete(&have, s, f.piece) {
-                    0.0
-                } else {
-                    p.relay_lag
-                };
-                bytes = bytes.min((have[s][f.piece] - lag - have[f.node][f.piece]).max(0.0));
-            }
-            moves.push(bytes);
-        }
+        // What each flow could take this step: what is left of the piece,
+        // and no more than its sender already has.
+        let demand: Vec<f64> = flows
+            .iter()
+            .map(|f| {
+                let mut d = len(f.piece) - have[f.node][f.piece];
+                if let Some(s) = f.from {
+                    let lag = if complete(&have, s, f.piece) {
+                        0.0
+                    } else {
+                        p.relay_lag
+                    };
+                    d = d.min((have[s][f.piece] - lag - have[f.node][f.piece]).max(0.0));
+                }
+                d.max(0.0)
+            })
+            .collect();
+        let moves = if p.max_min {
+            max_min_shares(p, n, &flows, &demand)
+        } else {
+            equal_shares(p, n, &flows, &demand, &per_node)
+        };
         for (f, bytes) in flows.iter().zip(&moves) {
             have[f.node][f.piece] += bytes;
             match f.from {
@@ -232,6 +230,111 @@ pub fn simulate(p: &ModelParams) -> ModelResult {
     }
 }
 
+/// Each sender's upload (the origin's link for origin pieces) and each
+/// receiver's download split equally between their flows; a flow gets the
+/// smaller of its two shares, and what it cannot use is lost.
+fn equal_shares(
+    p: &ModelParams,
+    n: usize,
+    flows: &[Flow],
+    demand: &[f64],
+    per_node: &[usize],
+) -> Vec<f64> {
+    let mut up = vec![0usize; n];
+    let mut origin_flows = 0usize;
+    for f in flows {
+        match f.from {
+            Some(s) => up[s] += 1,
+            None => origin_flows += 1,
+        }
+    }
+    flows
+        .iter()
+        .zip(demand)
+        .map(|(f, d)| {
+            let send = match f.from {
+                Some(s) => p.node_bandwidth / up[s] as f64,
+                None => p.origin_bandwidth / origin_flows as f64,
+            };
+            let recv = p.node_bandwidth / per_node[f.node].max(1) as f64;
+            (send.min(recv) * p.step).min(*d)
+        })
+        .collect()
+}
+
+/// Max-min fair shares (progressive filling), as TCP flows that share
+/// links tend to get: every flow's rate grows alike until a link it uses
+/// is full or it has all it can take; the others go on growing. Bounded
+/// to a few dozen rounds per step; flows still growing then keep what
+/// they have (the error is on the slow side).
+fn max_min_shares(p: &ModelParams, n: usize, flows: &[Flow], demand: &[f64]) -> Vec<f64> {
+    // Links: node i's upload (i), its download (n + i), the origin (2n).
+    let res = |f: &Flow| -> [usize; 2] {
+        match f.from {
+            Some(s) => [s, n + f.node],
+            None => [2 * n, n + f.node],
+        }
+    };
+    let mut left: Vec<f64> = (0..=2 * n)
+        .map(|r| {
+            if r == 2 * n {
+                p.origin_bandwidth * p.step
+            } else {
+                p.node_bandwidth * p.step
+            }
+        })
+        .collect();
+    let mut users = vec![0usize; 2 * n + 1];
+    let mut growing: Vec<bool> = demand.iter().map(|d| *d > 1e-9).collect();
+    for (f, g) in flows.iter().zip(&growing) {
+        if *g {
+            for r in res(f) {
+                users[r] += 1;
+            }
+        }
+    }
+    let mut rate = vec![0f64; flows.len()];
+    for _ in 0..48 {
+        let mut inc = f64::INFINITY;
+        for (r, u) in users.iter().enumerate() {
+            if *u > 0 {
+                inc = inc.min(left[r] / *u as f64);
+            }
+        }
+        for (i, g) in growing.iter().enumerate() {
+            if *g {
+                inc = inc.min(demand[i] - rate[i]);
+            }
+        }
+        if !inc.is_finite() || inc <= 1e-9 {
+            break;
+        }
+        for (r, u) in users.iter().enumerate() {
+            left[r] -= inc * *u as f64;
+        }
+        let mut any = false;
+        for (i, f) in flows.iter().enumerate() {
+            if !growing[i] {
+                continue;
+            }
+            rate[i] += inc;
+            let full = res(f).iter().any(|r| left[*r] <= 1e-6);
+            if full || rate[i] >= demand[i] - 1e-9 {
+                growing[i] = false;
+                for r in res(f) {
+                    users[r] -= 1;
+                }
+            } else {
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    rate
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +352,7 @@ mod tests {
             step: 0.01,
             fanout: rendezvous::RELAY_FANOUT,
             relay_lag: (MIB / 4) as f64,
+            max_min: true,
         }
     }
 
