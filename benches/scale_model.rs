@@ -59,7 +59,7 @@ fn main() {
                     window,
                     fanout: fanout as usize,
                     relay_lag: (256u64 << 10) as f64,
-                max_min,
+                    max_min,
                     // Coarser steps for big clusters keep the run short; the
                     // error is one step per piece boundary at most.
                     step: if n >= 100 { 0.05 } else { 0.01 },

@@ -348,16 +348,8 @@ impl Swarm {
     }
 
     fn add_holder(&self, digest: &str, peer: PeerId) {
-        if let Some(m) = self
-            .inner
-            .pulling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(digest)
-        {
-            // A holder serves from its store; it pulls no more.
-            m.remove(&peer);
-        }
+        // A holder serves from its store; it pulls no more.
+        self.forget_pulling(digest, peer);
         if peer == self.inner.local {
             return;
         }
@@ -370,16 +362,18 @@ impl Swarm {
             .insert(peer);
     }
 
-    fn remove_holder(&self, digest: &str, peer: PeerId) {
-        if let Some(m) = self
-            .inner
-            .pulling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(digest)
-        {
+    fn forget_pulling(&self, digest: &str, peer: PeerId) {
+        let mut pulling = self.inner.pulling.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = pulling.get_mut(digest) {
             m.remove(&peer);
+            if m.is_empty() {
+                pulling.remove(digest);
+            }
         }
+    }
+
+    fn remove_holder(&self, digest: &str, peer: PeerId) {
+        self.forget_pulling(digest, peer);
         let mut holders = self.inner.holders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = holders.get_mut(digest) {
             set.remove(&peer);
