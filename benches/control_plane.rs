@@ -15,7 +15,8 @@
 //!
 //! Settings (environment): `DAMSELFLY_CP_NODES` (`25,50,100`),
 //! `DAMSELFLY_CP_SECONDS` (measured window, 20), `DAMSELFLY_CP_MODES`
-//! (`adaptive,fixed`). Every connection has both ends in this process, two
+//! (`adaptive,fixed`), `DAMSELFLY_CP_TTL_S` (`member_ttl` in seconds, 4 as
+//! in the daemon; longer keeps members that a starved process hears late). Every connection has both ends in this process, two
 //! file descriptors each: N nodes in full mesh need N (N - 1) of them,
 //! about 20,000 (this machine's limit) at N = 100. A run whose nodes do not
 //! all see each other within a minute or so is reported as failed.
@@ -51,7 +52,12 @@ fn config(
         dns_refresh: Duration::from_secs(30),
         // The daemon's defaults: `swarm.heartbeat` 1 s, four of them.
         heartbeat: Duration::from_secs(1),
-        member_ttl: Duration::from_secs(4),
+        member_ttl: Duration::from_secs(
+            std::env::var("DAMSELFLY_CP_TTL_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
+        ),
         adaptive_heartbeat: adaptive,
         info: MemberInfo {
             data_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 20000 + i as u16)),

@@ -332,6 +332,41 @@ async fn listen_failure_is_an_error() {
     a.shutdown().await;
 }
 
+/// With a 10 ms heartbeat, two members already make the period 40 ms
+/// (2 / 50 s): each node announces it and the others record it (and time
+/// it out after four of those periods, not of 10 ms: with a 40 ms
+/// `member_ttl` every member would otherwise flap).
+#[tokio::test]
+async fn members_announce_their_slower_period_and_are_kept() {
+    let dir = TempDir::new("period");
+    let fast = |n: u16, boot: Vec<Bootstrap>| ControlConfig {
+        heartbeat: Duration::from_millis(10),
+        member_ttl: Duration::from_millis(40),
+        ..config(&dir, n, Some(PSK), boot)
+    };
+    let a = Control::start(fast(0, vec![])).await.unwrap();
+    let b = Control::start(fast(1, boot(&a))).await.unwrap();
+    let c = Control::start(fast(2, boot(&a))).await.unwrap();
+    let slower = |x: &Control| {
+        let m = x.members().borrow().clone();
+        m.len() == 2 && m.values().all(|m| m.every == Duration::from_millis(40))
+    };
+    let ok = wait_for(Duration::from_secs(10), || {
+        slower(&a) && slower(&b) && slower(&c)
+    })
+    .await;
+    assert!(
+        ok,
+        "a={:?} b={:?} c={:?}",
+        a.members().borrow(),
+        b.members().borrow(),
+        c.members().borrow()
+    );
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
+
 #[test]
 fn heartbeats_slow_down_as_the_cluster_grows() {
     use super::members::heartbeat_period;
