@@ -43,7 +43,7 @@ mod verify;
 
 use origin::origin_piece;
 use peer::{peer_piece, PeerFail};
-use verify::{commit, hash_prefix, repair};
+use verify::{commit, hash_prefix, repair, KnownSums};
 
 use super::journal::{self, Journal};
 use super::{Download, FetchError, Fetcher, Pull, Starter};
@@ -118,6 +118,8 @@ struct Ctx {
     piece_size: u64,
     /// Set once the holders were looked up again (see `fetch_piece`).
     holders_rechecked: std::sync::atomic::AtomicBool,
+    /// Sums of chunks checked against a holder's as they arrived.
+    known_sums: Arc<KnownSums>,
 }
 
 pub(super) struct PieceJob {
@@ -153,6 +155,7 @@ impl PieceJob {
                 writer,
                 piece_size,
                 holders_rechecked: std::sync::atomic::AtomicBool::new(false),
+                known_sums: Arc::default(),
             }),
             wants,
             full,
@@ -279,7 +282,7 @@ impl PieceJob {
             }
         }
         // The hasher follows the contiguous prefix as pieces land.
-        let hasher = tokio::spawn(hash_prefix(ctx.dl.clone(), size));
+        let hasher = tokio::spawn(hash_prefix(ctx.dl.clone(), size, ctx.known_sums.clone()));
         let limit = ctx.swarm.max_piece_transfers();
         let mut next = 0usize;
         let mut last_want = Instant::now();

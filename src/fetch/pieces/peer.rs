@@ -175,6 +175,7 @@ pub(super) async fn peer_piece(
     // Looked up once: the label is the peer id in base58.
     let peer_in = ctx.swarm.bytes_in_counter(&peer.id);
     let sums = resp.sums.clone();
+    let resp_total = resp.total;
     let mut body = resp.body;
     let mut pos = from;
     let mut buf: Vec<Bytes> = Vec::new();
@@ -232,19 +233,28 @@ pub(super) async fn peer_piece(
             let take = need.min(buf_len);
             let data = take_frames(&mut buf, take);
             buf_len -= take;
+            let mut checked = None;
             if let Some(sums) = &sums {
                 if pos.is_multiple_of(SUM_CHUNK) && take == need {
                     let idx = ((pos - from) / SUM_CHUNK) as usize;
-                    let ok = sums.get(idx).is_some_and(|s| *s == xxh3_of_frames(&data));
-                    if !ok {
+                    let sum = xxh3_of_frames(&data);
+                    if sums.get(idx) != Some(&sum) {
                         ctx.swarm
                             .distrust(&peer.id, "sent a chunk that does not match its checksum");
                         failed.insert(peer.id);
                         return Err(PeerFail::Corrupt { peer: peer.id });
                     }
+                    // A whole chunk as the hasher sums it (or the blob's
+                    // tail), not the end of a piece that cuts a chunk.
+                    if take == SUM_CHUNK.min(resp_total - pos) {
+                        checked = Some(sum);
+                    }
                 }
             }
             write_at(&ctx.writer, pos, data).await?;
+            if let Some(sum) = checked {
+                ctx.known_sums.record(pos / SUM_CHUNK, sum);
+            }
             *wrote_peer = Some(peer.id);
             pos += take;
             *have = pos - start;

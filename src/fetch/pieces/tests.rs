@@ -235,6 +235,24 @@ async fn a_holder_serves_every_piece_and_the_origin_nothing() {
     assert_eq!(lab.swarm.wants(), vec![d.clone()]);
     assert_eq!(lab.swarm.committed(), vec![(d.clone(), data.len() as u64)]);
     assert!(lab.fetcher.store().contains(&d));
+    // The sums this node will send are those of its bytes, though most
+    // were taken from the holder's checked ones rather than summed again.
+    assert_eq!(committed_sums(&lab, &d, &data), sums_of(&data));
+}
+
+/// The chunk sums committed with blob `d`.
+fn committed_sums(lab: &Lab, d: &Digest, data: &[u8]) -> Vec<u64> {
+    let size = data.len() as u64;
+    lab.fetcher
+        .store()
+        .sums_slice(d, size, 0, size.div_ceil(SUM_CHUNK) as usize)
+        .expect("sums committed")
+}
+
+fn sums_of(data: &[u8]) -> Vec<u64> {
+    data.chunks(SUM_CHUNK as usize)
+        .map(xxhash_rust::xxh3::xxh3_64)
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -308,6 +326,7 @@ async fn a_holder_that_stalls_mid_piece_is_dropped_and_another_sends_the_rest() 
         lab.swarm.distrusted().is_empty(),
         "a stall is not corruption"
     );
+    assert_eq!(committed_sums(&lab, &d, &data), sums_of(&data));
 }
 
 #[tokio::test(start_paused = true)]
@@ -346,6 +365,7 @@ async fn a_chunk_that_does_not_match_its_checksum_is_never_written_and_its_sende
     // Caught chunk by chunk: the blob's digest never failed.
     assert_eq!(lab.metrics.digest_mismatches.get(), 0);
     assert_eq!(lab.metrics.origin_bytes.get(), 0);
+    assert_eq!(committed_sums(&lab, &d, &data), sums_of(&data));
 }
 
 #[tokio::test(start_paused = true)]
