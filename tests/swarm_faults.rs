@@ -225,8 +225,9 @@ fn restart_mid_piece_download_resumes() {
     let reg = SUITE.origin();
     // A sends slowly, so B's download is surely mid-way when it dies.
     let specs = vec![
-        NodeSpec::with_extra("upload_limit = \"16MiB\"\n"),
-        NodeSpec::default(),
+        // The bound on what is fetched twice below is 8 pieces in flight.
+        NodeSpec::with_extra("upload_limit = \"16MiB\"\nmax_piece_transfers = 8\n"),
+        NodeSpec::with_extra("max_piece_transfers = 8\n"),
     ];
     let mut cluster = Cluster::start_specs(reg, specs);
     cluster

@@ -244,8 +244,8 @@ pub const KEYS: &[Key] = &[
     Key {
         path: "swarm.max_piece_transfers",
         kind: "integer",
-        default: "8",
-        doc: "Pieces fetched at once per download.",
+        default: "16",
+        doc: "Pieces fetched at once per download (pieces peers ask for are fetched besides). Pieces in flight at a crash are fetched again after the restart.",
     },
     Key {
         path: "swarm.relay_fanout",
