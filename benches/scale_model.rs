@@ -12,7 +12,8 @@
 //! measured points), `DAMSELFLY_MODEL_NODES` (`2,4,8,10,100,1000`),
 //! `DAMSELFLY_MODEL_PIECE_MIB` (`8,1`), `DAMSELFLY_MODEL_FANOUT` (`2,0`:
 //! relay trees of two, and 0 for owners alone, the schedule before them),
-//! `DAMSELFLY_MODEL_WINDOW` (8), `DAMSELFLY_MODEL_SHARES` (`max-min`, or
+//! `DAMSELFLY_MODEL_WINDOW` (the daemon's
+//! `swarm.max_piece_transfers` default), `DAMSELFLY_MODEL_SHARES` (`max-min`, or
 //! `equal` for the model's first allocation).
 
 use damselfly::swarm::model::{simulate, ModelParams};
@@ -39,7 +40,11 @@ fn main() {
     let nodes = env_list("DAMSELFLY_MODEL_NODES", "2,4,8,10,100,1000");
     let pieces = env_list("DAMSELFLY_MODEL_PIECE_MIB", "8,1");
     let fanouts = env_list("DAMSELFLY_MODEL_FANOUT", "2,0");
-    let window = env_f64("DAMSELFLY_MODEL_WINDOW", 8.0) as usize;
+    // The daemon's own default unless told otherwise.
+    let default_window = damselfly::config::Config::defaults()
+        .map(|c| c.swarm.max_piece_transfers)
+        .unwrap_or(16);
+    let window = env_f64("DAMSELFLY_MODEL_WINDOW", default_window as f64) as usize;
     let max_min = std::env::var("DAMSELFLY_MODEL_SHARES").map_or(true, |v| v != "equal");
     println!(
         "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back 256 KiB, {} shares\n",
