@@ -18,8 +18,9 @@ use crate::store::{Provenance, SUM_CHUNK};
 /// the holder's checksum when they arrived, written from the very buffers
 /// that were summed. The hasher takes them instead of summing those bytes
 /// again (xxh3 twice was 0.05 CPU-s per GiB on the puller,
-/// benches/profile.sh). Entries leave as the hasher takes them, so at most
-/// the chunks between the hashed prefix and the furthest piece stay.
+/// benches/profile.sh). Entries leave as the hasher takes them; a serving
+/// download whose prefix never closes keeps them to its end, one entry per
+/// MiB of the blob at most (160 KiB for 10 GiB).
 #[derive(Default)]
 pub(super) struct KnownSums(std::sync::Mutex<std::collections::HashMap<u64, u64>>);
 
