@@ -14,7 +14,10 @@
 //! relay trees of two, and 0 for owners alone, the schedule before them),
 //! `DAMSELFLY_MODEL_WINDOW` (the daemon's
 //! `swarm.max_piece_transfers` default), `DAMSELFLY_MODEL_SHARES` (`max-min`, or
-//! `equal` for the model's first allocation).
+//! `equal` for the model's first allocation), `DAMSELFLY_MODEL_STEP` (0.01:
+//! seconds per step, which is also each hop's latency),
+//! `DAMSELFLY_MODEL_LAG_KIB` (256: what a relay holds back of a piece it is
+//! still receiving; the daemon's `RELAY_BATCH`).
 
 use damselfly::swarm::model::{simulate, ModelParams};
 
@@ -45,9 +48,11 @@ fn main() {
         .map(|c| c.swarm.max_piece_transfers)
         .unwrap_or(16);
     let window = env_f64("DAMSELFLY_MODEL_WINDOW", default_window as f64) as usize;
+    let step = env_f64("DAMSELFLY_MODEL_STEP", 0.01);
+    let lag_kib = env_f64("DAMSELFLY_MODEL_LAG_KIB", 256.0);
     let max_min = std::env::var("DAMSELFLY_MODEL_SHARES").map_or(true, |v| v != "equal");
     println!(
-        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back 256 KiB, {} shares\n",
+        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back {lag_kib} KiB, {step} s per step (and per hop), {} shares\n",
         if max_min { "max-min fair" } else { "equal" }
     );
     println!("| N | piece | fanout | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | busiest uploader / mean | every node from the origin / ideal |");
@@ -63,11 +68,12 @@ fn main() {
                     origin_bandwidth: origin_mbit * 1e6 / 8.0,
                     window,
                     fanout: fanout as usize,
-                    relay_lag: (256u64 << 10) as f64,
+                    relay_lag: lag_kib * 1024.0,
                     max_min,
-                    // Coarser steps for big clusters keep the run short; the
-                    // error is one step per piece boundary at most.
-                    step: if n >= 100 { 0.05 } else { 0.01 },
+                    // One step is one hop's latency (see `ModelParams::step`):
+                    // 10 ms, more than a data centre's round trip plus the
+                    // daemon's own forwarding, at every N alike.
+                    step,
                 };
                 let r = simulate(&p);
                 // Without the swarm, N clients share the origin's link.

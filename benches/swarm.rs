@@ -37,7 +37,8 @@
 //! `DAMSELFLY_BENCH_ONLY` (`burst` or `peer`), `DAMSELFLY_BENCH_SWARM`
 //! (extra lines for every daemon's `[swarm]` section, e.g.
 //! `hedge_after = "2s"`), `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs, and
-//! print where; blobs are always removed).
+//! print where; blobs are always removed), `DAMSELFLY_LAB_QUEUE_MS` (50: how
+//! long tbf lets a packet wait, which a full queue adds to each hop).
 //!
 //! In the one-peer scenario the holder A pulls the blob with a helper node in
 //! the cluster, which then leaves. One extra run has A pull while it is

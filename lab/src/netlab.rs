@@ -216,8 +216,17 @@ impl Lab {
         // The bucket must hold more than one (GSO) packet and cover a timer
         // tick (HZ 250: 4 ms) at the rate; never below 256 KiB.
         let burst = format!("{}", (mbit * 1_000_000 / 8 / 250).max(256 << 10));
+        // How long a packet may wait in the bucket's queue: what a full
+        // queue adds to every hop's round trip.
+        let latency = format!(
+            "{}ms",
+            std::env::var("DAMSELFLY_LAB_QUEUE_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(50)
+        );
         let tbf = [
-            "root", "tbf", "rate", &rate, "burst", &burst, "latency", "50ms",
+            "root", "tbf", "rate", &rate, "burst", &burst, "latency", &latency,
         ];
         let mut outer = vec!["tc", "qdisc", "replace", "dev", &link.host];
         outer.extend(tbf);

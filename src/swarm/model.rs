@@ -15,8 +15,8 @@
 //! shared links roughly are) between every node's upload, its download and
 //! the origin's link; `max_min: false` gives the model's first, cruder
 //! allocation ([`equal_shares`]: equal shares, the unused part lost). No
-//! CPU, latency or losses: it says what the schedule allows, and the lab
-//! says what the code does.
+//! CPU or losses, and no latency but one step per hop ([`ModelParams::step`]):
+//! it says what the schedule allows, and the lab says what the code does.
 
 use super::rendezvous;
 
@@ -33,7 +33,13 @@ pub struct ModelParams {
     pub origin_bandwidth: f64,
     /// Pieces a node fetches at once.
     pub window: usize,
-    /// Simulation step in seconds.
+    /// Simulation step in seconds. It is also the model's one latency: a
+    /// byte that reaches a relay in one step is passed on in the next, and
+    /// a piece asked for in one step starts to move in the next, so each
+    /// hop of a relay tree costs a step at the start of every piece. A
+    /// coarse step is not only less precise but a slower network: at 1,000
+    /// nodes (ten hops) 0.05 s gives 1.43x the ideal where 0.01 s gives
+    /// 1.25x (docs/benchmarks.md, "Scale model").
     pub step: f64,
     /// Children per node in each piece's relay tree; 0: every node takes
     /// each piece from its owner.
@@ -431,6 +437,29 @@ mod tests {
         assert!(
             small.slowest < big.slowest,
             "1 MiB pieces {small:?} against 8 MiB {big:?}"
+        );
+    }
+
+    #[test]
+    fn each_hop_costs_a_step() {
+        // 32 nodes make trees five hops deep: a coarser step is a slower
+        // network there, by about a step per hop per piece, and barely
+        // matters for two nodes (one hop).
+        let at = |nodes: usize, step: f64| {
+            simulate(&ModelParams {
+                step,
+                ..params(nodes, 400.0, 400.0)
+            })
+        };
+        let (fine, coarse) = (at(32, 0.01), at(32, 0.05));
+        assert!(
+            coarse.slowest > fine.slowest * 1.025,
+            "0.05 s {coarse:?} against 0.01 s {fine:?}"
+        );
+        let (fine, coarse) = (at(2, 0.01), at(2, 0.05));
+        assert!(
+            coarse.slowest < fine.slowest * 1.025,
+            "0.05 s {coarse:?} against 0.01 s {fine:?}"
         );
     }
 
