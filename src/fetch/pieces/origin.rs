@@ -111,6 +111,9 @@ pub(super) async fn origin_piece(
             }
             if n > 0 {
                 write_at(&ctx.writer, pos, batch).await?;
+                if pos == start {
+                    tracing::debug!(piece = k, "piece's first bytes from the origin");
+                }
                 pos += n;
                 *have = pos - start;
                 ctx.set_filled(k, *have);

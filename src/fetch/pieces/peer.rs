@@ -252,6 +252,13 @@ pub(super) async fn peer_piece(
                 }
             }
             write_at(&ctx.writer, pos, data).await?;
+            if pos == from {
+                // With the origin's own line: when each piece's bytes
+                // reached each node, and from whom, is a relay tree's
+                // per-hop delay (docs/benchmarks.md, "A step is a hop").
+                tracing::debug!(piece = k, peer = %peer.id, whole = sums.is_some(),
+                    waited_ms = asked.elapsed().as_millis() as u64, "piece's first bytes from a peer");
+            }
             if let Some(sum) = checked {
                 ctx.known_sums.record(pos / SUM_CHUNK, sum);
             }
