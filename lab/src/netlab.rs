@@ -218,13 +218,13 @@ impl Lab {
         let burst = format!("{}", (mbit * 1_000_000 / 8 / 250).max(256 << 10));
         // How long a packet may wait in the bucket's queue: what a full
         // queue adds to every hop's round trip.
-        let latency = format!(
-            "{}ms",
-            std::env::var("DAMSELFLY_LAB_QUEUE_MS")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(50)
-        );
+        let queue_ms: u64 = match std::env::var("DAMSELFLY_LAB_QUEUE_MS") {
+            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+                panic!("DAMSELFLY_LAB_QUEUE_MS={v:?}: want whole milliseconds, e.g. 50")
+            }),
+            Err(_) => 50,
+        };
+        let latency = format!("{queue_ms}ms");
         let tbf = [
             "root", "tbf", "rate", &rate, "burst", &burst, "latency", &latency,
         ];

@@ -39,7 +39,7 @@ pub struct ModelParams {
     /// hop of a relay tree costs a step at the start of every piece. A
     /// coarse step is not only less precise but a slower network: at 1,000
     /// nodes (ten hops) 0.05 s gives 1.43x the ideal where 0.01 s gives
-    /// 1.25x (docs/benchmarks.md, "Scale model").
+    /// 1.25x (docs/benchmarks.md, "A step is a hop").
     pub step: f64,
     /// Children per node in each piece's relay tree; 0: every node takes
     /// each piece from its owner.
