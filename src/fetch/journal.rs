@@ -3,15 +3,22 @@
 //! so that a piece download resumes after the daemon restarts instead of
 //! fetching the whole blob again.
 //!
-//! A text file: a header with the blob's size and the piece size, then the
-//! number of each piece, one per line, appended once the piece's bytes are
-//! written. The bytes reach the page cache before their line, so a killed
-//! daemon never finds a journaled piece unwritten; after a power cut it
-//! might, and the blob's digest (checked over the whole file before the
-//! commit) catches that: a digest mismatch compares every resumed piece with
-//! the origin's bytes, as it does pieces from peers. A torn last line, a
-//! header for another piece size or a piece out of range make the journal
-//! unusable, and the download starts empty, as it did before the journal.
+//! A text file: a header with the blob's size and the piece size, then one
+//! line per event, appended as it happens:
+//! - `k`: piece `k` is on disk, whole;
+//! - `k+len`: the first `len` bytes of piece `k` are on disk (written as a
+//!   piece download crosses each checksum chunk, so a restart goes on from
+//!   the last whole MiB of a piece that was in flight, and a holder asked
+//!   for the rest still sends checksums, which start on a chunk).
+//!
+//! The bytes reach the page cache before their line, so a killed daemon
+//! never finds journaled bytes unwritten; after a power cut it might, and
+//! the blob's digest (checked over the whole file before the commit)
+//! catches that: a digest mismatch compares every resumed piece with the
+//! origin's bytes, as it does pieces from peers. A torn last line, a header
+//! for another piece size, a piece out of range or a length past its piece
+//! make the journal unusable, and the download starts empty, as it did
+//! before the journal.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -19,38 +26,58 @@ use std::path::Path;
 
 const MAGIC: &str = "damselfly-pieces 1";
 
-/// What a journal says: the blob's size, the piece size, and the pieces
-/// that are done.
+/// What a journal says: the blob's size, the piece size, the pieces that
+/// are done, and how far each unfinished piece got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
     pub size: u64,
     pub piece_size: u64,
+    /// Sorted, without repeats.
     pub done: Vec<usize>,
+    /// Pieces not in `done` with bytes on disk from their start: (piece,
+    /// bytes), sorted by piece, the furthest line of each.
+    pub partial: Vec<(usize, u64)>,
 }
 
 impl Resume {
-    /// Bytes from the start of the blob covered by done pieces without a
-    /// gap: what a sequential download can keep of a piece download.
+    /// Bytes from the start of the blob on disk without a gap (done
+    /// pieces, then the first missing piece's journaled bytes): what a
+    /// sequential download can keep of a piece download.
     pub fn contiguous(&self) -> u64 {
-        let piece_size = self.piece_size;
-        let mut done = self.done.clone();
-        done.sort_unstable();
-        done.dedup();
-        let run = done
+        let run = self
+            .done
             .iter()
             .enumerate()
             .take_while(|(i, k)| *i == **k)
-            .count() as u64;
-        (run * piece_size).min(self.size)
+            .count();
+        let tail = self
+            .partial
+            .iter()
+            .find(|(k, _)| *k == run)
+            .map_or(0, |(_, len)| *len);
+        (run as u64 * self.piece_size + tail).min(self.size)
+    }
+
+    /// The bytes of piece `k` on disk from its start, by the journal.
+    pub fn have(&self, k: usize) -> u64 {
+        if self.done.binary_search(&k).is_ok() {
+            let start = k as u64 * self.piece_size;
+            return self.piece_size.min(self.size.saturating_sub(start));
+        }
+        self.partial
+            .binary_search_by_key(&k, |(p, _)| *p)
+            .map_or(0, |i| self.partial[i].1)
     }
 }
 
 /// Reads the journal at `path` of a blob of at most `max_size` bytes.
 /// `None` when there is none or it cannot be trusted.
 pub fn read(path: &Path, max_size: u64) -> Option<Resume> {
-    // Far above any real journal (a 1 TiB blob of 8 MiB pieces: 131072
-    // lines of at most 7 bytes), so a corrupt file cannot fill memory.
-    const MAX_LEN: u64 = 4 << 20;
+    // Above any real journal (a 1 TiB blob of 8 MiB pieces: 131072 lines
+    // of at most 7 bytes for whole pieces, and about a million of at most
+    // 15 for each MiB, 17 MiB in all), so a corrupt file cannot fill
+    // memory.
+    const MAX_LEN: u64 = 32 << 20;
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() || meta.len() > MAX_LEN {
         return None;
@@ -79,19 +106,37 @@ fn parse(text: &str, max_size: u64) -> Option<Resume> {
     }
     let n = size.div_ceil(piece_size).max(1);
     let mut done = Vec::new();
+    let mut partial = std::collections::BTreeMap::new();
     for line in lines {
-        let k: u64 = line.parse().ok()?;
+        let (k, len) = match line.split_once('+') {
+            Some((k, len)) => (k, Some(len.parse::<u64>().ok()?)),
+            None => (line, None),
+        };
+        let k: u64 = k.parse().ok()?;
         if k >= n {
             return None;
         }
-        done.push(k as usize);
+        let piece_len = piece_size.min(size.saturating_sub(k * piece_size));
+        match len {
+            None => done.push(k as usize),
+            Some(len) if len > piece_len => return None,
+            Some(len) => {
+                let e = partial.entry(k as usize).or_insert(0);
+                *e = len.max(*e);
+            }
+        }
     }
     done.sort_unstable();
     done.dedup();
+    let partial = partial
+        .into_iter()
+        .filter(|(k, len)| *len > 0 && done.binary_search(k).is_err())
+        .collect();
     Some(Resume {
         size,
         piece_size,
         done,
+        partial,
     })
 }
 
@@ -123,6 +168,11 @@ impl Journal {
     /// Records that piece `k` is on disk: one `write` of one line.
     pub fn done(&mut self, k: usize) -> io::Result<()> {
         self.file.write_all(format!("{k}\n").as_bytes())
+    }
+
+    /// Records that the first `len` bytes of piece `k` are on disk.
+    pub fn partial(&mut self, k: usize, len: u64) -> io::Result<()> {
+        self.file.write_all(format!("{k}+{len}\n").as_bytes())
     }
 }
 
@@ -156,6 +206,42 @@ mod tests {
     }
 
     #[test]
+    fn partial_pieces_are_read_back_furthest_first_and_whole_ones_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.pieces");
+        // 10 pieces of 8 bytes and a tail of 3.
+        let mut j = Journal::create(&p, 83, 8).unwrap();
+        j.partial(1, 2).unwrap();
+        j.partial(1, 6).unwrap();
+        j.done(0).unwrap();
+        j.partial(4, 4).unwrap();
+        j.done(4).unwrap();
+        j.partial(10, 2).unwrap();
+        j.partial(7, 0).unwrap();
+        drop(j);
+        let r = read(&p, MAX).unwrap();
+        assert_eq!(r.done, vec![0, 4]);
+        assert_eq!(r.partial, vec![(1, 6), (10, 2)]);
+        assert_eq!((r.have(0), r.have(1), r.have(4)), (8, 6, 8));
+        assert_eq!((r.have(2), r.have(7), r.have(10)), (0, 0, 2));
+        // Piece 0 whole, then 6 bytes of piece 1.
+        assert_eq!(r.contiguous(), 14);
+        let mut j = Journal::reopen(&p).unwrap();
+        j.done(1).unwrap();
+        j.done(2).unwrap();
+        j.done(3).unwrap();
+        // Piece 5, the first missing one, has nothing: the run ends at 40.
+        assert_eq!(read(&p, MAX).unwrap().contiguous(), 40);
+        for k in 5..10 {
+            j.done(k).unwrap();
+        }
+        // The tail's 2 of 3 bytes.
+        assert_eq!(read(&p, MAX).unwrap().contiguous(), 82);
+        j.partial(10, 3).unwrap();
+        assert_eq!(read(&p, MAX).unwrap().contiguous(), 83);
+    }
+
+    #[test]
     fn a_torn_last_line_is_dropped_and_appends_go_after_whole_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.pieces");
@@ -175,6 +261,14 @@ mod tests {
             format!("{MAGIC} size=100 piece=10\n10\n"),
             format!("{MAGIC} size=100 piece=10\n-1\n"),
             format!("{MAGIC} size=100 piece=10\nx\n"),
+            // Partial lengths past their piece (the tail is 5 bytes), or
+            // not numbers.
+            format!("{MAGIC} size=100 piece=10\n3+11\n"),
+            format!("{MAGIC} size=95 piece=10\n9+6\n"),
+            format!("{MAGIC} size=100 piece=10\n3+\n"),
+            format!("{MAGIC} size=100 piece=10\n3+-1\n"),
+            format!("{MAGIC} size=100 piece=10\n+3\n"),
+            format!("{MAGIC} size=100 piece=10\n10+1\n"),
             // A size past the limit, a piece size of 0, fields missing or
             // unknown, another version, no header.
             format!("{MAGIC} size=1099511627777 piece=10\n"),
@@ -199,7 +293,7 @@ mod tests {
         assert_eq!(read(&dir.path().join("none"), MAX), None);
         let p = dir.path().join("big");
         let f = File::create(&p).unwrap();
-        f.set_len(5 << 20).unwrap();
+        f.set_len(33 << 20).unwrap();
         assert_eq!(read(&p, MAX), None);
     }
 }

@@ -497,12 +497,19 @@ impl Fetcher {
             .map_err(io)?;
         let reader = File::open(&path).map_err(io)?;
         // Alone, a node downloads sequentially (and can resume after a
-        // crash); with peers, or for a peer, piece by piece.
+        // crash); with peers, for a peer, or to go on with a piece download
+        // that a restart cut (its journal is there), piece by piece: the
+        // sequential path could keep only the gap-free prefix, and a node
+        // just restarted may not have heard from its peers yet.
+        let cut_in_pieces = || {
+            std::fs::symlink_metadata(self.inner.store.pieces_path(digest))
+                .is_ok_and(|m| m.is_file())
+        };
         let swarm = self
             .inner
             .swarm
             .as_ref()
-            .filter(|s| matches!(starter, Starter::Peer { .. }) || s.has_peers())
+            .filter(|s| matches!(starter, Starter::Peer { .. }) || s.has_peers() || cut_in_pieces())
             .cloned();
         let (wants_tx, wants_rx) = tokio::sync::mpsc::unbounded_channel();
         let dl = Arc::new(Download {

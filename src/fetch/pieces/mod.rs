@@ -19,8 +19,10 @@
 //! distrusted, the pieces are replaced, and the blob is checked again.
 //!
 //! Each piece is recorded in a journal beside the partial file once its
-//! bytes are written ([`crate::fetch::journal`]), so a download cut by a
-//! restart goes on with the pieces that are missing.
+//! bytes are written, and so is each whole MiB of a piece in flight
+//! ([`crate::fetch::journal`]), so a download cut by a restart goes on with
+//! the pieces that are missing, and each piece that was in flight from its
+//! last journaled MiB.
 //!
 //! A node that is asked for a piece of a blob it is not pulling starts a
 //! *serving* download that fetches only the pieces peers ask for; it is
@@ -47,6 +49,7 @@ use verify::{commit, hash_prefix, repair, KnownSums};
 
 use super::journal::{self, Journal};
 use super::{Download, FetchError, Fetcher, Pull, Starter};
+use crate::store::SUM_CHUNK;
 use crate::swarm::{PeerNet, PeerRef, PieceSource};
 
 /// The largest blob a piece download lays out (1 TiB: 131072 pieces of
@@ -120,6 +123,9 @@ struct Ctx {
     holders_rechecked: std::sync::atomic::AtomicBool,
     /// Sums of chunks checked against a holder's as they arrived.
     known_sums: Arc<KnownSums>,
+    /// Where pieces and their progress are recorded; `None` when it could
+    /// not be written (the download goes on, and will not resume).
+    journal: std::sync::Mutex<Option<Journal>>,
 }
 
 pub(super) struct PieceJob {
@@ -156,6 +162,7 @@ impl PieceJob {
                 piece_size,
                 holders_rechecked: std::sync::atomic::AtomicBool::new(false),
                 known_sums: Arc::default(),
+                journal: std::sync::Mutex::new(None),
             }),
             wants,
             full,
@@ -197,7 +204,7 @@ impl PieceJob {
         };
         let ps = ctx.piece_size;
         let journal_path = ctx.fetcher.inner.store.pieces_path(&ctx.dl.digest);
-        let (resume, mut journal) = self.resume(&journal_path);
+        let (resume, journal) = self.resume(&journal_path);
         if resume.is_none() {
             // Nothing recorded: what the file holds cannot be told apart
             // from holes, so it starts empty.
@@ -230,7 +237,7 @@ impl PieceJob {
                 // answer's headers have told the size, not when it is done.
                 let c = ctx.clone();
                 let full = self.full;
-                tasks.spawn(async move { (0, fetch_piece(c, 0, full).await) });
+                tasks.spawn(async move { (0, fetch_piece(c, 0, full, 0).await) });
                 let mut rx = ctx.dl.progress.subscribe();
                 loop {
                     if let Some(total) = rx.borrow_and_update().total {
@@ -258,10 +265,13 @@ impl PieceJob {
         let n = size.div_ceil(ps).max(1) as usize;
         let mut state = vec![State::Missing; n];
         let mut supplier: Vec<Option<Supplier>> = vec![None; n];
+        // Bytes of each piece on disk at the start, from a piece that was in
+        // flight when the daemon stopped: its task goes on from there.
+        let mut resumed = vec![0u64; n];
         if !tasks.is_empty() {
             state[0] = State::Fetching;
         }
-        match &resume {
+        let journal = match &resume {
             Some(r) => {
                 for &k in &r.done {
                     state[k] = State::Done;
@@ -269,17 +279,30 @@ impl PieceJob {
                     let (start, end) = ctx.piece_range(k);
                     ctx.set_filled(k, end.unwrap_or(size) - start);
                 }
-                tracing::info!(digest = %ctx.dl.digest, pieces = r.done.len(), of = n,
-                    "resuming piece download");
+                for &(k, len) in &r.partial {
+                    resumed[k] = len;
+                    ctx.set_filled(k, len);
+                }
+                let bytes: u64 = (0..n).map(|k| r.have(k)).sum();
+                tracing::info!(digest = %ctx.dl.digest, pieces = r.done.len(),
+                    partial = r.partial.len(), of = n, bytes, "resuming piece download");
+                journal
             }
-            None => {
-                journal = Journal::create(&journal_path, size, ps)
-                    .map_err(|e| {
-                        tracing::debug!(path = %journal_path.display(), error = %e,
-                            "cannot start a pieces journal; this download will not resume");
-                    })
-                    .ok();
-            }
+            None => Journal::create(&journal_path, size, ps)
+                .map_err(|e| {
+                    tracing::debug!(path = %journal_path.display(), error = %e,
+                        "cannot start a pieces journal; this download will not resume");
+                })
+                .ok(),
+        };
+        if let Ok(mut j) = ctx.journal.lock() {
+            *j = journal;
+        }
+        // Piece 0 may have written bytes before the size was known and the
+        // journal made.
+        if state[0] == State::Fetching {
+            let len = ctx.dl.progress.borrow().filled.first().copied();
+            ctx.journal_progress(0, 0, len.unwrap_or(0));
         }
         // The hasher follows the contiguous prefix as pieces land.
         let hasher = tokio::spawn(hash_prefix(ctx.dl.clone(), size, ctx.known_sums.clone()));
@@ -301,8 +324,8 @@ impl PieceJob {
                 if state[k] == State::Missing {
                     state[k] = State::Fetching;
                     let c = ctx.clone();
-                    let full = self.full;
-                    tasks.spawn(async move { (k, fetch_piece(c, k, full).await) });
+                    let (full, have) = (self.full, resumed[k]);
+                    tasks.spawn(async move { (k, fetch_piece(c, k, full, have).await) });
                 }
             }
             // A background download (prewarm) starts no piece of its own
@@ -313,8 +336,8 @@ impl PieceJob {
                     if state[next] == State::Missing {
                         state[next] = State::Fetching;
                         let c = ctx.clone();
-                        let k = next;
-                        tasks.spawn(async move { (k, fetch_piece(c, k, true).await) });
+                        let (k, have) = (next, resumed[next]);
+                        tasks.spawn(async move { (k, fetch_piece(c, k, true, have).await) });
                     }
                     next += 1;
                 }
@@ -333,11 +356,7 @@ impl PieceJob {
                         Ok(s) => {
                             state[k] = State::Done;
                             supplier[k] = Some(s);
-                            if let Some(Err(e)) = journal.as_mut().map(|j| j.done(k)) {
-                                tracing::debug!(error = %e,
-                                    "cannot write the pieces journal; this download will not resume");
-                                journal = None;
-                            }
+                            ctx.journal_write(|j| j.done(k));
                         }
                         Err(e) => {
                             hasher.abort();
@@ -417,6 +436,39 @@ impl Ctx {
         Ok(())
     }
 
+    /// Records that piece `k`, which held `before` bytes from its start,
+    /// now holds `after`: for readers here, for peers, and (once a whole
+    /// checksum chunk more is on disk) in the journal, so a restart goes on
+    /// from the last whole chunk.
+    fn wrote(&self, k: usize, before: u64, after: u64) {
+        self.set_filled(k, after);
+        self.journal_progress(k, before, after);
+    }
+
+    /// The journal's side of [`Ctx::wrote`].
+    fn journal_progress(&self, k: usize, before: u64, after: u64) {
+        let (start, end) = self.piece_range(k);
+        let chunk = SUM_CHUNK;
+        let upto = (start + after) / chunk * chunk;
+        // A piece's end gets its own line when its task is done.
+        if upto > start + before && Some(start + after) != end {
+            self.journal_write(|j| j.partial(k, upto - start));
+        }
+    }
+
+    /// Appends to the journal; the first write that fails drops it, and
+    /// the download goes on without one.
+    fn journal_write(&self, f: impl FnOnce(&mut Journal) -> std::io::Result<()>) {
+        let Ok(mut journal) = self.journal.lock() else {
+            return;
+        };
+        if let Some(Err(e)) = journal.as_mut().map(f) {
+            tracing::debug!(digest = %self.dl.digest, error = %e,
+                "cannot write the pieces journal; this download will not resume");
+            *journal = None;
+        }
+    }
+
     /// Records that `len` bytes of piece `k` are on disk.
     fn set_filled(&self, k: usize, len: u64) {
         self.dl.progress.send_modify(|p| {
@@ -439,17 +491,23 @@ impl Ctx {
     }
 }
 
-/// Fetches piece `k` from the best sources in turn, and returns where its
-/// bytes came from. Fails only when the origin, the last resort, fails (or
-/// the disk does).
-async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, FetchError> {
+/// Fetches piece `k`, of which `resumed` bytes are on disk from before a
+/// restart, from the best sources in turn, and returns where its bytes came
+/// from. Fails only when the origin, the last resort, fails (or the disk
+/// does).
+async fn fetch_piece(
+    ctx: Arc<Ctx>,
+    k: usize,
+    full: bool,
+    resumed: u64,
+) -> Result<Supplier, FetchError> {
     let started = Instant::now();
     let digest = ctx.dl.digest.clone();
     let mut failed: HashSet<PeerId> = HashSet::new();
     let (start, _) = ctx.piece_range(k);
     // How much of the piece is on disk: a source that breaks mid-piece is
     // followed by one that sends the rest.
-    let mut have = 0u64;
+    let mut have = resumed;
     // A peer that wrote any of the piece: the piece is checked against the
     // origin if the blob's digest fails.
     let mut wrote_peer: Option<PeerId> = None;
@@ -514,6 +572,14 @@ async fn fetch_piece(ctx: Arc<Ctx>, k: usize, full: bool) -> Result<Supplier, Fe
                 tracing::debug!(digest = %digest, piece = k, error = %e, "peer piece transfer failed");
             }
         }
+    }
+    // A piece that began before a restart is as suspect as a whole resumed
+    // one if the blob's digest fails (a power cut can lose written bytes
+    // but keep their journal line): it is compared with the origin then,
+    // and nobody is distrusted for it, since the bad bytes may be the old
+    // ones.
+    if resumed > 0 {
+        return Ok(Supplier::Resumed);
     }
     Ok(wrote_peer.map_or(Supplier::Origin, Supplier::Peer))
 }

@@ -115,8 +115,8 @@ pub(super) async fn origin_piece(
                     tracing::debug!(piece = k, "piece's first bytes from the origin");
                 }
                 pos += n;
-                *have = pos - start;
-                ctx.set_filled(k, *have);
+                let before = std::mem::replace(have, pos - start);
+                ctx.wrote(k, before, *have);
                 inner.metrics.origin_bytes.inc_by(n);
                 inner
                     .metrics

@@ -264,8 +264,8 @@ pub(super) async fn peer_piece(
             }
             *wrote_peer = Some(peer.id);
             pos += take;
-            *have = pos - start;
-            ctx.set_filled(k, *have);
+            let before = std::mem::replace(have, pos - start);
+            ctx.wrote(k, before, *have);
             metrics
                 .fetched_bytes
                 .with_label_values(&["peer"])

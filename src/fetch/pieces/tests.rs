@@ -573,6 +573,19 @@ async fn the_origin_is_the_last_resort_when_no_peer_answers() {
 /// Leaves what a download killed mid-way leaves: the bytes of `pieces` in
 /// the partial file, and their journal lines (in `piece_size` pieces).
 fn crashed_download(lab: &Lab, d: &Digest, data: &Bytes, piece_size: u64, pieces: &[u64]) {
+    crashed_mid_piece(lab, d, data, piece_size, pieces, &[]);
+}
+
+/// As [`crashed_download`], with pieces that were in flight too: the
+/// first `len` bytes of piece `k` for each `(k, len)` of `partial`.
+fn crashed_mid_piece(
+    lab: &Lab,
+    d: &Digest,
+    data: &Bytes,
+    piece_size: u64,
+    pieces: &[u64],
+    partial: &[(u64, u64)],
+) {
     use std::os::unix::fs::FileExt;
     let store = lab.fetcher.store();
     let file = std::fs::File::create(store.partial_path(d)).unwrap();
@@ -584,6 +597,12 @@ fn crashed_download(lab: &Lab, d: &Digest, data: &Bytes, piece_size: u64, pieces
         file.write_all_at(&data[start as usize..end as usize], start)
             .unwrap();
         journal.done(k as usize).unwrap();
+    }
+    for &(k, len) in partial {
+        let start = k * piece_size;
+        file.write_all_at(&data[start as usize..(start + len) as usize], start)
+            .unwrap();
+        journal.partial(k as usize, len).unwrap();
     }
 }
 
@@ -614,6 +633,85 @@ async fn a_restarted_piece_download_fetches_only_what_its_journal_lacks() {
     let store = lab.fetcher.store();
     assert!(store.contains(&d));
     assert!(!store.pieces_path(&d).exists(), "journal left behind");
+}
+
+#[tokio::test]
+async fn a_piece_in_flight_at_a_restart_goes_on_from_its_last_journaled_mib() {
+    let (lab, data, d, served) = restarted_with_holder().await;
+    // Pieces 0 and 4 whole, 1 MiB of piece 1 and 1 MiB of piece 3.
+    crashed_mid_piece(&lab, &d, &data, PIECE, &[0, 4], &[(1, MIB), (3, MIB)]);
+    let got = lab.pull(&d).await.unwrap();
+    assert!(got == data, "the bytes differ");
+    let mut asked: Vec<(u64, u64)> = lab
+        .swarm
+        .asked()
+        .iter()
+        .map(|a| (a.start, a.end_incl))
+        .collect();
+    asked.sort_unstable();
+    assert_eq!(
+        asked,
+        vec![
+            (PIECE + MIB, 2 * PIECE - 1),
+            (2 * PIECE, 3 * PIECE - 1),
+            (3 * PIECE + MIB, 4 * PIECE - 1)
+        ],
+        "ranges asked of peers"
+    );
+    assert_eq!(served.bytes.load(Ordering::SeqCst), 0, "origin bytes");
+    // The holder's checksums covered the rest of each resumed piece (they
+    // start on a chunk): nobody was distrusted, nothing was refetched.
+    assert!(lab.swarm.distrusted().is_empty());
+    assert!(!lab.fetcher.store().pieces_path(&d).exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_piece_in_flight_is_journaled_at_each_whole_mib() {
+    let (data, d) = blob(9 * MIB + 5);
+    let lab = Arc::new(lab(tuning(), None));
+    // Every piece stops after 1.5 MiB: its first MiB is checked and on disk.
+    let h = lab.swarm.add_peer(Script::Stalls {
+        data: data.clone(),
+        after: MIB + MIB / 2,
+    });
+    lab.swarm.announce_holder(&d, h);
+    let l = lab.clone();
+    let d2 = d.clone();
+    let pull = tokio::spawn(async move { l.pull(&d2).await });
+    let path = lab.fetcher.store().pieces_path(&d);
+    let want: Vec<(usize, u64)> = (0..4).map(|k| (k, MIB)).collect();
+    let mut seen = None;
+    for _ in 0..1000 {
+        seen = crate::fetch::journal::read(&path, 1 << 40);
+        if seen.as_ref().is_some_and(|r| r.partial == want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    pull.abort();
+    let r = seen.expect("no journal");
+    // Four transfers at once (max_piece_transfers), none of them whole.
+    assert_eq!(r.partial, want, "{r:?}");
+    assert!(r.done.is_empty(), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_node_alone_after_a_restart_resumes_mid_piece_from_the_origin() {
+    let (data, d) = blob(9 * MIB + 5);
+    let (addr, served) = origin(data.clone(), d.clone()).await;
+    let lab = lab(tuning(), Some(addr));
+    crashed_mid_piece(&lab, &d, &data, PIECE, &[0, 3], &[(1, MIB), (4, MIB)]);
+    let got = lab.pull(&d).await.unwrap();
+    assert!(got == data, "the bytes differ");
+    let size = data.len() as u64;
+    let mut ranges = served.ranges.lock().unwrap().clone();
+    ranges.sort_unstable();
+    assert_eq!(
+        served.bytes.load(Ordering::SeqCst),
+        size - 2 * PIECE - 2 * MIB,
+        "origin bytes: {ranges:?}"
+    );
+    assert!(!lab.fetcher.store().pieces_path(&d).exists());
 }
 
 #[tokio::test]
@@ -662,10 +760,11 @@ async fn a_journal_for_another_piece_size_is_not_trusted() {
 }
 
 #[tokio::test]
-async fn a_node_alone_after_a_restart_keeps_the_gap_free_prefix_of_a_piece_download() {
+async fn a_node_alone_after_a_restart_fetches_only_the_pieces_its_journal_lacks() {
     let (data, d) = blob(9 * MIB + 5);
     let (addr, served) = origin(data.clone(), d.clone()).await;
-    // No peers: the download after the restart is sequential.
+    // No peers: the missing pieces come from the origin, piece by piece
+    // (a sequential download could keep only the gap-free prefix).
     let lab = lab(tuning(), Some(addr));
     crashed_download(&lab, &d, &data, PIECE, &[0, 1, 3]);
     let got = lab.pull(&d).await.unwrap();
@@ -673,7 +772,7 @@ async fn a_node_alone_after_a_restart_keeps_the_gap_free_prefix_of_a_piece_downl
     let size = data.len() as u64;
     assert_eq!(
         served.bytes.load(Ordering::SeqCst),
-        size - 2 * PIECE,
+        size - 3 * PIECE,
         "origin bytes: {:?}",
         served.ranges.lock().unwrap()
     );
