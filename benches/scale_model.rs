@@ -21,18 +21,28 @@
 
 use damselfly::swarm::model::{simulate, ModelParams};
 
+/// A setting from the environment; a value that does not parse stops the
+/// bench with its name, rather than running on the default unseen.
 fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && x >= 0.0 => x,
+            _ => panic!("{name}={v:?} is not a number of zero or more"),
+        },
+    }
 }
 
+/// A comma-separated list of whole numbers from the environment, checked
+/// as [`env_f64`] is.
 fn env_list(name: &str, default: &str) -> Vec<u64> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .filter_map(|v| v.trim().parse().ok())
+    let v = std::env::var(name).unwrap_or_else(|_| default.into());
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={v:?}: {x:?} is not a whole number"))
+        })
         .collect()
 }
 
@@ -50,7 +60,24 @@ fn main() {
     let window = env_f64("DAMSELFLY_MODEL_WINDOW", default_window as f64) as usize;
     let step = env_f64("DAMSELFLY_MODEL_STEP", 0.01);
     let lag_kib = env_f64("DAMSELFLY_MODEL_LAG_KIB", 256.0);
-    let max_min = std::env::var("DAMSELFLY_MODEL_SHARES").map_or(true, |v| v != "equal");
+    let max_min = match std::env::var("DAMSELFLY_MODEL_SHARES").as_deref() {
+        Err(_) | Ok("max-min") => true,
+        Ok("equal") => false,
+        Ok(v) => panic!("DAMSELFLY_MODEL_SHARES={v:?}: `max-min` or `equal`"),
+    };
+    for (name, v) in [
+        ("DAMSELFLY_MODEL_NODE_MBIT", node_mbit),
+        ("DAMSELFLY_MODEL_ORIGIN_MBIT", origin_mbit),
+        ("DAMSELFLY_MODEL_STEP", step),
+        ("DAMSELFLY_MODEL_WINDOW", window as f64),
+        ("DAMSELFLY_MODEL_BLOB_MIB", blob_mib as f64),
+    ] {
+        assert!(v > 0.0, "{name} must be above zero, not {v}");
+    }
+    assert!(
+        nodes.iter().chain(&pieces).all(|&x| x > 0),
+        "DAMSELFLY_MODEL_NODES and DAMSELFLY_MODEL_PIECE_MIB take numbers above zero"
+    );
     println!(
         "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back {lag_kib} KiB, {step} s per step (and per hop), {} shares\n",
         if max_min { "max-min fair" } else { "equal" }

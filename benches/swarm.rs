@@ -38,7 +38,11 @@
 //! (extra lines for every daemon's `[swarm]` section, e.g.
 //! `hedge_after = "2s"`), `DAMSELFLY_BENCH_KEEP=1` (keep configs and logs, and
 //! print where; blobs are always removed), `DAMSELFLY_LAB_QUEUE_MS` (50: how
-//! long tbf lets a packet wait, which a full queue adds to each hop).
+//! long tbf lets a packet wait, which a full queue adds to each hop), and
+//! `TMPDIR`, where the nodes' stores and the registry's files go: every
+//! node writes the whole blob, and on one shared disk the nodes' writeback
+//! competes as real nodes' separate disks do not (`TMPDIR=/dev/shm` keeps
+//! it in memory; the 1 GiB burst at N = 8 needs about 10 GiB there).
 //!
 //! In the one-peer scenario the holder A pulls the blob with a helper node in
 //! the cluster, which then leaves. One extra run has A pull while it is
@@ -606,26 +610,39 @@ fn main() {
             alone.secs,
             s.blob as f64 * 8.0 / alone.secs / 1e6
         );
-        out += "| N | path | origin bytes / blob | slowest node | slowest / ideal | median node | TTFB median | TTFB max |\n";
-        out += "|---|---|---|---|---|---|---|---|\n";
+        // The ideal is at the links' nominal rate; one client alone shows
+        // what a shaped link carries as payload (tbf counts the TCP/IP and
+        // Ethernet headers too, about 4.5% at this MTU), and is the fairer
+        // yardstick for the schedule.
+        out += "| N | path | origin bytes / blob | slowest node | slowest / ideal | slowest / payload ideal | median node | TTFB median | TTFB max |\n";
+        out += "|---|---|---|---|---|---|---|---|---|\n";
         for r in &rows {
             for (path, pulls, origin_bytes) in [
                 ("direct from origin", &r.direct, r.direct_origin),
                 ("swarm", &r.swarm, r.swarm_origin),
             ] {
                 let slowest = max(pulls.iter().map(|p| p.secs));
+                // Direct pulls share the origin's link N ways; a swarm node
+                // at best takes the blob once at one link's payload rate.
+                let measured = match path {
+                    "swarm" => alone.secs,
+                    _ => alone.secs * r.n as f64,
+                };
                 out += &format!(
-                    "| {} | {path} | {:.3}x | {slowest:.2} s | {:.2}x | {:.2} s | {:.1} ms | {:.1} ms |\n",
+                    "| {} | {path} | {:.3}x | {slowest:.2} s | {:.2}x | {:.2}x | {:.2} s | {:.1} ms | {:.1} ms |\n",
                     r.n,
                     origin_bytes as f64 / s.blob as f64,
                     slowest / ideal,
+                    slowest / measured,
                     median(pulls.iter().map(|p| p.secs).collect()),
                     median(pulls.iter().map(|p| p.ttfb * 1000.0).collect()),
                     max(pulls.iter().map(|p| p.ttfb * 1000.0)),
                 );
             }
         }
-        out += "\nGoals: swarm origin bytes <= 1.05x; swarm slowest node <= 1.25x ideal.\n\n";
+        out +=
+            "\nPayload ideal: one client alone through the shaped links (direct: N times that).\n\
+                Goals: swarm origin bytes <= 1.05x; swarm slowest node <= 1.25x ideal.\n\n";
         out += "| N | swarm: origin GETs | origin bytes (daemons' own count) | bytes nodes took from peers | hedges | load avg before, after | warm node TTFB | warm node pull | warm node origin bytes | warm node bytes from peers |\n";
         out += "|---|---|---|---|---|---|---|---|---|---|\n";
         for r in &rows {

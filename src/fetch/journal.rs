@@ -18,7 +18,9 @@
 //! origin's bytes, as it does pieces from peers. A torn last line, a header
 //! for another piece size, a piece out of range or a length past its piece
 //! make the journal unusable, and the download starts empty, as it did
-//! before the journal.
+//! before the journal. (So does a daemon from before `k+len` lines, rolled
+//! back onto a newer one's journal: it fetches the blob again, and serves
+//! nothing wrong.)
 
 use std::fs::File;
 use std::io::{self, Write};
