@@ -57,6 +57,10 @@ pub(super) async fn hash_prefix(
     let mut hasher = sha2::Sha256::new();
     let mut sums = Vec::with_capacity(size.div_ceil(SUM_CHUNK) as usize);
     let mut hashed = 0u64;
+    // One buffer for the whole blob, handed to each blocking batch and
+    // back: a fresh zeroed MiB per batch was a memset of every byte hashed
+    // (the prefix grows a few hundred KiB at a time).
+    let mut buf = vec![0u8; SUM_CHUNK as usize];
     while hashed < size {
         let written = loop {
             let w = rx.borrow_and_update().written;
@@ -81,15 +85,15 @@ pub(super) async fn hash_prefix(
         }
         let file = dl.file.clone();
         let known = known.clone();
-        let (h, s, res) = tokio::task::spawn_blocking(move || {
+        let (h, s, b, res) = tokio::task::spawn_blocking(move || {
             let mut h = hasher;
             let mut s = Vec::new();
-            let mut buf = vec![0u8; SUM_CHUNK as usize];
+            let mut buf = buf;
             let mut pos = hashed;
             while pos < upto {
                 let n = (upto - pos).min(SUM_CHUNK) as usize;
                 if let Err(e) = file.read_exact_at(&mut buf[..n], pos) {
-                    return (h, s, Err(e));
+                    return (h, s, buf, Err(e));
                 }
                 h.update(&buf[..n]);
                 s.push(
@@ -99,11 +103,12 @@ pub(super) async fn hash_prefix(
                 );
                 pos += n as u64;
             }
-            (h, s, Ok(()))
+            (h, s, buf, Ok(()))
         })
         .await
         .map_err(FetchError::join("hashing pieces"))?;
         hasher = h;
+        buf = b;
         sums.extend(s);
         res.map_err(|source| FetchError::Io {
             what: "reading partial download".into(),
