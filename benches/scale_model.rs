@@ -17,7 +17,9 @@
 //! `equal` for the model's first allocation), `DAMSELFLY_MODEL_STEP` (0.01:
 //! seconds per step, which is also each hop's latency),
 //! `DAMSELFLY_MODEL_LAG_KIB` (256: what a relay holds back of a piece it is
-//! still receiving; the daemon's `RELAY_BATCH`).
+//! still receiving; the daemon's `RELAY_BATCH`), `DAMSELFLY_MODEL_BALANCE`
+//! (`1`: owners balanced as the daemon assigns them; `0`: each piece's
+//! top-ranked node, the assignment before it).
 
 use damselfly::swarm::model::{simulate, ModelParams};
 
@@ -65,6 +67,11 @@ fn main() {
         Ok("equal") => false,
         Ok(v) => panic!("DAMSELFLY_MODEL_SHARES={v:?}: `max-min` or `equal`"),
     };
+    let balanced = match std::env::var("DAMSELFLY_MODEL_BALANCE").as_deref() {
+        Err(_) | Ok("1") => true,
+        Ok("0") => false,
+        Ok(v) => panic!("DAMSELFLY_MODEL_BALANCE={v:?}: `1` or `0`"),
+    };
     for (name, v) in [
         ("DAMSELFLY_MODEL_NODE_MBIT", node_mbit),
         ("DAMSELFLY_MODEL_ORIGIN_MBIT", origin_mbit),
@@ -79,8 +86,9 @@ fn main() {
         "DAMSELFLY_MODEL_NODES and DAMSELFLY_MODEL_PIECE_MIB take numbers above zero"
     );
     println!(
-        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back {lag_kib} KiB, {step} s per step (and per hop), {} shares\n",
-        if max_min { "max-min fair" } else { "equal" }
+        "scale model: blob {blob_mib} MiB, node links {node_mbit} Mbit/s, origin {origin_mbit} Mbit/s, window {window}, relays hold back {lag_kib} KiB, {step} s per step (and per hop), {} shares, {}\n",
+        if max_min { "max-min fair" } else { "equal" },
+        if balanced { "balanced owners" } else { "owners by rendezvous alone" }
     );
     println!("| N | piece | fanout | origin bytes / blob | slowest | slowest / ideal | median | most pieces one node owns (mean) | busiest uploader / mean | every node from the origin / ideal |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -97,6 +105,7 @@ fn main() {
                     fanout: fanout as usize,
                     relay_lag: lag_kib * 1024.0,
                     max_min,
+                    balanced,
                     // One step is one hop's latency (see `ModelParams::step`):
                     // 10 ms, more than a data centre's round trip plus the
                     // daemon's own forwarding, at every N alike.

@@ -232,7 +232,7 @@ impl Fetcher {
             return None;
         }
         swarm.find_holders(d, swarm.hedge_after()).await;
-        let plan = swarm.piece_plan(d, 0, false, &std::collections::HashSet::new());
+        let plan = swarm.piece_plan(d, 0, None, false, &std::collections::HashSet::new());
         for src in plan {
             let crate::swarm::PieceSource::Peer(p) = src else {
                 break;

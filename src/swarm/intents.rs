@@ -191,7 +191,7 @@ mod tests {
         let d = Digest::from_sha256(&[3; 32]);
         for piece in 0..64 {
             assert_eq!(
-                a.piece_plan(&d, piece, true, &HashSet::new()),
+                a.piece_plan(&d, piece, Some(64), true, &HashSet::new()),
                 vec![PieceSource::Origin]
             );
         }
@@ -204,7 +204,7 @@ mod tests {
         })
         .await;
         let owners: HashSet<PeerId> = (0..64)
-            .flat_map(|piece| a.piece_plan(&d, piece, true, &HashSet::new()))
+            .flat_map(|piece| a.piece_plan(&d, piece, Some(64), true, &HashSet::new()))
             .filter_map(|s| match s {
                 PieceSource::Peer(p) => Some(p.id),
                 PieceSource::Origin => None,

@@ -100,6 +100,7 @@ struct Inner {
     local: PeerId,
     tuning: Tuning,
     state: Mutex<State>,
+    owners: super::net::OwnerCache,
     /// Registered nowhere: the fake's record of bytes is its request log.
     counter: prometheus::IntCounter,
 }
@@ -136,6 +137,7 @@ impl MemorySwarm {
                 local: peer_id(0),
                 tuning,
                 state: Mutex::new(State::default()),
+                owners: Default::default(),
                 counter: prometheus::IntCounter::new("memory_swarm_bytes_in", "fake")
                     .unwrap_or_else(|e| unreachable!("a constant metric name: {e}")),
             }),
@@ -276,6 +278,7 @@ impl PeerNet for MemorySwarm {
         &self,
         digest: &Digest,
         piece: u64,
+        pieces: Option<u64>,
         full: bool,
         failed: &HashSet<PeerId>,
     ) -> Vec<PieceSource> {
@@ -292,8 +295,9 @@ impl PeerNet for MemorySwarm {
             pulling: &pulling,
             distrusted: &distrusted,
             relay_fanout: self.inner.tuning.relay_fanout,
+            owners: &self.inner.owners,
         };
-        plan_piece(&view, digest, piece, full, failed)
+        plan_piece(&view, digest, piece, pieces, full, failed)
     }
 
     fn find_holders<'a>(&'a self, digest: &'a Digest, _timeout: Duration) -> BoxFuture<'a, ()> {

@@ -115,6 +115,7 @@ struct Inner {
     /// relays of its pieces ([`rendezvous::relay_parent`]).
     pulling: Mutex<HashMap<String, HashMap<PeerId, std::time::Instant>>>,
     distrusted: Mutex<HashSet<PeerId>>,
+    owners: net::OwnerCache,
     client: reqwest::Client,
     scheme: &'static str,
     metrics: Metrics,
@@ -193,6 +194,7 @@ impl Swarm {
                 holders: Mutex::new(HashMap::new()),
                 pulling: Mutex::new(HashMap::new()),
                 distrusted: Mutex::new(HashSet::new()),
+                owners: net::OwnerCache::default(),
                 client,
                 scheme: if cfg.data_tls { "https" } else { "http" },
                 metrics,
@@ -434,6 +436,7 @@ impl Swarm {
         &self,
         digest: &Digest,
         piece: u64,
+        pieces: Option<u64>,
         full: bool,
         failed: &HashSet<PeerId>,
     ) -> Vec<PieceSource> {
@@ -469,8 +472,9 @@ impl Swarm {
             pulling: &pulling,
             distrusted: &distrusted,
             relay_fanout: self.inner.cfg.relay_fanout,
+            owners: &self.inner.owners,
         };
-        net::plan_piece(&view, digest, piece, full, failed)
+        net::plan_piece(&view, digest, piece, pieces, full, failed)
     }
 
     /// Asks a peer for a piece, over the data plane.
@@ -663,10 +667,11 @@ impl PeerNet for Swarm {
         &self,
         digest: &Digest,
         piece: u64,
+        pieces: Option<u64>,
         full: bool,
         failed: &HashSet<PeerId>,
     ) -> Vec<PieceSource> {
-        Swarm::piece_plan(self, digest, piece, full, failed)
+        Swarm::piece_plan(self, digest, piece, pieces, full, failed)
     }
 
     fn find_holders<'a>(

@@ -13,9 +13,10 @@
 //! [`PlanView`] of the members: the fake runs the daemon's own schedule,
 //! not a copy of it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -111,11 +112,14 @@ pub trait PeerNet: Send + Sync + 'static {
     fn has_peers(&self) -> bool;
 
     /// Where piece `piece` of `digest` should come from, best first, always
-    /// ending with the origin (see [`plan_piece`]).
+    /// ending with the origin (see [`plan_piece`]). `pieces`: how many
+    /// pieces the blob has, when its size is known (owners are balanced
+    /// over them).
     fn piece_plan(
         &self,
         digest: &Digest,
         piece: u64,
+        pieces: Option<u64>,
         full: bool,
         failed: &HashSet<PeerId>,
     ) -> Vec<PieceSource>;
@@ -160,13 +164,80 @@ pub struct PlanView<'a> {
     pub distrusted: &'a HashSet<PeerId>,
     /// `swarm.relay_fanout`; 0: no relays.
     pub relay_fanout: usize,
+    /// The balanced owners computed so far.
+    pub owners: &'a OwnerCache,
+}
+
+/// The owners of the rounds of pieces being planned
+/// ([`rendezvous::round_owners`]), kept while the member list stays the
+/// same: a round costs its pieces times the members to compute, and every
+/// piece of a pull is planned at least once.
+#[derive(Default)]
+pub struct OwnerCache {
+    rounds: Mutex<VecDeque<CachedRound>>,
+}
+
+struct CachedRound {
+    digest: String,
+    round: u64,
+    pieces: u64,
+    /// The member ids it was computed over, sorted.
+    nodes: Vec<Vec<u8>>,
+    owners: Arc<Vec<usize>>,
+}
+
+impl OwnerCache {
+    /// Rounds kept: a few blobs pulled at once, each with a round or two
+    /// in flight.
+    const KEEP: usize = 16;
+
+    /// The owner of `piece` of a blob of `pieces` pieces, as an index into
+    /// `nodes`, which must be sorted (so that one member list is one key).
+    pub fn owner(&self, digest: &str, piece: u64, pieces: u64, nodes: &[Vec<u8>]) -> Option<usize> {
+        let round = piece / rendezvous::ROUND;
+        let at = (piece - round * rendezvous::ROUND) as usize;
+        let pieces = pieces.max(piece + 1);
+        let found = {
+            let rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+            rounds
+                .iter()
+                .find(|c| {
+                    c.round == round && c.pieces == pieces && c.digest == digest && c.nodes == nodes
+                })
+                .map(|c| c.owners.clone())
+        };
+        let owners = match found {
+            Some(o) => o,
+            None => {
+                // Computed outside the lock: two plans may both compute a
+                // new round, and both get the same answer.
+                let refs: Vec<&[u8]> = nodes.iter().map(|v| v.as_slice()).collect();
+                let owners = Arc::new(rendezvous::round_owners(digest, round, pieces, &refs));
+                let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+                if rounds.len() >= Self::KEEP {
+                    rounds.pop_front();
+                }
+                rounds.push_back(CachedRound {
+                    digest: digest.to_owned(),
+                    round,
+                    pieces,
+                    nodes: nodes.to_vec(),
+                    owners: owners.clone(),
+                });
+                owners
+            }
+        };
+        owners.get(at).copied()
+    }
 }
 
 /// Where piece `piece` of `digest` should come from, best first, always
 /// ending with the origin: [`rendezvous::plan`] over the live members that
 /// are not distrusted and have not `failed`. Holders of the whole blob,
 /// spread by rendezvous; for a node pulling the whole blob (`full`), the
-/// piece's owner too: first when it holds nothing yet (it fetches the piece
+/// piece's owner too (balanced over the blob's `pieces` when that is known,
+/// [`rendezvous::round_owners`]; else the top-ranked member, which is the
+/// same owner for the first piece of every round): first when it holds nothing yet (it fetches the piece
 /// once and passes it on), none when it is this node (this node fetches
 /// it). A serving download (`full == false`) never asks non-holders, so
 /// requests cannot loop.
@@ -179,6 +250,7 @@ pub fn plan_piece(
     view: &PlanView<'_>,
     digest: &Digest,
     piece: u64,
+    pieces: Option<u64>,
     full: bool,
     failed: &HashSet<PeerId>,
 ) -> Vec<PieceSource> {
@@ -198,7 +270,7 @@ pub fn plan_piece(
         .filter(|id| **id != view.local && usable(id))
         .map(|id| (id.to_bytes(), *id))
         .collect();
-    let all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
+    let mut all: Vec<(Vec<u8>, Option<PeerId>)> = if full {
         view.members
             .iter()
             .map(|(id, _)| id)
@@ -213,26 +285,42 @@ pub fn plan_piece(
         .iter()
         .map(|(b, id)| (b.as_slice(), *id))
         .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
     let member_refs: Vec<(&[u8], Option<PeerId>)> =
         all.iter().map(|(b, id)| (b.as_slice(), *id)).collect();
+    let owner = match pieces {
+        _ if all.is_empty() => None,
+        Some(pieces) => {
+            let ids: Vec<Vec<u8>> = all.iter().map(|(b, _)| b.clone()).collect();
+            view.owners.owner(&key, piece, pieces, &ids)
+        }
+        None => rendezvous::rank(
+            &key,
+            piece,
+            member_refs.iter().enumerate().map(|(i, (b, _))| (*b, i)),
+        )
+        .first()
+        .copied(),
+    };
+    let order = owner
+        .map(|o| rendezvous::owner_order(&key, piece, o, &member_refs))
+        .unwrap_or_default();
     // Only the first owner that has not failed: asking the next one as a
     // hedge would make it fetch the piece from the origin too. The next one
     // is asked once this one failed.
     let mut out: Vec<PieceSource> =
-        rendezvous::plan(&key, piece, &holder_refs, &member_refs, |id| {
-            failed.contains(id)
-        })
-        .into_iter()
-        .filter_map(|id| {
-            addr_of(&id).map(|addr| {
-                PieceSource::Peer(PeerRef {
-                    id,
-                    addr,
-                    relay: false,
+        rendezvous::plan(&key, piece, &holder_refs, order, |id| failed.contains(id))
+            .into_iter()
+            .filter_map(|id| {
+                addr_of(&id).map(|addr| {
+                    PieceSource::Peer(PeerRef {
+                        id,
+                        addr,
+                        relay: false,
+                    })
                 })
             })
-        })
-        .collect();
+            .collect();
     if full && holder_refs.is_empty() && view.relay_fanout > 0 {
         if let Some(PieceSource::Peer(owner)) = out.first() {
             let pulling: Vec<(Vec<u8>, PeerId)> = view
@@ -266,4 +354,82 @@ pub fn plan_piece(
     }
     out.push(PieceSource::Origin);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swarm::memory::peer_id;
+
+    /// Who each of `pieces` pieces is planned from by `local` (`None`: its
+    /// own, from the origin), with no holders and no relays.
+    fn owners(
+        local: PeerId,
+        others: &[PeerId],
+        pieces: u64,
+        cache: &OwnerCache,
+    ) -> Vec<Option<PeerId>> {
+        let members: Vec<(PeerId, SocketAddr)> = others
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, SocketAddr::from(([127, 0, 0, 2 + i as u8], 4002))))
+            .collect();
+        let none = HashSet::new();
+        let view = PlanView {
+            local,
+            members: &members,
+            holders: &none,
+            pulling: &none,
+            distrusted: &none,
+            relay_fanout: 0,
+            owners: cache,
+        };
+        let d = Digest::from_sha256(&[7; 32]);
+        (0..pieces)
+            .map(
+                |k| match plan_piece(&view, &d, k, Some(pieces), true, &none).first() {
+                    Some(PieceSource::Peer(p)) => Some(p.id),
+                    _ => None,
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn every_node_plans_the_same_balanced_owners() {
+        let ids: Vec<PeerId> = (1..=8).map(peer_id).collect();
+        // Each node's plans, as ids (its own pieces as its own id).
+        let seen: Vec<Vec<PeerId>> = ids
+            .iter()
+            .map(|me| {
+                let others: Vec<PeerId> = ids.iter().copied().filter(|p| p != me).collect();
+                owners(*me, &others, 32, &OwnerCache::default())
+                    .into_iter()
+                    .map(|o| o.unwrap_or(*me))
+                    .collect()
+            })
+            .collect();
+        assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+        for id in &ids {
+            assert_eq!(seen[0].iter().filter(|o| *o == id).count(), 4, "{id}");
+        }
+    }
+
+    #[test]
+    fn the_owner_cache_follows_the_member_list() {
+        let ids: Vec<PeerId> = (1..=8).map(peer_id).collect();
+        let cache = OwnerCache::default();
+        let all = owners(ids[0], &ids[1..], 40, &cache);
+        assert_eq!(all, owners(ids[0], &ids[1..], 40, &OwnerCache::default()));
+        // A member leaves: planned with the same cache, nothing goes to it,
+        // and nobody owns more than ceil(40 / 7).
+        let fewer = owners(ids[0], &ids[1..7], 40, &cache);
+        assert!(!fewer.contains(&Some(ids[7])));
+        for id in &ids[..7] {
+            let c = fewer.iter().filter(|o| o.unwrap_or(ids[0]) == *id).count();
+            assert!(c <= 6, "{id}: {c}");
+        }
+        // And it comes back: the first answer again.
+        assert_eq!(owners(ids[0], &ids[1..], 40, &cache), all);
+    }
 }

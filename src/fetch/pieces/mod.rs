@@ -520,8 +520,14 @@ async fn fetch_piece(
             break;
         }
         let plan: Vec<PeerRef> = if peer_tries < 8 {
+            let pieces = ctx
+                .dl
+                .progress
+                .borrow()
+                .total
+                .map(|s| s.div_ceil(ctx.piece_size));
             ctx.swarm
-                .piece_plan(&digest, k as u64, full, &failed)
+                .piece_plan(&digest, k as u64, pieces, full, &failed)
                 .into_iter()
                 .map_while(|s| match s {
                     PieceSource::Peer(p) => Some(p),

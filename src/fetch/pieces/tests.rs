@@ -195,12 +195,12 @@ impl Lab {
         self.pull(digest).await.unwrap()
     }
 
-    /// The first peer in the plan for piece `k` (a fresh plan: nothing
-    /// failed yet).
-    fn first_for(&self, digest: &Digest, k: u64) -> Option<libp2p::PeerId> {
+    /// The first peer in the plan for piece `k` of a blob of `size` bytes
+    /// (a fresh plan: nothing failed yet).
+    fn first_for(&self, digest: &Digest, k: u64, size: u64) -> Option<libp2p::PeerId> {
         match self
             .swarm
-            .piece_plan(digest, k, true, &HashSet::new())
+            .piece_plan(digest, k, Some(pieces(size)), true, &HashSet::new())
             .first()
         {
             Some(PieceSource::Peer(p)) => Some(p.id),
@@ -272,7 +272,7 @@ async fn a_slow_holder_is_hedged_by_the_next() {
     lab.swarm.announce_holder(&d, slow);
     lab.swarm.announce_holder(&d, fast);
     let slow_first = (0..pieces(data.len() as u64))
-        .filter(|k| lab.first_for(&d, *k) == Some(slow))
+        .filter(|k| lab.first_for(&d, *k, data.len() as u64) == Some(slow))
         .count() as u64;
     assert!(
         slow_first > 0,
@@ -306,7 +306,7 @@ async fn a_holder_that_stalls_mid_piece_is_dropped_and_another_sends_the_rest() 
     lab.swarm.announce_holder(&d, stalls);
     lab.swarm.announce_holder(&d, good);
     let stalled: Vec<u64> = (0..pieces(data.len() as u64))
-        .filter(|k| lab.first_for(&d, *k) == Some(stalls))
+        .filter(|k| lab.first_for(&d, *k, data.len() as u64) == Some(stalls))
         .collect();
     assert!(!stalled.is_empty());
     let t0 = tokio::time::Instant::now();
@@ -345,7 +345,7 @@ async fn a_chunk_that_does_not_match_its_checksum_is_never_written_and_its_sende
     lab.swarm.announce_holder(&d, liar);
     lab.swarm.announce_holder(&d, good);
     let k = (0..pieces(data.len() as u64))
-        .find(|k| lab.first_for(&d, *k) == Some(liar))
+        .find(|k| lab.first_for(&d, *k, data.len() as u64) == Some(liar))
         .expect("the liar ranks first for some piece");
     let at = k * PIECE + SUM_CHUNK + 7;
     lab.swarm.script(
@@ -428,7 +428,7 @@ async fn a_peer_that_claims_an_impossible_size_is_distrusted() {
     lab.swarm.announce_holder(&d, liar);
     lab.swarm.announce_holder(&d, good);
     // The size is learnt from piece 0's answer; the liar must be asked it.
-    if lab.first_for(&d, 0) != Some(liar) {
+    if lab.first_for(&d, 0, data.len() as u64) != Some(liar) {
         lab.swarm
             .script(good, Script::ClaimsSize { total: 1 << 50 });
         lab.swarm.script(
@@ -439,7 +439,7 @@ async fn a_peer_that_claims_an_impossible_size_is_distrusted() {
             },
         );
     }
-    let claimer = if lab.first_for(&d, 0) == Some(liar) {
+    let claimer = if lab.first_for(&d, 0, data.len() as u64) == Some(liar) {
         liar
     } else {
         good
@@ -452,14 +452,15 @@ async fn a_peer_that_claims_an_impossible_size_is_distrusted() {
     assert!(distrusted[0].1.contains("size"), "{}", distrusted[0].1);
 }
 
-/// The owner of piece `k` among this node and `peers`, by rendezvous.
-fn owner(lab: &Lab, d: &Digest, k: u64, peers: &[libp2p::PeerId]) -> libp2p::PeerId {
-    let ids: Vec<Vec<u8>> = std::iter::once(lab.swarm.local())
+/// The owner of piece `k` of a blob of `size` bytes among this node and
+/// `peers` (balanced rendezvous).
+fn owner(lab: &Lab, d: &Digest, k: u64, size: u64, peers: &[libp2p::PeerId]) -> libp2p::PeerId {
+    let ids: Vec<libp2p::PeerId> = std::iter::once(lab.swarm.local())
         .chain(peers.iter().copied())
-        .map(|p| p.to_bytes())
         .collect();
-    let top = rendezvous::owner(&d.to_string(), k, ids.iter().map(|b| b.as_slice())).unwrap();
-    libp2p::PeerId::from_bytes(top).unwrap()
+    let bytes: Vec<Vec<u8>> = ids.iter().map(|p| p.to_bytes()).collect();
+    let refs: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+    ids[rendezvous::owner(&d.to_string(), k, pieces(size), &refs).unwrap()]
 }
 
 #[tokio::test]
@@ -486,7 +487,7 @@ async fn each_piece_comes_from_its_owner_and_this_nodes_own_from_the_origin_once
     let asked = lab.swarm.asked();
     for k in 0..pieces(size) {
         let len = PIECE.min(size - k * PIECE);
-        let o = owner(&lab, &d, k, &peers);
+        let o = owner(&lab, &d, k, size, &peers);
         let to_owner = asked
             .iter()
             .filter(|a| a.start == k * PIECE && a.peer == o)
@@ -521,7 +522,7 @@ async fn a_corrupt_piece_without_checksums_is_repaired_from_the_origin_and_its_s
     });
     let size = data.len() as u64;
     let k = (0..pieces(size))
-        .find(|k| owner(&lab, &d, *k, &[a, b]) == a)
+        .find(|k| owner(&lab, &d, *k, size, &[a, b]) == a)
         .expect("a owns some piece");
     lab.swarm.script(
         a,

@@ -6,7 +6,13 @@ use super::*;
 
 /// This node's relay parent for piece `k` when every one of `peers` pulls
 /// the blob (`None`: it takes the piece from the owner, or owns it).
-fn relay_of(lab: &Lab, d: &Digest, k: u64, peers: &[libp2p::PeerId]) -> Option<libp2p::PeerId> {
+fn relay_of(
+    lab: &Lab,
+    d: &Digest,
+    k: u64,
+    size: u64,
+    peers: &[libp2p::PeerId],
+) -> Option<libp2p::PeerId> {
     let ids: Vec<(Vec<u8>, libp2p::PeerId)> = std::iter::once(lab.swarm.local())
         .chain(peers.iter().copied())
         .map(|p| (p.to_bytes(), p))
@@ -15,7 +21,7 @@ fn relay_of(lab: &Lab, d: &Digest, k: u64, peers: &[libp2p::PeerId]) -> Option<l
     rendezvous::relay_parent(
         &d.to_string(),
         k,
-        owner(lab, d, k, peers),
+        owner(lab, d, k, size, peers),
         &refs,
         lab.swarm.local(),
         rendezvous::RELAY_FANOUT,
@@ -50,9 +56,9 @@ async fn pieces_come_from_relays_when_peers_pull_the_blob_too() {
     let mut relayed = 0;
     let mut mine = 0u64;
     for k in 0..pieces(size) {
-        let o = owner(&lab, &d, k, &peers);
+        let o = owner(&lab, &d, k, size, &peers);
         let of_k: Vec<_> = asked.iter().filter(|a| a.start == k * PIECE).collect();
-        match relay_of(&lab, &d, k, &peers) {
+        match relay_of(&lab, &d, k, size, &peers) {
             Some(r) => {
                 // The relay alone, asked as a relay: the owner never hears
                 // of this node for this piece.
@@ -85,13 +91,13 @@ async fn a_relay_that_cannot_answer_is_passed_over_for_the_owner() {
     // The relay of some piece restarted and has nothing in flight: it
     // answers 404, as the data plane does for a relay ask it cannot serve.
     let (k, dead) = (0..pieces(size))
-        .find_map(|k| relay_of(&lab, &d, k, &peers).map(|r| (k, r)))
+        .find_map(|k| relay_of(&lab, &d, k, size, &peers).map(|r| (k, r)))
         .expect("some piece has a relay");
     lab.swarm.script(dead, Script::Refuses);
     let got = lab.pull(&d).await.unwrap();
     assert!(got == data);
     let asked = lab.swarm.asked();
-    let o = owner(&lab, &d, k, &peers);
+    let o = owner(&lab, &d, k, size, &peers);
     assert!(
         asked
             .iter()
@@ -104,7 +110,7 @@ async fn a_relay_that_cannot_answer_is_passed_over_for_the_owner() {
     );
     // Nothing more from the origin than this node's own pieces.
     let mine: u64 = (0..pieces(size))
-        .filter(|&j| owner(&lab, &d, j, &peers) == lab.swarm.local())
+        .filter(|&j| owner(&lab, &d, j, size, &peers) == lab.swarm.local())
         .map(|j| PIECE.min(size - j * PIECE))
         .sum();
     assert_eq!(served.bytes.load(Ordering::SeqCst), mine, "origin bytes");
@@ -197,7 +203,7 @@ async fn a_relay_that_sends_corrupt_bytes_is_caught_and_distrusted() {
     let peers = pulling_peers(&lab, &data, &d);
     let size = data.len() as u64;
     let (k, liar) = (0..pieces(size))
-        .find_map(|k| relay_of(&lab, &d, k, &peers).map(|r| (k, r)))
+        .find_map(|k| relay_of(&lab, &d, k, size, &peers).map(|r| (k, r)))
         .expect("some piece has a relay");
     // A relay has no checksums to send (it holds no verified blob): its
     // bad byte is caught by the blob's digest, and the comparison with the
