@@ -5,7 +5,8 @@
 //!    from the origin registry. Reported: origin bytes over the blob size
 //!    (goal: at most 1.05x), the slowest node's completion time against the
 //!    ideal `blob / min(origin link, node link)` (goal: within 1.25x), and
-//!    the time to first body byte; then a warm peer hit: one more fresh node
+//!    the time to first body byte, and the busiest node's origin bytes and
+//!    upload over the mean (the daemons' own counters); then a warm peer hit: one more fresh node
 //!    pulls the blob that the cluster now holds (goal: TTFB under 50 ms).
 //! 2. **One peer**: node B pulls a blob (1 GiB) through its mirror from node
 //!    A, which holds it, against a plain GET of the same blob from
@@ -212,6 +213,10 @@ struct BurstRow {
     swarm_origin_gets: usize,
     swarm_origin_metric: f64,
     peer_in: f64,
+    /// The most any node fetched from the origin, and uploaded to peers,
+    /// each over the mean across nodes.
+    origin_max_over_mean: f64,
+    upload_max_over_mean: f64,
     hedges: f64,
     /// 1-minute load average before and after the swarm burst.
     load: (String, String),
@@ -267,6 +272,26 @@ fn burst(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str, n: 
         .iter()
         .map(|d| d.metric("damselfly_fetched_bytes_total", &[("source", "peer")]))
         .sum();
+    let max_over_mean = |v: Vec<f64>| {
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        if mean > 0.0 {
+            v.iter().copied().fold(0.0, f64::max) / mean
+        } else {
+            0.0
+        }
+    };
+    let origin_max_over_mean = max_over_mean(
+        nodes
+            .iter()
+            .map(|d| d.metric("damselfly_origin_bytes_total", &[]))
+            .collect(),
+    );
+    let upload_max_over_mean = max_over_mean(
+        nodes
+            .iter()
+            .map(|d| d.metric("damselfly_peer_bytes_total", &[("direction", "out")]))
+            .collect(),
+    );
     eprintln!(
         "  N={n} swarm: slowest {:.2} s, origin {:.3}x in {swarm_origin_gets} GETs",
         max(swarm.iter().map(|p| p.secs)),
@@ -304,6 +329,8 @@ fn burst(s: &Settings, lab: &Lab, origin: &Origin, key: &Path, digest: &str, n: 
         swarm_origin_gets,
         swarm_origin_metric,
         peer_in,
+        origin_max_over_mean,
+        upload_max_over_mean,
         hedges,
         load,
         warm,
@@ -643,14 +670,16 @@ fn main() {
         out +=
             "\nPayload ideal: one client alone through the shaped links (direct: N times that).\n\
                 Goals: swarm origin bytes <= 1.05x; swarm slowest node <= 1.25x ideal.\n\n";
-        out += "| N | swarm: origin GETs | origin bytes (daemons' own count) | bytes nodes took from peers | hedges | load avg before, after | warm node TTFB | warm node pull | warm node origin bytes | warm node bytes from peers |\n";
-        out += "|---|---|---|---|---|---|---|---|---|---|\n";
+        out += "| N | swarm: origin GETs | origin bytes (daemons' own count) | busiest node's origin bytes / mean | busiest uploader / mean | bytes nodes took from peers | hedges | load avg before, after | warm node TTFB | warm node pull | warm node origin bytes | warm node bytes from peers |\n";
+        out += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for r in &rows {
             out += &format!(
-                "| {} | {} | {:.3}x | {:.2}x blob | {} | {}, {} | {:.1} ms | {:.2} s | {:.0} MiB | {:.0} MiB |\n",
+                "| {} | {} | {:.3}x | {:.2}x | {:.2}x | {:.2}x blob | {} | {}, {} | {:.1} ms | {:.2} s | {:.0} MiB | {:.0} MiB |\n",
                 r.n,
                 r.swarm_origin_gets,
                 r.swarm_origin_metric / s.blob as f64,
+                r.origin_max_over_mean,
+                r.upload_max_over_mean,
                 r.peer_in / s.blob as f64,
                 r.hedges,
                 r.load.0,

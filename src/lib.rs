@@ -33,8 +33,9 @@
 //!   the background ([`fetch::upkeep`]).
 //! - [`swarm`]: the peer layer. libp2p for membership, announcements and
 //!   content routing ([`swarm::control`]), TLS 1.3 Range requests for bytes
-//!   ([`swarm::data`], [`swarm::tls`]), rendezvous hashing for who fetches
-//!   which piece from the origin ([`swarm::rendezvous`]).
+//!   ([`swarm::data`], [`swarm::tls`]), rendezvous hashing with bounded
+//!   loads for who fetches which piece from the origin
+//!   ([`swarm::rendezvous`]).
 //! - [`store`]: the content-addressed cache on disk: verified commits by
 //!   atomic rename, LRU eviction under a quota, crash recovery, chunk sums
 //!   and the quarantine for blobs that rotted.

@@ -11,8 +11,8 @@
 //! from a membership heartbeat on the key-protected control plane ([`tls`]).
 //!
 //! Which node fetches a piece from the origin is decided without a
-//! coordinator: rendezvous hashing of (digest, piece) over the live members
-//! ([`rendezvous`]).
+//! coordinator: rendezvous hashing of (digest, piece) over the live members,
+//! with bounded loads so that every member owns its share ([`rendezvous`]).
 //!
 //! The scaling sidecar is a member too ([`Role::Sidecar`]), on the control
 //! plane only: it publishes warm intents ([`intents`]) and has no data

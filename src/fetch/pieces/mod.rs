@@ -2,9 +2,10 @@
 //!
 //! The blob is cut into fixed pieces (`swarm.piece_size`). Each piece comes
 //! from the best source the swarm knows ([`Swarm::piece_plan`]): a peer that
-//! holds the whole blob, else the piece's rendezvous owner (which fetches it
-//! from the origin when asked, and streams it while it arrives), else the
-//! origin itself as the last resort. Pieces are written where they belong in
+//! holds the whole blob, else the piece's owner (balanced rendezvous,
+//! [`crate::swarm::rendezvous`]; it fetches the piece from the origin when
+//! asked, and streams it while it arrives), else the origin itself as the
+//! last resort. Pieces are written where they belong in
 //! the partial file, so readers on this node still stream the blob in order
 //! as soon as the pieces in front of them are in.
 //!
@@ -448,8 +449,7 @@ impl Ctx {
     /// The journal's side of [`Ctx::wrote`].
     fn journal_progress(&self, k: usize, before: u64, after: u64) {
         let (start, end) = self.piece_range(k);
-        let chunk = SUM_CHUNK;
-        let upto = (start + after) / chunk * chunk;
+        let upto = (start + after) / SUM_CHUNK * SUM_CHUNK;
         // A piece's end gets its own line when its task is done.
         if upto > start + before && Some(start + after) != end {
             self.journal_write(|j| j.partial(k, upto - start));
