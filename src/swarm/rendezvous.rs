@@ -274,6 +274,15 @@ mod tests {
         (0..n).map(|i| format!("node-{i}").into_bytes()).collect()
     }
 
+    /// `nodes` with their indices, as `rank` and the relay order take them.
+    fn indexed(nodes: &[Vec<u8>]) -> Vec<(&[u8], usize)> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect()
+    }
+
     fn refs(nodes: &[Vec<u8>]) -> Vec<&[u8]> {
         nodes.iter().map(|v| v.as_slice()).collect()
     }
@@ -437,11 +446,7 @@ mod tests {
     #[test]
     fn owner_order_puts_the_owner_first_then_the_ranking() {
         let nodes = ids(6);
-        let pairs: Vec<(&[u8], usize)> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), i))
-            .collect();
+        let pairs = indexed(&nodes);
         for piece in 0..16 {
             let r = ranked(&nodes, piece);
             for o in 0..nodes.len() {
@@ -571,11 +576,7 @@ mod tests {
     #[test]
     fn relay_trees_climb_the_ranking_and_spread_the_uploads() {
         let nodes = ids(16);
-        let all: Vec<(&[u8], usize)> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), i))
-            .collect();
+        let all = indexed(&nodes);
         let mut uploads = vec![0usize; nodes.len()];
         let pieces = 512;
         for piece in 0..pieces {
