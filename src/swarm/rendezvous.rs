@@ -54,7 +54,8 @@ pub fn rank<'a, T>(
 
 /// How many consecutive pieces are balanced together: 2 GiB at the default
 /// 8 MiB piece size. A round costs (pieces x members) weights once per
-/// member list, about 10 ms at 1,000 members; balancing the whole blob at
+/// member list: 6.6 ms at 1,000 members, 0.6 ms at 100 (measured on the
+/// 2-core CI machine, 2026-12-08); balancing the whole blob at
 /// once would cost that per 2 GiB of it on every membership change.
 pub const ROUND: u64 = 256;
 
