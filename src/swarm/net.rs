@@ -193,16 +193,18 @@ impl OwnerCache {
 
     /// The owner of `piece` of a blob of `pieces` pieces, as an index into
     /// `nodes`, which must be sorted (so that one member list is one key).
-    pub fn owner(&self, digest: &str, piece: u64, pieces: u64, nodes: &[Vec<u8>]) -> Option<usize> {
-        let round = piece / rendezvous::ROUND;
-        let at = (piece - round * rendezvous::ROUND) as usize;
+    pub fn owner(&self, digest: &str, piece: u64, pieces: u64, nodes: &[&[u8]]) -> Option<usize> {
+        let (round, at) = rendezvous::round_of(piece);
         let pieces = pieces.max(piece + 1);
         let found = {
             let rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
             rounds
                 .iter()
                 .find(|c| {
-                    c.round == round && c.pieces == pieces && c.digest == digest && c.nodes == nodes
+                    c.round == round
+                        && c.pieces == pieces
+                        && c.digest == digest
+                        && c.nodes.iter().map(Vec::as_slice).eq(nodes.iter().copied())
                 })
                 .map(|c| c.owners.clone())
         };
@@ -211,8 +213,7 @@ impl OwnerCache {
             None => {
                 // Computed outside the lock: two plans may both compute a
                 // new round, and both get the same answer.
-                let refs: Vec<&[u8]> = nodes.iter().map(|v| v.as_slice()).collect();
-                let owners = Arc::new(rendezvous::round_owners(digest, round, pieces, &refs));
+                let owners = Arc::new(rendezvous::round_owners(digest, round, pieces, nodes));
                 let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
                 if rounds.len() >= Self::KEEP {
                     rounds.pop_front();
@@ -221,7 +222,7 @@ impl OwnerCache {
                     digest: digest.to_owned(),
                     round,
                     pieces,
-                    nodes: nodes.to_vec(),
+                    nodes: nodes.iter().map(|b| b.to_vec()).collect(),
                     owners: owners.clone(),
                 });
                 owners
@@ -235,11 +236,11 @@ impl OwnerCache {
 /// ending with the origin: [`rendezvous::plan`] over the live members that
 /// are not distrusted and have not `failed`. Holders of the whole blob,
 /// spread by rendezvous; for a node pulling the whole blob (`full`), the
-/// piece's owner too (balanced over the blob's `pieces` when that is known,
-/// [`rendezvous::round_owners`]; else the top-ranked member, which is the
-/// same owner for the first piece of every round): first when it holds nothing yet (it fetches the piece
-/// once and passes it on), none when it is this node (this node fetches
-/// it). A serving download (`full == false`) never asks non-holders, so
+/// piece's owner too (balanced over the blob's `pieces` when that is
+/// known, [`rendezvous::round_owners`]; else the top-ranked member, which
+/// is the same owner for the first piece of every round): first when it
+/// holds nothing yet (it fetches the piece once and passes it on), none
+/// when it is this node (this node fetches it). A serving download (`full == false`) never asks non-holders, so
 /// requests cannot loop.
 ///
 /// When no holder can be asked, a node pulling the whole blob asks its
@@ -291,7 +292,7 @@ pub fn plan_piece(
     let owner = match pieces {
         _ if all.is_empty() => None,
         Some(pieces) => {
-            let ids: Vec<Vec<u8>> = all.iter().map(|(b, _)| b.clone()).collect();
+            let ids: Vec<&[u8]> = member_refs.iter().map(|(b, _)| *b).collect();
             view.owners.owner(&key, piece, pieces, &ids)
         }
         None => rendezvous::rank(

@@ -97,10 +97,15 @@ pub fn round_owners(digest: &str, round: u64, pieces: u64, nodes: &[&[u8]]) -> V
 /// piece's whole round: callers that ask for many pieces cache
 /// [`round_owners`] instead (`swarm::net::OwnerCache`).
 pub fn owner(digest: &str, piece: u64, pieces: u64, nodes: &[&[u8]]) -> Option<usize> {
-    let round = piece / ROUND;
+    let (round, at) = round_of(piece);
     round_owners(digest, round, pieces.max(piece + 1), nodes)
-        .get((piece - round * ROUND) as usize)
+        .get(at)
         .copied()
+}
+
+/// The round of `piece`, and its place in that round's [`round_owners`].
+pub fn round_of(piece: u64) -> (u64, usize) {
+    (piece / ROUND, (piece % ROUND) as usize)
 }
 
 /// `nodes` in the order in which they take piece `piece` over: its owner
